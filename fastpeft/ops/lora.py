@@ -1,0 +1,158 @@
+"""LoRA linear: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as an autograd op.
+
+Layers (DESIGN.md §2): ``lora_linear`` (functional API, validates) ->
+``LoRALinearFunction`` (autograd) -> the ``fastpeft::lora_linear_forward`` /
+``fastpeft::lora_linear_backward`` custom ops (with fake implementations, so
+``torch.compile(fullgraph=True)`` traces them) -> Triton kernels or the CPU
+path, chosen by ``fastpeft._backend.select_backend``.
+
+Gradients are computed only for inputs that need them: no ``dW`` for a frozen
+weight, no ``dx`` when x needs none. A trainable weight or bias (full
+fine-tuning) gets a correct gradient from plain torch GEMMs.
+
+Dropout follows HF PEFT: the mask is applied to x before ``A`` only, kept
+elements are scaled by ``1/(1-p)``. The mask is never stored: each call draws
+an int64 seed from torch's default CPU generator (so ``torch.manual_seed``
+makes runs repeatable) and backward regenerates the same mask from it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import Backend, select_backend
+from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
+from . import lora_cpu
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _implementation(device: torch.device, dtype: torch.dtype):
+    backend = select_backend(device)
+    if backend is Backend.TRITON:
+        if dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the Triton LoRA kernels take float32, float16 or bfloat16 inputs, not {dtype}")
+        from ..kernels import lora as triton_lora
+
+        return triton_lora
+    return lora_cpu
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
+def _forward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    impl = _implementation(x2d.device, x2d.dtype)
+    return impl.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed))
+
+
+@_forward_op.register_fake
+def _(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
+    h = x2d.new_empty((x2d.shape[0], lora_A.shape[0]), dtype=lora_cpu.lora_h_dtype(x2d.dtype))
+    return y, h
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def _backward_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                 scaling: float, dropout_p: float, seed: Optional[Tensor],
+                 need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _implementation(dy.device, dy.dtype)
+    grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, _seed_value(seed),
+                               need_dx, need_dA, need_dB)
+    # Custom ops cannot return None: an empty tensor stands for "not computed".
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+    def maybe(needed, like):
+        return dy.new_empty(like.shape) if needed else dy.new_empty(0)
+
+    return maybe(need_dx, x2d), maybe(need_dA, lora_A), maybe(need_dB, lora_B)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd for ``lora_linear``; inputs are already validated."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d, h = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y2d.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = dW = db = dA = dB = None
+        if need_dx or need_dA or need_dB:
+            dx, dA, dB = _backward_op(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
+                                      need_dx, need_dA, need_dB)
+            dx = dx.view(ctx.x_shape) if need_dx else None
+            dA = dA if need_dA else None
+            dB = dB if need_dB else None
+        if need_dW:
+            dW = torch.mm(dy2d.t(), x2d)
+        if need_db and ctx.has_bias:
+            db = dy2d.sum(0)
+        return dx, dW, db, dA, dB, None, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """Fused LoRA linear ``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Shapes: ``x [..., K]``, ``weight [N, K]``, ``lora_A [r, K]``, ``lora_B [N, r]``,
+    ``bias [N]``; all on one device and of one floating dtype (fp32, fp16, bf16;
+    fp64 on the CPU path). Dropout is applied only when ``training`` is true.
+    Returns ``[..., N]`` in x's dtype.
+    """
+    _validate(x, weight, lora_A, lora_B, bias)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    if not training:
+        dropout_p = 0.0
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed)
+
+
+def _validate(x, weight, lora_A, lora_B, bias) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    check_same_dtype("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"lora_A has rank r={r}; r must be positive")
+    check_dim("x", x.shape[-1], k, "last dimension (in_features)")
+    check_dim("lora_A", lora_A.shape[1], k, "dim 1 (in_features)")
+    check_dim("lora_B", lora_B.shape[0], n, "dim 0 (out_features)")
+    check_dim("lora_B", lora_B.shape[1], r, "dim 1 (rank r, from lora_A)")
+    if bias is not None:
+        check_dim("bias", bias.shape[0], n, "length (out_features)")
+
+
+def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
+    """The boolean keep-mask the selected backend applies for ``seed`` (for tests and debugging)."""
+    device = torch.device(device)
+    if select_backend(device) is Backend.TRITON:
+        from ..kernels import lora as triton_lora
+
+        return triton_lora.dropout_mask(shape, dropout_p, seed, device)
+    return lora_cpu.dropout_mask(shape, dropout_p, seed, device)

@@ -1,0 +1,68 @@
+"""LoRA linear on the CPU path: torch ops arranged for the fewest passes.
+
+Same contract as the Triton launchers in ``fastpeft.kernels.lora`` (see
+``lora_forward`` / ``lora_backward`` there), so ``fastpeft.ops.lora`` can pick
+either. Also runs on CUDA tensors when ``FASTPEFT_BACKEND=cpu`` forces it.
+
+Forward: ``y = addmm(b, x, Wᵀ)`` then one in-place ``addmm_`` adds ``h Bᵀ``
+with ``h = s · drop(x) Aᵀ``; no temporary of size ``M x N`` besides ``y``.
+Backward: ``dx = dy W`` with ``dh A`` added in place (masked when dropout is
+on); ``dB = dyᵀ h`` reuses the saved ``h``; frozen tensors get no gradient.
+
+Dropout mask: not stored. It is regenerated in backward from the integer seed
+with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved ``h = s · drop(x) Aᵀ``: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """Boolean keep-mask (True = kept) that the CPU path uses for ``seed``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _dropped(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    if dropout_p == 0.0:
+        return x2d
+    keep = dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
+    return x2d * keep * (1.0 / (1.0 - dropout_p))
+
+
+def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Returns ``(y [M, N] in x's dtype, h [M, r] in lora_h_dtype)``."""
+    if bias is None:
+        y = torch.mm(x2d, weight.t())
+    else:
+        y = torch.addmm(bias, x2d, weight.t())
+    h = torch.mm(_dropped(x2d, dropout_p, seed), lora_A.t())
+    h = h.to(lora_h_dtype(x2d.dtype)).mul_(scaling)
+    y.addmm_(h.to(y.dtype), lora_B.t())
+    return y, h
+
+
+def lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling: float, dropout_p: float, seed: int,
+                  need_dx: bool, need_dA: bool, need_dB: bool):
+    """Returns ``(dx, dA, dB)``; an entry not asked for is ``None``."""
+    dx = dA = dB = None
+    if need_dB:
+        dB = torch.mm(dy.t(), h.to(dy.dtype))
+    if need_dx or need_dA:
+        dh = torch.mm(dy, lora_B)
+        dh.mul_(scaling)
+        if need_dA:
+            dA = torch.mm(dh.t(), _dropped(x2d, dropout_p, seed))
+        if need_dx:
+            dx = torch.mm(dy, weight)
+            if dropout_p == 0.0:
+                dx.addmm_(dh, lora_A)
+            else:
+                dx.add_(_dropped(torch.mm(dh, lora_A), dropout_p, seed))
+    return dx, dA, dB

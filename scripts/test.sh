@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set-up plus the whole test suite (Triton kernels under the interpreter, CPU
+# paths, the native extension, the ahead-of-time kernel report).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec "${PYTHON:-python3}" -m pytest -q "$@"
