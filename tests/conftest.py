@@ -4,8 +4,12 @@
 set here, at conftest import time, before any test module imports fastpeft.
 """
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Shared test helpers (numerics.py, models.py) live in tests/; test files in
+# sub-folders import them by plain name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
