@@ -1,0 +1,225 @@
+"""``LoRALinear``: a frozen linear layer plus a trainable low-rank update.
+
+``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with ``A [r, in]``, ``B [out, r]``
+and ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+
+The module only holds parameters and state; the arithmetic is done by
+``fastpeft.ops.lora_linear`` (fused Triton kernels on GPU, the CPU path on CPU).
+
+Parameter names follow the HF PEFT adapter layout, so state dicts map 1:1 onto
+PEFT files: ``base_layer.weight`` (+ ``base_layer.bias``), ``lora_A.weight``
+and ``lora_B.weight`` (``lora_A``/``lora_B`` are bias-free ``nn.Linear``
+holders; they are never called).
+
+Wraps ``nn.Linear`` (weight ``[out, in]``) and transformers' ``Conv1D`` (GPT-2;
+weight stored ``[in, out]``, i.e. ``fan_in_fan_out``). For ``Conv1D`` the op
+receives ``weight.t()``, a transposed view: no copy is made (the CPU path
+multiplies by its transpose again, which is the contiguous original).
+
+Dtypes: the op needs one dtype for all operands. When the LoRA parameters have
+a different dtype from the input (e.g. fp32 adapters on a bf16 model), they
+are cast to the input's dtype for the call; the cast is differentiable, so the
+gradients still land in the fp32 parameters (in their dtype). The base weight
+must already have the input's dtype, as for a plain ``nn.Linear``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear
+
+InitLoraWeights = Union[bool, str]
+
+
+@functools.lru_cache(maxsize=None)
+def _conv1d_class():
+    """transformers' ``Conv1D`` class, or None when transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
+    cls = _conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """True for the layer types ``LoRALinear`` can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r}")
+    return r
+
+
+def _check_alpha(lora_alpha) -> float:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    return lora_alpha
+
+
+def _check_dropout(lora_dropout) -> float:
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
+        raise TypeError(f"lora_dropout must be a number, got {type(lora_dropout).__name__}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    return float(lora_dropout)
+
+
+def _check_init(init_lora_weights) -> InitLoraWeights:
+    if isinstance(init_lora_weights, bool):
+        return init_lora_weights
+    if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+        return "gaussian"
+    raise ValueError(
+        f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}"
+    )
+
+
+def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    """Raise the ValueError/TypeError ``LoRALinear`` would raise for these values."""
+    _check_rank(r)
+    _check_alpha(lora_alpha)
+    _check_dropout(lora_dropout)
+    _check_init(init_lora_weights)
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` / ``Conv1D`` with a trainable LoRA update.
+
+    Build it with ``LoRALinear.from_linear(base, ...)``; the base layer is kept
+    (as ``base_layer``), not copied.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
+                 fan_in_fan_out: Optional[bool] = None, lora_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not is_lora_target(base_layer):
+            raise TypeError(
+                "base_layer must be a torch.nn.Linear or a transformers Conv1D, "
+                f"got {type(base_layer).__name__}"
+            )
+        conv1d = is_conv1d(base_layer)
+        if fan_in_fan_out is None:
+            fan_in_fan_out = conv1d
+        elif bool(fan_in_fan_out) != conv1d:
+            raise ValueError(
+                f"fan_in_fan_out={fan_in_fan_out} does not match base_layer {type(base_layer).__name__} "
+                "(True exactly for Conv1D, whose weight is stored [in, out]); leave it None to auto-detect"
+            )
+        if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+            raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+
+        self.r = _check_rank(r)
+        self.lora_alpha = _check_alpha(lora_alpha)
+        self.lora_dropout = _check_dropout(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        init_lora_weights = _check_init(init_lora_weights)
+
+        weight = base_layer.weight
+        out_features, in_features = (weight.shape[1], weight.shape[0]) if conv1d else weight.shape
+        self.in_features, self.out_features = int(in_features), int(out_features)
+
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, **factory)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, **factory)
+        self._merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    @classmethod
+    def from_linear(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
+                    fan_in_fan_out: Optional[bool] = None,
+                    lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
+        """Wrap ``base`` (``nn.Linear`` or ``Conv1D``). ``fan_in_fan_out=None`` auto-detects
+        ``Conv1D``; ``lora_dtype=None`` gives the LoRA parameters the base weight's dtype."""
+        return cls(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                   init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
+        """PEFT's init: A kaiming-uniform (a=√5) or N(0, 1/r²) for "gaussian"; B zero.
+        ``False`` leaves both random (the update is then non-zero: for tests)."""
+        init_lora_weights = _check_init(init_lora_weights)
+        if init_lora_weights is False:
+            return
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def merged(self) -> bool:
+        """True while the LoRA update is folded into the base weight."""
+        return self._merged
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged:
+            return self.base_layer(x)
+        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        if lora_A.dtype != x.dtype:
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        return lora_linear(x, self._base_weight_out_in(), lora_A, lora_B, self.scaling,
+                           bias=self.base_layer.bias, dropout_p=self.lora_dropout, training=self.training)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` laid out like the base weight (``[in, out]`` for Conv1D),
+        computed in at least float32 and returned in the base weight's dtype."""
+        weight = self.base_layer.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        delta = (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight; forward then runs the base layer alone."""
+        if self._merged:
+            return
+        self.base_layer.weight.add_(self.delta_weight())
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to the rounding of the base weight's dtype)."""
+        if not self._merged:
+            return
+        self.base_layer.weight.sub_(self.delta_weight())
+        self._merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self._merged}")
