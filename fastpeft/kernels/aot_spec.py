@@ -23,7 +23,9 @@ class KernelSpec:
     ``signature`` maps every argument name to its Triton type ("*fp16", "*fp32",
     "i32", "fp32", ... or "constexpr"); ``constexprs`` gives the constexpr
     values. ``is_gemm`` marks kernels whose inner loop is a ``tl.dot`` and must
-    use tensor-core instructions.
+    use tensor-core instructions. ``attrs`` passes ``ASTSource`` attributes,
+    e.g. ``{(arg_index,): [["tt.divisibility", 16]]}`` for the alignment the
+    JIT would see on real tensors.
     """
 
     name: str
@@ -33,3 +35,4 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     is_gemm: bool = True
+    attrs: dict = field(default_factory=dict)

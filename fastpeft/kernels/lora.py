@@ -1,0 +1,289 @@
+"""Triton LoRA linear kernels: plain launchers (no autograd) and their AOT specs.
+
+``fastpeft.ops.lora`` validates inputs and calls ``lora_forward`` /
+``lora_backward`` / ``dropout_mask``; ``fastpeft.ops.lora_cpu`` implements the
+same contract with torch ops.
+
+Forward (two launches, after LoRAFusion):
+  1. shrink: ``h = s/(1-p) · (keep ∘ x) Aᵀ`` as fp32 ``[M, r]`` (saved for backward);
+  2. fused GEMM: the accumulator starts as ``h Bᵀ``, then accumulates ``x Wᵀ``,
+     adds the bias and stores ``y`` once.
+Backward (each launch only when its output is needed):
+  - shrink over dy: ``dh = s · dy B`` (fp32, needed by dx and dA);
+  - reduce over M: ``dB = dyᵀ h`` and ``dA = dhᵀ (keep ∘ x) / (1-p)``, one
+    program per output tile looping over all rows: deterministic, no atomics;
+  - fused GEMM: ``dx = dy W`` with ``dh A`` as the accumulator's initial value
+    (through the regenerated mask and ``1/(1-p)`` when dropout is on).
+No gradient of W is ever computed here.
+
+Dropout follows HF PEFT (mask on x before A only, kept values scaled by
+``1/(1-p)``). The mask is not stored: every kernel regenerates it from the
+integer seed and the element index ``row * K + col`` with ``tl.rand``
+(Philox). The seed, an int in ``[0, 2**62)``, is split into two 31-bit halves
+that the kernels join into one 62-bit Philox key, so every seed gives its own
+mask. With ``dropout_p == 0`` the ``DROPOUT`` constexpr is False and the mask
+code is compiled away.
+
+Numerics: fp32 accumulation everywhere. fp32 inputs use ``tl.dot(...,
+input_precision="ieee")`` so results match torch fp32 on the CPU; set
+``ALLOW_TF32 = True`` to trade that for TF32 tensor cores. fp16/bf16 inputs
+multiply ``h``/``dh`` in the input dtype (as torch does), accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import triton_interpreter_enabled
+from . import _lora_configs as cfg
+from ._lora_kernels import _dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel
+from .aot_spec import KernelSpec
+
+ALLOW_TF32 = False
+_SEED_LIMIT = 2**62
+
+
+def _split_seed(seed: int) -> tuple[int, int]:
+    seed = int(seed)
+    assert 0 <= seed < _SEED_LIMIT, f"seed {seed} outside [0, 2**62)"
+    return seed & 0x7FFFFFFF, seed >> 31
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32" if (dtype != torch.float32 or ALLOW_TF32) else "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    seed_lo, seed_hi = _split_seed(seed) if dropout_p > 0.0 else (0, 0)
+    return dict(p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, DROPOUT=dropout_p > 0.0)
+
+
+def _shrink(src: Tensor, mat_strides: tuple[int, int], mat: Tensor, out: Tensor, scale: float,
+            dropout_p: float, seed: int) -> None:
+    """out[M, R] = scale · drop(src) @ mat, with mat[l, r] at ``l*mat_strides[0] + r*mat_strides[1]``."""
+    m, length = src.shape
+    r = out.shape[1]
+    config = cfg.pick_shrink(m, src.dtype)
+    block_r = cfg.rank_block(r)
+    grid = (triton_cdiv(m, config.block_a), triton_cdiv(r, block_r))
+    _lora_shrink_kernel[grid](
+        src, mat, out, m, length, r,
+        src.stride(0), src.stride(1), mat_strides[0], mat_strides[1],
+        float(scale), **_dropout_args(dropout_p, seed),
+        BLOCK_M=config.block_a, BLOCK_L=config.block_b, BLOCK_R=block_r,
+        PREC=_precision(src.dtype), UPCAST=_upcast(src.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs: Tensor, lmat: Tensor,
+                lmat_strides: tuple[int, int], bias, out: Tensor, dropout_p: float, seed: int) -> None:
+    """out = drop'(lhs @ lmat) + src @ mat + bias; strides give mat[l, n] and lmat[r, n]."""
+    m, length = src.shape
+    n, r = out.shape[1], lhs.shape[1]
+    config = cfg.pick_gemm(m, src.dtype)
+    grid = (triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n),)
+    _lora_fused_gemm_kernel[grid](
+        src, mat, lhs, lmat, bias if bias is not None else out, out, m, n, length, r,
+        src.stride(0), src.stride(1), mat_strides[0], mat_strides[1], lmat_strides[0], lmat_strides[1],
+        1.0 / (1.0 - dropout_p), **_dropout_args(dropout_p, seed),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_L=config.block_k,
+        BLOCK_R=cfg.GEMM_RANK_BLOCK, GROUP_M=cfg.GROUP_M,
+        PREC=_precision(src.dtype), UPCAST=_upcast(src.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _reduce(src: Tensor, hmat: Tensor, out: Tensor, out_strides: tuple[int, int], scale: float,
+            dropout_p: float, seed: int) -> None:
+    """out[p, r] (at ``p*out_strides[0] + r*out_strides[1]``) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]."""
+    m, p_len = src.shape
+    r = hmat.shape[1]
+    config = cfg.pick_reduce(src.dtype)
+    block_r = cfg.rank_block(r)
+    grid = (triton_cdiv(p_len, config.block_a), triton_cdiv(r, block_r))
+    _lora_reduce_kernel[grid](
+        src, hmat, out, m, p_len, r,
+        src.stride(0), src.stride(1), out_strides[0], out_strides[1],
+        float(scale), **_dropout_args(dropout_p, seed),
+        BLOCK_P=config.block_a, BLOCK_M=config.block_b, BLOCK_R=block_r,
+        PREC=_precision(src.dtype), UPCAST=_upcast(src.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``x2d [M,K]`` (any strides), ``weight [N,K]``, ``bias [N]`` or None, ``lora_A [r,K]``, ``lora_B [N,r]``.
+
+    All fp32, fp16 or bf16 (one dtype). Returns ``y [M,N]`` contiguous in x's
+    dtype and ``h [M,r]`` fp32 ``= scaling · dropout(x) @ lora_Aᵀ`` (saved for
+    backward). The dropout mask comes from ``seed`` (see module docstring).
+    """
+    m, k = x2d.shape
+    n, r = weight.shape[0], lora_A.shape[0]
+    assert weight.shape[1] == k and lora_A.shape[1] == k and lora_B.shape == (n, r)
+    h = torch.empty((m, r), dtype=torch.float32, device=x2d.device)
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return y, h
+    if bias is not None:
+        bias = bias.contiguous()
+    _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, h, scaling / (1.0 - dropout_p), dropout_p, seed)
+    _fused_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), h, lora_B, (lora_B.stride(1), lora_B.stride(0)),
+                bias, y, 0.0, 0)
+    return y, h
+
+
+def lora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                  scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool) -> tuple:
+    """Returns ``(dx [M,K] in x's dtype | None, dA [r,K] | None, dB [N,r] | None)``.
+
+    ``dh = s · dy B`` (fp32); ``dB = dyᵀ h``; ``dA = dhᵀ dropout(x)``;
+    ``dx = dy W + dropout_backward(dh A)``. Only the asked-for outputs are
+    computed (and ``dh`` only when dx or dA needs it). dA/dB are in the dtype
+    of lora_A/lora_B. ``h`` is the fp32 tensor ``lora_forward`` returned.
+    """
+    m, k = x2d.shape
+    n, r = weight.shape[0], lora_A.shape[0]
+    assert dy.shape == (m, n) and h.shape == (m, r) and h.dtype == torch.float32
+    h = h.contiguous()
+    dx = dA = dB = None
+    if need_dx:
+        dx = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
+    if need_dA:
+        dA = torch.empty((r, k), dtype=lora_A.dtype, device=lora_A.device)
+    if need_dB:
+        dB = torch.empty((n, r), dtype=lora_B.dtype, device=lora_B.device)
+    if m == 0:
+        for grad in (dA, dB):
+            if grad is not None:
+                grad.zero_()
+        return dx, dA, dB
+    if need_dB:
+        _reduce(dy, h, dB, (dB.stride(0), dB.stride(1)), 1.0, 0.0, 0)
+    if need_dx or need_dA:
+        dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
+        _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, dh, scaling, 0.0, 0)
+        if need_dA:
+            _reduce(x2d, dh, dA, (dA.stride(1), dA.stride(0)), 1.0 / (1.0 - dropout_p), dropout_p, seed)
+        if need_dx:
+            _fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), dh, lora_A,
+                        (lora_A.stride(0), lora_A.stride(1)), None, dx, dropout_p, seed)
+    return dx, dA, dB
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
+    """Bool keep-mask ``[M, K]`` (True = kept) exactly as the kernels apply it for ``seed``."""
+    m, k = (int(s) for s in shape)
+    out = torch.empty((m, k), dtype=torch.int8, device=device)
+    if m == 0 or k == 0:
+        return out.bool()
+    seed_lo, seed_hi = _split_seed(seed)
+    block_m, block_k = cfg.MASK_BLOCK
+    grid = (triton_cdiv(m, block_m), triton_cdiv(k, block_k))
+    _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k)
+    return out.bool()
+
+
+# --- ahead-of-time specs (fastpeft.tools.kernel_report) -------------------------------------------
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_REPORT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _aligned(fn, names) -> dict:
+    """Divisibility-by-16 hints for the named args, as the JIT gives aligned tensors and strides."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in names}
+
+
+def _common(dtype: torch.dtype) -> dict:
+    return {"PREC": _precision(dtype), "UPCAST": False}
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every (kernel, launch config, dtype) the launchers can pick, as the JIT compiles it on a GPU
+    for contiguous, 16-byte-aligned tensors (unit inner strides become constexpr 1).
+
+    Feature flags take their heaviest value (dropout on, bias on); the variants
+    without them compile the same loops minus that code. fp32 specs use the
+    default exact ``ieee`` dot, which has no tensor-core form, so they are not
+    marked ``is_gemm``.
+    """
+    specs = []
+    for dtype in _REPORT_DTYPES:
+        t = _TRITON_DTYPE[dtype]
+        tensor_cores = dtype != torch.float32 or ALLOW_TF32
+        for c in cfg.shrink_configs(dtype):
+            for block_r in cfg.RANK_BLOCKS:
+                specs.append(_shrink_spec(t, dtype, c, block_r, tensor_cores))
+        for c in cfg.gemm_configs(dtype):
+            for has_bias, dropout in ((True, False), (False, True)):
+                specs.append(_gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores))
+        for c in cfg.reduce_configs(dtype):
+            for block_r in cfg.RANK_BLOCKS:
+                specs.append(_reduce_spec(t, dtype, c, block_r, tensor_cores))
+    specs.append(_mask_spec())
+    return specs
+
+
+def _shrink_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
+    fn = _lora_shrink_kernel
+    sig = {"src": f"*{t}", "mat": f"*{t}", "out": "*fp32", "M": "i32", "L": "i32", "R": "i32",
+           "stride_sm": "i32", "stride_sl": "constexpr", "stride_ml": "constexpr", "stride_mr": "i32",
+           "scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
+    const = {"stride_sl": 1, "stride_ml": 1, "BLOCK_M": c.block_a, "BLOCK_L": c.block_b, "BLOCK_R": block_r,
+             "DROPOUT": True, **_common(dtype)}
+    sig.update({name: "constexpr" for name in const if name not in sig})
+    return KernelSpec(f"lora_shrink[{t},{c.name},r{block_r},dropout]", fn, sig, const,
+                      c.num_warps, c.num_stages, tensor_cores,
+                      attrs=_aligned(fn, ("src", "mat", "out", "stride_sm", "stride_mr")))
+
+
+def _gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores) -> KernelSpec:
+    fn = _lora_fused_gemm_kernel
+    sig = {"src": f"*{t}", "mat": f"*{t}", "lhs": "*fp32", "lmat": f"*{t}", "bias": f"*{t}", "out": f"*{t}",
+           "M": "i32", "N": "i32", "L": "i32", "R": "i32",
+           "stride_sm": "i32", "stride_sl": "constexpr", "stride_ml": "constexpr", "stride_mn": "i32",
+           "stride_lr": "constexpr", "stride_ln": "i32",
+           "drop_scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
+    const = {"stride_sl": 1, "stride_ml": 1, "stride_lr": 1, "HAS_BIAS": has_bias, "DROPOUT": dropout,
+             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_L": c.block_k, "BLOCK_R": cfg.GEMM_RANK_BLOCK,
+             "GROUP_M": cfg.GROUP_M, **_common(dtype)}
+    sig.update({name: "constexpr" for name in const if name not in sig})
+    variant = "bias" if has_bias else "dropout" if dropout else "plain"
+    return KernelSpec(f"lora_fused_gemm[{t},{c.name},{variant}]", fn, sig, const,
+                      c.num_warps, c.num_stages, tensor_cores,
+                      attrs=_aligned(fn, ("src", "mat", "lhs", "lmat", "bias", "out", "stride_sm", "stride_mn",
+                                          "stride_ln")))
+
+
+def _reduce_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
+    fn = _lora_reduce_kernel
+    sig = {"src": f"*{t}", "hmat": "*fp32", "out": f"*{t}", "M": "i32", "P": "i32", "R": "i32",
+           "stride_sm": "i32", "stride_sp": "constexpr", "stride_op": "constexpr", "stride_or": "i32",
+           "scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
+    const = {"stride_sp": 1, "stride_op": 1, "BLOCK_P": c.block_a, "BLOCK_M": c.block_b, "BLOCK_R": block_r,
+             "DROPOUT": True, **_common(dtype)}
+    sig.update({name: "constexpr" for name in const if name not in sig})
+    return KernelSpec(f"lora_reduce[{t},{c.name},r{block_r},dropout]", fn, sig, const,
+                      c.num_warps, c.num_stages, tensor_cores,
+                      attrs=_aligned(fn, ("src", "hmat", "out", "stride_sm", "stride_or")))
+
+
+def _mask_spec() -> KernelSpec:
+    fn = _dropout_keep_kernel
+    block_m, block_k = cfg.MASK_BLOCK
+    sig = {"out": "*i8", "M": "i32", "K": "i32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32",
+           "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    return KernelSpec("lora_dropout_mask", fn, sig, {"BLOCK_M": block_m, "BLOCK_K": block_k},
+                      num_warps=4, num_stages=1, is_gemm=False, attrs=_aligned(fn, ("out",)))
