@@ -1,0 +1,209 @@
+"""Triton NF4 kernels (fastpeft.kernels.nf4) under the interpreter.
+
+Weights are quantized by bitsandbytes on CPU (the oracle of DESIGN.md §5).
+Dequantization must be bit-identical to bitsandbytes and to a test-local
+unpacking written from the DESIGN.md codebook; matmuls are measured against
+``x.double() @ W.double().T`` and must stay within a few times torch's error
+in the same dtype. Outputs are NaN-poisoned so unwritten elements fail.
+"""
+import pytest
+import torch
+
+import bitsandbytes.functional as bnbF
+from fastpeft._backend import triton_interpreter_enabled
+from fastpeft.kernels import nf4 as K
+from numerics import assert_close_to_ref
+
+# DESIGN.md §5, exact fp32 values.
+NF4_CODEBOOK = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+
+# The interpreter casts fp32 -> bf16 by truncation and its bf16 tl.dot is wrong,
+# so bf16 is only meaningful on a GPU.
+DTYPES = [torch.float32, torch.float16, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(triton_interpreter_enabled(),
+                                             reason="Triton interpreter: bf16 casts truncate, bf16 tl.dot wrong"))]
+
+
+def quantize(n, k, blocksize=64, double_quant=False):
+    """(packed, fp32 absmax, code, bnb quant_state) of a fresh random [n, k] weight."""
+    w = torch.randn(n, k) * 0.05
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                       compress_statistics=double_quant)
+    if double_quant:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    else:
+        absmax = state.absmax
+    return packed, absmax.float().contiguous(), state.code.float().contiguous(), state
+
+
+def bnb_dequant(packed, state, dtype):
+    state.dtype = dtype
+    return bnbF.dequantize_4bit(packed, state)
+
+
+def local_dequant_fp32(packed, absmax, n, k, blocksize):
+    """Unpack from DESIGN.md facts: element 2j = high nibble of byte j; fp32(code * absmax)."""
+    b = packed.view(-1).to(torch.int64)
+    nibbles = torch.stack([b >> 4, b & 0xF], dim=1).view(-1)
+    codes = torch.tensor(NF4_CODEBOOK, dtype=torch.float32)[nibbles]
+    return (codes.view(-1, blocksize) * absmax.view(-1, 1)).view(n, k)
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize,double_quant", [(64, False), (64, True), (128, False), (256, True)])
+def test_dequantize_bit_identical_to_bitsandbytes(dtype, blocksize, double_quant):
+    n, k = 37, 2 * blocksize + (256 if blocksize < 256 else 0)
+    packed, absmax, code, state = quantize(n, k, blocksize, double_quant)
+    out = K.nf4_dequantize(packed, absmax, code, n, k, blocksize, dtype, out=poisoned((n, k), dtype))
+    assert torch.equal(out, bnb_dequant(packed, state, dtype))
+    assert torch.equal(out, local_dequant_fp32(packed, absmax, n, k, blocksize).to(dtype))
+
+
+def _reference(x, w32, bias=None, h=None, lora_B=None):
+    ref = x.double() @ w32.double().T
+    if bias is not None:
+        ref = ref + bias.double()
+    if h is not None:
+        ref = ref + h.to(x.dtype).double() @ lora_B.double().T
+    return ref
+
+
+def _torch_same_dtype(x, w32, bias=None, h=None, lora_B=None):
+    out = x @ w32.to(x.dtype).T
+    if bias is not None:
+        out = out + bias
+    if h is not None:
+        out = out + h.to(x.dtype) @ lora_B.T
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 37])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_default_configs(dtype, m, with_bias):
+    n, k, bs = 50, 192, 64
+    packed, absmax, code, state = quantize(n, k, bs)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, bias=bias, out=poisoned((m, n), dtype))
+    assert_close_to_ref(y, _reference(x, w32, bias), _torch_same_dtype(x, w32, bias))
+
+
+CONFIGS = {
+    "gemv_bm1": K.MatmulConfig(BM=1, BN=16, BK=64),
+    "gemv_bm4_bk128": K.MatmulConfig(BM=4, BN=8, BK=128),   # BK > blocksize: per-element absmax
+    "gemv_bm16": K.MatmulConfig(BM=16, BN=16, BK=32),
+    "dot_small": K.MatmulConfig(BM=32, BN=16, BK=32, GROUP_M=2),
+    "dot_bk128": K.MatmulConfig(BM=16, BN=32, BK=128, GROUP_M=3),  # K=192: ragged K/BK
+    "dot_bm64": K.MatmulConfig(BM=64, BN=64, BK=64),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matmul_every_config(name, dtype, double_quant):
+    cfg = CONFIGS[name]
+    m = 3 if cfg.BM <= K.GEMV_MAX_M else 37
+    n, k, bs = 45, 192, 64
+    packed, absmax, code, state = quantize(n, k, bs, double_quant)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    x = torch.randn(m, k).to(dtype)
+    y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, config=cfg, out=poisoned((m, n), dtype))
+    assert_close_to_ref(y, _reference(x, w32), _torch_same_dtype(x, w32))
+
+
+@pytest.mark.parametrize("m", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_non_contiguous_x_and_lora_epilogue(m, dtype):
+    n, k, bs, r = 33, 256, 128, 5
+    packed, absmax, code, state = quantize(n, k, bs)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    x = torch.randn(m, 2 * k).to(dtype)[:, ::2]  # stride (2k, 2)
+    assert not x.is_contiguous()
+    h = torch.randn(m, r)                       # fp32, as the op passes it
+    lora_B = torch.randn(n, r + 3).to(dtype)[:, :r]  # non-contiguous rows
+    bias = torch.randn(n).to(dtype)
+    y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, bias=bias, lora_h=h, lora_B=lora_B,
+                     out=poisoned((m, n), dtype))
+    assert_close_to_ref(y, _reference(x, w32, bias, h, lora_B), _torch_same_dtype(x, w32, bias, h, lora_B))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("with_lora", [False, True])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matmul_transposed(dtype, m, with_lora, double_quant):
+    n, k, bs, r = 70, 192, 64, 3                 # N ragged against BN=64
+    packed, absmax, code, state = quantize(n, k, bs, double_quant)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    dy = torch.randn(m, 2 * n).to(dtype)[:, ::2]  # non-contiguous
+    assert not dy.is_contiguous()
+    dh = torch.randn(m, r) if with_lora else None
+    lora_A = torch.randn(r, k).to(dtype) if with_lora else None
+    dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
+                                 out=poisoned((m, k), dtype))
+    ref = dy.double() @ w32.double()
+    torch_out = dy @ w32.to(dtype)
+    if with_lora:
+        ref = ref + dh.to(dtype).double() @ lora_A.double()
+        torch_out = torch_out + dh.to(dtype) @ lora_A
+    assert_close_to_ref(dx, ref, torch_out)
+
+
+def test_matmul_transposed_ragged_k_tiles():
+    n, k, bs = 20, 192, 64
+    packed, absmax, code, state = quantize(n, k, bs)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    dy = torch.randn(17, n)
+    cfg = K.MatmulConfig(BM=16, BN=16, BK=128)  # K/BK = 1.5, BK > blocksize
+    dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, config=cfg, out=poisoned((17, k), dy.dtype))
+    assert_close_to_ref(dx, dy.double() @ w32.double(), dy @ w32)
+
+
+def test_empty_batch():
+    packed, absmax, code, _ = quantize(8, 64)
+    y = K.nf4_matmul(torch.randn(0, 64), packed, absmax, code, 8, 64, 64)
+    assert y.shape == (0, 8)
+
+
+def test_launcher_guards():
+    packed, absmax, code, _ = quantize(8, 128)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        K.nf4_matmul(x, packed, absmax, code, 8, 128, 96)
+    with pytest.raises(ValueError, match="packed"):
+        K.nf4_matmul(x, packed.to(torch.int16), absmax, code, 8, 128, 64)
+    with pytest.raises(ValueError, match="absmax"):
+        K.nf4_matmul(x, packed, absmax.half(), code, 8, 128, 64)
+    with pytest.raises(ValueError, match="code"):
+        K.nf4_matmul(x, packed, absmax, code[:8].contiguous(), 8, 128, 64)
+    with pytest.raises(ValueError, match="out"):
+        K.nf4_matmul(x, packed, absmax, code, 8, 128, 64, out=torch.empty(2, 9))
+
+
+def test_aot_specs_are_complete():
+    specs = K.aot_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    kernels = {s.fn for s in specs}
+    assert kernels == {K._nf4_matmul_kernel, K._nf4_gemv_kernel, K._nf4_matmul_t_kernel, K._nf4_dequant_kernel}
+    for spec in specs:
+        arg_names = spec.fn.arg_names
+        assert list(spec.signature) == list(arg_names), spec.name
+        constexpr_args = {a for a, t in spec.signature.items() if t == "constexpr"}
+        assert constexpr_args == set(spec.constexprs), spec.name
+        if spec.fn is K._nf4_gemv_kernel or spec.fn is K._nf4_dequant_kernel:
+            assert not spec.is_gemm
+    for bm in K._GEMV:
+        assert any(s.fn is K._nf4_gemv_kernel and s.constexprs["BM"] == bm for s in specs)
