@@ -13,6 +13,7 @@ from typing import Any
 
 KERNEL_MODULES = (
     "fastpeft.kernels.lora",
+    "fastpeft.kernels.nf4",
 )
 
 
