@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..ops import lora_linear
 
@@ -185,7 +186,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
-            return self.base_layer(x)
+            return F.linear(x, self._base_weight_out_in(), self.base_layer.bias)
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         if lora_A.dtype != x.dtype:
             lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
