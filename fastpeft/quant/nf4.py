@@ -247,7 +247,7 @@ class NF4Weight:
         if code is None:
             code = nf4_code(device)
         _check_tensor_arg("code", code, torch.float32, device)
-        if code.numel() != 16 or not torch.equal(code.reshape(-1).cpu(), nf4_code()):
+        if code.numel() != 16 or (code.device.type != "meta" and not torch.equal(code.reshape(-1).cpu(), nf4_code())):
             raise ValueError("code must be the 16-entry NF4 codebook (other 4-bit maps such as fp4 are not supported)")
         self.code = code.reshape(-1)
         self._absmax_float: Optional[Tensor] = None
