@@ -22,8 +22,10 @@ Three matmul kernels:
   weight is read exactly once, which is what bounds a decode step).
 - ``_nf4_matmul_t_kernel``: ``dX = dy · W`` for the backward pass.
 The optional LoRA term enters the accumulator before it is stored (LoRAFusion):
-``h = s · drop(x) Aᵀ`` (forward) or ``dh = s · dy B`` (backward, no dropout)
-is computed by the caller and padded to ``R_PAD >= 16`` lanes in the kernel.
+``h = s · drop(x) Aᵀ`` (forward) or ``dh = s · dy B`` (backward) is computed
+by the caller (the LoRA shrink kernel) and padded to ``R_PAD >= 16`` lanes in
+the kernel; in backward the dropout mask is regenerated with the LoRA kernels'
+``_keep_mask``, so both ops draw the same mask for one seed.
 Plain launchers only: no autograd here.
 """
 from __future__ import annotations
@@ -35,7 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._lora_kernels import _keep_mask
 from .aot_spec import KernelSpec
+from .lora import _split_seed
 
 GEMV_MAX_M = 16
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -176,13 +180,14 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, l
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_ptr, dx_ptr,
                          M, N, K, R,
                          stride_dym, stride_dyn, stride_dxm, stride_dxk,
                          stride_hm, stride_hr, stride_ar, stride_ak,
+                         p, drop_scale, seed_lo, seed_hi,
                          BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr,
+                         DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -205,7 +210,13 @@ def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_pt
                      mask=m_mask[:, None] & (offs_r[None, :] < R), other=0.0)
         a = tl.load(la_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=(offs_r[:, None] < R) & k_mask[None, :], other=0.0)
-        acc = tl.dot(dh.to(dtype), a.to(dtype), acc, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            # Same Philox mask as the LoRA kernels drew for x in the forward pass.
+            lora = tl.dot(dh.to(dtype), a.to(dtype), input_precision=INPUT_PRECISION)
+            keep = _keep_mask(seed_lo, seed_hi, offs_m, offs_k, K, p)
+            acc += tl.where(keep, lora * drop_scale, 0.0)
+        else:
+            acc = tl.dot(dh.to(dtype), a.to(dtype), acc, input_precision=INPUT_PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
@@ -347,9 +358,15 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
 def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                           n: int, k: int, blocksize: int, lora_dh: Optional[torch.Tensor] = None,
                           lora_A: Optional[torch.Tensor] = None,
+                          dropout_p: float = 0.0, seed: int = 0,
                           config: Optional[MatmulConfig] = None,
                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dy2d [M, n] · dequant(W) (+ lora_dh [M, r] · lora_A [r, k])`` -> ``[M, k]`` in dy's dtype."""
+    """``dy2d [M, n] · dequant(W) (+ drop'(lora_dh [M, r] · lora_A [r, k]))`` -> ``[M, k]`` in dy's dtype.
+
+    With ``dropout_p > 0`` the LoRA term is masked by the keep-mask of
+    ``fastpeft.kernels.lora`` for ``seed`` (the one x saw in the forward pass)
+    and scaled by ``1/(1-p)``: the input gradient of ``drop(x) Aᵀ``.
+    """
     _check_layout(packed, absmax, code, n, k, blocksize)
     m = dy2d.shape[0]
     dx = _output(out, (m, k), dy2d, "out")
@@ -360,11 +377,14 @@ def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torc
     r = lora_dh.shape[1] if has_lora else 0
     dh = lora_dh if has_lora else dx
     la = lora_A if has_lora else dx
+    dropout = has_lora and dropout_p > 0.0
+    seed_lo, seed_hi = _split_seed(seed) if dropout else (0, 0)
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(k, cfg.BK))
     _nf4_matmul_t_kernel[grid](dy2d, packed, absmax, code, dh, la, dx, m, n, k, r,
                                dy2d.stride(0), dy2d.stride(1), dx.stride(0), dx.stride(1),
                                dh.stride(0), dh.stride(1), la.stride(0), la.stride(1),
-                               BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=_r_pad(r),
+                               float(dropout_p), 1.0 / (1.0 - dropout_p), seed_lo, seed_hi,
+                               BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=_r_pad(r), DROPOUT=dropout,
                                INPUT_PRECISION=_input_precision(dy2d.dtype),
                                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -416,11 +436,13 @@ def aot_specs() -> list[KernelSpec]:
                        "dh_ptr": "*fp32", "la_ptr": f"*{t}", "dx_ptr": f"*{t}",
                        "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
                 sig.update({s: "i32" for s in _STRIDE_ARGS_BWD})
-                names = ("BLOCKSIZE", "HAS_LORA", "R_PAD", "INPUT_PRECISION", "BM", "BN", "BK")
+                sig.update({"p": "fp32", "drop_scale": "fp32", "seed_lo": "i32", "seed_hi": "i32"})
+                names = ("BLOCKSIZE", "HAS_LORA", "R_PAD", "DROPOUT", "INPUT_PRECISION", "BM", "BN", "BK")
                 sig.update({c: "constexpr" for c in names})
                 specs.append(KernelSpec(
                     name=f"nf4_matmul_t_{tag}", fn=_nf4_matmul_t_kernel, signature=sig,
-                    constexprs=dict(BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=16, INPUT_PRECISION=prec,
+                    constexprs=dict(BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=16, DROPOUT=has_lora,
+                                    INPUT_PRECISION=prec,
                                     BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, is_gemm=is_gemm))
             for bm, cfg in _GEMV.items():

@@ -207,3 +207,27 @@ def test_aot_specs_are_complete():
             assert not spec.is_gemm
     for bm in K._GEMV:
         assert any(s.fn is K._nf4_gemv_kernel and s.constexprs["BM"] == bm for s in specs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_transposed_lora_dropout_uses_lora_kernel_mask(dtype):
+    from fastpeft.kernels.lora import dropout_mask
+
+    m, n, k, bs, r, p, seed = 19, 40, 128, 64, 4, 0.3, 2**40 + 12345
+    packed, absmax, code, state = quantize(n, k, bs)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    dy = torch.randn(m, n).to(dtype)
+    dh = torch.randn(m, r)
+    lora_A = torch.randn(r, k).to(dtype)
+    dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
+                                 dropout_p=p, seed=seed, out=poisoned((m, k), dtype))
+    keep = dropout_mask((m, k), p, seed, "cpu")
+    assert 0.5 < keep.float().mean() < 0.9
+    lora64 = (dh.to(dtype).double() @ lora_A.double()) * keep / (1 - p)
+    lora_t = (dh.to(dtype) @ lora_A) * keep / (1 - p)
+    ref = dy.double() @ w32.double() + lora64
+    assert_close_to_ref(dx, ref, dy @ w32.to(dtype) + lora_t)
+    # A different seed gives a different mask, so the result must move.
+    dx2 = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
+                                  dropout_p=p, seed=seed + 1)
+    assert not torch.allclose(dx, dx2)
