@@ -12,7 +12,7 @@ factory returns); ``apply_lora`` builds on it, and so can other injectors
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -111,16 +111,33 @@ def replace_modules(model: nn.Module, target_modules: TargetModules,
 
 def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
                lora_dropout: float = 0.0, use_rslora: bool = False,
-               init_lora_weights: InitLoraWeights = True) -> nn.Module:
+               init_lora_weights: InitLoraWeights = True, lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Wrap every targeted ``nn.Linear``/``Conv1D`` of ``model`` in a ``LoRALinear``, in place.
 
     Every parameter except the new LoRA ones is frozen (PEFT's ``bias="none"``).
-    Returns ``model``. Raises ValueError for a target that matches nothing and
-    TypeError for a matched module that is not Linear/Conv1D (or already LoRA).
+    ``lora_dtype`` (default: each base weight's dtype) is the LoRA parameters'
+    dtype, e.g. ``torch.float32`` adapters on a bf16 model. Returns ``model``.
+    Raises ValueError for a target that matches nothing and TypeError for a
+    matched module that is not Linear/Conv1D (or already LoRA); the model is
+    left untouched when anything is rejected.
     """
     validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
-    # Check every match before replacing anything, so an error leaves the model untouched.
-    for name in find_target_modules(model, target_modules):
+    names = find_target_modules(model, target_modules)
+    check_lora_targets(model, names)
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        return LoRALinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                      use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                                      lora_dtype=lora_dtype)
+
+    replace_modules(model, target_modules, make)
+    mark_only_lora_trainable(model)
+    return model
+
+
+def check_lora_targets(model: nn.Module, names: Iterable[str]) -> None:
+    """TypeError naming the first of ``names`` that ``LoRALinear`` cannot wrap."""
+    for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise TypeError(f"target_modules: {name!r} already is a LoRALinear")
@@ -129,11 +146,9 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
                 f"target_modules: {name!r} is a {type(module).__name__}; LoRA wraps only nn.Linear and Conv1D"
             )
 
-    def make(name: str, module: nn.Module) -> nn.Module:
-        return LoRALinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                      use_rslora=use_rslora, init_lora_weights=init_lora_weights)
 
-    replace_modules(model, target_modules, make)
+def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter of ``model`` except the LoRA ones (which become trainable)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
