@@ -1,0 +1,8 @@
+"""fastpeft's kernel benchmark suite: fastpeft against the tools a user would otherwise use.
+
+``python -m benchmarks`` runs it on this machine (``--help`` for options);
+``pytest benchmarks --benchmark-only`` runs the same cases under pytest-benchmark.
+Layout: ``spec`` (what an op declares), ``ops/`` (one file per op),
+``harness`` (timing), ``memory``, ``ceilings``, ``runner`` (rows), ``tables``,
+``outputs`` (CSV/JSON/summary), ``plots``, ``kernel_report``, ``cli``.
+"""

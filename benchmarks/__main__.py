@@ -1,0 +1,4 @@
+"""Entry point of ``python -m benchmarks``."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Helpers the op files share: availability checks, inputs, the compiled provider."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from ..spec import Case, requires_grad_in
+
+N_ROTATE = 4  # input buffers the harness cycles through
+
+
+def missing_import(*modules: str, attr: Optional[tuple] = None) -> Callable[[], Optional[str]]:
+    """An ``unavailable()`` that reports the first module (or ``(module, name)``) that fails to import."""
+
+    def check() -> Optional[str]:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                return f"import {name} failed: {type(exc).__name__}: {exc}"
+        if attr is not None:
+            module, name = attr
+            if not hasattr(importlib.import_module(module), name):
+                return f"{module}.{name} does not exist (yet)"
+        return None
+
+    return check
+
+
+def rotating_inputs(m: int, k: int, device, dtype, mode: str, n: int = N_ROTATE) -> list:
+    """``n`` fresh random ``[m, k]`` inputs; they need grad in the backward modes."""
+    return [torch.randn(m, k, device=device, dtype=dtype).requires_grad_(requires_grad_in(mode)) for _ in range(n)]
+
+
+def upstream_grad(m: int, n: int, device, dtype, mode: str):
+    return torch.randn(m, n, device=device, dtype=dtype) if requires_grad_in(mode) else None
+
+
+def trainable(t: torch.Tensor, mode: str) -> torch.Tensor:
+    return t.requires_grad_(requires_grad_in(mode))
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=True)``, built once per process and function.
+
+    One compiled callable serves every shape, as in a real model; recompiles
+    (grad vs no grad, size-1 dims) happen in the untimed first call that the
+    runner makes while building each case.
+    """
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def case_tensors(case: Case, *names: str):
+    return tuple(case.tensors[n] for n in names)
