@@ -1,0 +1,295 @@
+"""Save and load LoRA adapters in the HF PEFT directory format, without pickle.
+
+A PEFT LoRA adapter directory holds:
+- ``adapter_config.json``: a ``LoraConfig`` (``peft_type`` "LORA", ``r``,
+  ``lora_alpha``, ``target_modules``, ...);
+- ``adapter_model.safetensors``: tensors named
+  ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (PEFT
+  strips the adapter name when it saves).
+
+``save_lora`` writes such a directory from a model prepared with
+``fastpeft.injection.apply_lora``, so ``peft.PeftModel.from_pretrained`` loads
+it; ``load_lora`` puts LoRA layers into a plain model from a directory written
+by ``PeftModel.save_pretrained`` (or ``save_lora``). Only plain LoRA on
+Linear/Conv1D is supported; any other config feature raises ValueError.
+Per-module ranks and alphas travel as PEFT's ``rank_pattern``/``alpha_pattern``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .injection import check_lora_targets, lora_modules, mark_only_lora_trainable, matches_target, replace_modules
+from .nn.lora import LoRALinear, is_lora_target
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+
+# Config entries this loader cannot honour: (key, value that means "not used").
+_UNSUPPORTED_WHEN_SET = {
+    "use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
+    "layers_pattern": None, "exclude_modules": None, "target_parameters": None, "layer_replication": None,
+    "trainable_token_indices": None, "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None,
+    "velora_config": None, "monteclora_config": None, "kasa_config": None, "use_qalora": False,
+    "megatron_config": None,
+}
+# init_lora_weights values that only shape the starting point (the saved weights replace it).
+_LOADABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the LoRA layers of ``model``.
+
+    The LoRA tensors are saved in their own dtype. Raises ValueError when the
+    model has no ``LoRALinear``, or when dropout or rsLoRA differ between its
+    layers (a PEFT config has one value for each).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers to save; call fastpeft.apply_lora first")
+    for name, layer in layers:
+        if layer.merged:
+            raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before save_lora")
+    dropout = _uniform(layers, "lora_dropout")
+    use_rslora = _uniform(layers, "use_rslora")
+    r, rank_pattern = _value_and_pattern(layers, "r")
+    lora_alpha, alpha_pattern = _value_and_pattern(layers, "lora_alpha")
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, [n for n, _ in layers]),
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_lora(model: nn.Module, directory: str | os.PathLike,
+              lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Put the LoRA adapter saved in ``directory`` into ``model`` (in place) and return it.
+
+    ``model`` is the plain base model (no LoRA layers yet). The targets, ranks,
+    alphas, dropout and rsLoRA come from the config; the weights are read with
+    safetensors (``adapter_model.bin`` pickles are refused) and cast to the base
+    weights' dtype, or to ``lora_dtype`` when given. As after ``apply_lora``,
+    only the LoRA parameters are trainable.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = read_lora_config(directory)
+    weights = _read_weights(directory)
+
+    targets = config["target_modules"]
+    if isinstance(targets, str) and targets == "all-linear":
+        raise ValueError("adapter_config.json: target_modules 'all-linear' is not supported; list the module names")
+    candidates = [n for n, m in model.named_modules() if n and matches_target(n, targets)
+                  and not isinstance(m, LoRALinear)]
+    missing_modules = sorted(set(weights) - set(candidates))
+    if missing_modules:
+        raise ValueError(
+            f"{WEIGHTS_NAME} has weights for modules that the model lacks or target_modules does not select: "
+            f"{missing_modules[:5]}"
+        )
+    no_weights = sorted(n for n in candidates if n not in weights and is_lora_target(model.get_submodule(n)))
+    if no_weights:
+        raise ValueError(f"{WEIGHTS_NAME} lacks LoRA weights for targeted modules: {no_weights[:5]}")
+    names = sorted(weights)
+    check_lora_targets(model, names)
+
+    plan = {}
+    for name in names:
+        a, b = weights[name]["lora_A"], weights[name]["lora_B"]
+        r = _pattern_value(config["rank_pattern"], name, config["r"])
+        if a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(
+                f"{WEIGHTS_NAME}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"but the config gives rank r={r}"
+            )
+        plan[name] = (r, _pattern_value(config["alpha_pattern"], name, config["lora_alpha"]))
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        r, alpha = plan[name]
+        layer = LoRALinear.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=config["lora_dropout"],
+                                       use_rslora=config["use_rslora"], init_lora_weights=False,
+                                       lora_dtype=lora_dtype)
+        for which in ("lora_A", "lora_B"):
+            param = getattr(layer, which).weight
+            tensor = weights[name][which]
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"{WEIGHTS_NAME}: {KEY_PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)}, "
+                    f"the model needs {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+        return layer
+
+    # Build every layer before swapping any in, so a bad tensor leaves the model untouched.
+    built = {name: make(name, model.get_submodule(name)) for name in names}
+    replace_modules(model, _exact_names_regex(names), lambda name, module: built[name])
+    mark_only_lora_trainable(model)
+    return model
+
+
+def read_lora_config(directory: str | os.PathLike) -> dict:
+    """The validated ``adapter_config.json`` of ``directory`` as a dict (defaults filled in)."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {CONFIG_NAME}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{CONFIG_NAME}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    for key, unused in _UNSUPPORTED_WHEN_SET.items():
+        value = config.get(key, unused)
+        if value != unused and value not in (None, False, [], {}):
+            raise ValueError(f"{CONFIG_NAME}: {key}={value!r} is not supported by fastpeft.load_lora")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{CONFIG_NAME}: bias={config['bias']!r} is not supported (only 'none')")
+    init = config.get("init_lora_weights", True)
+    if init not in _LOADABLE_INITS:
+        raise ValueError(
+            f"{CONFIG_NAME}: init_lora_weights={init!r} changes the base weights or needs extra state; "
+            "not supported by fastpeft.load_lora"
+        )
+    out = {
+        "r": config.get("r", 8),
+        "lora_alpha": config.get("lora_alpha", 8),
+        "lora_dropout": config.get("lora_dropout", 0.0),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "target_modules": config.get("target_modules"),
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+    }
+    if not out["target_modules"]:
+        raise ValueError(f"{CONFIG_NAME}: target_modules is missing or empty")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(out[key], dict):
+            raise ValueError(f"{CONFIG_NAME}: {key} must be an object, got {out[key]!r}")
+    return out
+
+
+def _read_weights(directory) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {"lora_A": tensor, "lora_B": tensor}}`` from the safetensors file."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, PICKLE_WEIGHTS_NAME)):
+            raise ValueError(
+                f"{os.fspath(directory)!r} has only {PICKLE_WEIGHTS_NAME}, a pickle, which fastpeft does not load; "
+                f"re-save the adapter with safetensors ({WEIGHTS_NAME})"
+            )
+        raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {WEIGHTS_NAME}")
+    weights: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    unexpected = []
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            match = _KEY_RE.match(key)
+            if match is None:
+                unexpected.append(key)
+                continue
+            weights[match["module"]][match["which"]] = f.get_tensor(key)
+    if unexpected:
+        raise ValueError(f"{WEIGHTS_NAME} holds tensors that are not plain LoRA A/B weights: {unexpected[:5]}")
+    for name, pair in weights.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{WEIGHTS_NAME}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
+    return dict(weights)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key that matches a ``.``-bounded suffix of ``name``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _uniform(layers, attribute):
+    values = {getattr(layer, attribute) for _, layer in layers}
+    if len(values) != 1:
+        raise ValueError(f"LoRA layers differ in {attribute} ({sorted(values)}); a PEFT config holds one value")
+    return values.pop()
+
+
+def _value_and_pattern(layers, attribute):
+    """The most common value, plus a PEFT pattern for the layers that differ from it.
+
+    Pattern keys are leaf names (``"v_proj"``) when every layer with that leaf
+    name shares the value, else escaped full module paths.
+    """
+    counts = collections.Counter(getattr(layer, attribute) for _, layer in layers)
+    common = counts.most_common(1)[0][0]
+    by_leaf = collections.defaultdict(list)
+    for name, layer in layers:
+        by_leaf[name.rsplit(".", 1)[-1]].append((name, getattr(layer, attribute)))
+    pattern = {}
+    for leaf, entries in by_leaf.items():
+        values = {value for _, value in entries}
+        if values == {common}:
+            continue
+        if len(values) == 1:
+            pattern[re.escape(leaf)] = values.pop()
+        else:
+            pattern.update({re.escape(name): value for name, value in entries if value != common})
+    if isinstance(common, float) and math.isfinite(common) and common.is_integer():
+        common = int(common)
+    return common, pattern
+
+
+def _target_modules(model: nn.Module, lora_names: list[str]) -> list[str]:
+    """Leaf names (``q_proj``...) when they select exactly the LoRA layers, else the full paths."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in lora_names})
+    inside_lora = tuple(f"{name}." for name in lora_names)
+    selected = {n for n, _ in model.named_modules()
+                if n and not n.startswith(inside_lora) and matches_target(n, leaves)}
+    return leaves if selected == set(lora_names) else sorted(lora_names)
+
+
+def _exact_names_regex(names: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
