@@ -117,6 +117,8 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; load_lora takes the plain base model")
     config = read_lora_config(directory)
     weights = _read_weights(directory)
 
