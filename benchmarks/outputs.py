@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .tables import kernel_report_table, op_mode_table, render_markdown
 
-CSV_COLUMNS = ["op", "mode", "provider", "shape", "tokens", "dtype", "device", "status", "median_ms", "q25_ms",
+CSV_COLUMNS = ["op", "mode", "provider", "role", "shape", "tokens", "dtype", "device", "status", "median_ms", "q25_ms",
                "q75_ms", "iqr_pct", "reps", "overhead", "fastpeft_speedup", "gflops", "pct_peak_flops", "gbps",
                "pct_peak_bw", "saved_mb", "peak_mb", "rel_err", "first_call_s", "note"]
 
@@ -20,7 +20,7 @@ CSV_COLUMNS = ["op", "mode", "provider", "shape", "tokens", "dtype", "device", "
 def write_csv(path: Path, rows: list) -> None:
     dim_keys = list(dict.fromkeys(k for r in rows for k in r["dims"] if k not in CSV_COLUMNS))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS[:5] + dim_keys + CSV_COLUMNS[5:], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS[:6] + dim_keys + CSV_COLUMNS[6:], extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             row = {**{k: v for k, v in r["dims"].items() if k not in CSV_COLUMNS}, **r}

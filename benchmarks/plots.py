@@ -20,7 +20,7 @@ def speedup_series(rows: list, op: str, mode: str) -> dict:
     """``{(peer, group): [(tokens, speedup), ...]}`` for one op and mode, sorted by tokens."""
     series = {}
     for r in rows:
-        if r["op"] != op or r["mode"] != mode or r["ours"] or r.get("fastpeft_speedup") is None:
+        if r["op"] != op or r["mode"] != mode or r["role"] != "peer" or r.get("fastpeft_speedup") is None:
             continue
         series.setdefault((r["provider"], r["group"]), []).append((r["tokens"], r["fastpeft_speedup"]))
     return {k: sorted(v) for k, v in series.items()}
@@ -40,7 +40,7 @@ def plot_op(rows: list, op: str, title: str, modes: list, path: Path, subtitle: 
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens (M)")
-        ax.set_ylabel("speedup of fastpeft (peer time / fastpeft time)")
+        ax.set_ylabel("fastpeft speedup (peer time / fastpeft time)")
         ax.set_title(mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

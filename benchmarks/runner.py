@@ -134,7 +134,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _row(task: Task, provider, case_dtype, device, status, note="") -> dict:
-    return dict(op=task.op.name, mode=task.mode, provider=provider.name, ours=provider.ours,
+    role = "baseline" if provider.name == task.op.baseline else "fastpeft" if provider.ours else "peer"
+    return dict(op=task.op.name, mode=task.mode, provider=provider.name, ours=provider.ours, role=role,
                 shape=task.op.shape_label(task.shape), group=task.op.group_label(task.shape),
                 tokens=task.shape.get(task.op.x_key), dims=dict(task.shape),
                 dtype=str(case_dtype).replace("torch.", ""), device=str(device), status=status, note=note)
@@ -183,7 +184,7 @@ def _run_provider(task, provider, case, reference, device, policy) -> dict:
         step(0)
         _sync(device)
         row["first_call_s"] = time.perf_counter() - t0
-        if reference is not None:
+        if reference is not None and row["role"] != "baseline":  # the baseline computes something else
             row["rel_err"] = _rel_err(_forward_output(built, case.xs[0]), reference)
         timing = measure(step, prepare, device, policy)
         row.update(median_ms=timing.median_s * 1e3, q25_ms=timing.q25_s * 1e3, q75_ms=timing.q75_s * 1e3,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-OP_MODULES = ("lora", "nf4")
+OP_MODULES = ("lora", "nf4", "qlora")
 
 
 def load_ops(names=None) -> list:

@@ -22,7 +22,11 @@ def missing_import(*modules: str, attr: Optional[tuple] = None) -> Callable[[], 
                 return f"import {name} failed: {type(exc).__name__}: {exc}"
         if attr is not None:
             module, name = attr
-            if not hasattr(importlib.import_module(module), name):
+            try:
+                found = hasattr(importlib.import_module(module), name)
+            except Exception as exc:
+                return f"import {module} failed: {type(exc).__name__}: {exc}"
+            if not found:
                 return f"{module}.{name} does not exist (yet)"
         return None
 

@@ -39,7 +39,7 @@ def _make_case(shape: dict, device, dtype, mode: str) -> Case:
                 upstream_grad(m, n, device, dtype, mode), dict(weight=weight))
 
 
-def _nf4_weight(case: Case):
+def nf4_weight(case: Case):
     """The NF4 form of the case's weight, made once and shared by the providers that read it."""
     if "nf4" not in case.tensors:
         from fastpeft.quant.nf4 import NF4Weight
@@ -54,28 +54,31 @@ def _dense(case: Case) -> Built:
 
 
 def _fastpeft(case: Case) -> Built:
-    from fastpeft.ops import nf4_linear
+    from fastpeft.ops.nf4 import nf4_linear
 
-    w = _nf4_weight(case)
+    w = nf4_weight(case)
     return Built(lambda x: nf4_linear(x, w))
 
 
 def _dequant_matmul(case: Case) -> Built:
-    w = _nf4_weight(case)
+    w = nf4_weight(case)
     return Built(lambda x: F.linear(x, w.dequantize(x.dtype)))
 
 
-def _bitsandbytes(case: Case) -> Built:
+def bnb_linear4bit(weight, dtype, device):
+    """A bitsandbytes ``Linear4bit`` (NF4, blocksize 64, no double quant) holding ``weight``."""
     import bitsandbytes as bnb
 
-    weight = case.tensors["weight"]
     n, k = weight.shape
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=case.dtype, compress_statistics=False,
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=False,
                               quant_type="nf4", device="cpu")
     layer.weight = bnb.nn.Params4bit(weight.detach().float().cpu(), requires_grad=False, quant_type="nf4",
                                      blocksize=BLOCKSIZE, compress_statistics=False)
-    layer = layer.to(case.device)  # quantizes on the way
-    return Built(layer)
+    return layer.to(device)  # quantizes on the way
+
+
+def _bitsandbytes(case: Case) -> Built:
+    return Built(bnb_linear4bit(case.tensors["weight"], case.dtype, case.device))
 
 
 def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:
@@ -94,7 +97,7 @@ OP = OpBench(
     title="NF4 linear (QLoRA base layer)",
     providers=[
         Provider("dense", _dense),
-        Provider("fastpeft", _fastpeft, missing_import("fastpeft.quant.nf4", attr=("fastpeft.ops", "nf4_linear")),
+        Provider("fastpeft", _fastpeft, missing_import("fastpeft.quant.nf4", attr=("fastpeft.ops.nf4", "nf4_linear")),
                  ours=True),
         Provider("bitsandbytes", _bitsandbytes, missing_import("bitsandbytes")),
         Provider("torch", _dequant_matmul, missing_import("fastpeft.quant.nf4")),
