@@ -38,19 +38,17 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _native_cpu():
     """``fastpeft.quant.nf4_cpu`` if its native extension loads here, else None."""
     try:
+        from .. import _native
         from ..quant import nf4_cpu
     except ImportError:
         return None
-    available = getattr(nf4_cpu, "is_available", None)
-    if available is not None and not available():
-        return None
-    return nf4_cpu
+    return nf4_cpu if _native.available() else None
 
 
 def cpu_path_uses_native(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the CPU path runs the native fused kernels for inputs of ``dtype``."""
+    """Whether the CPU path runs the native fused kernels for inputs of ``dtype`` (builds them on first call)."""
     native = _native_cpu()
-    return native is not None and dtype in getattr(native, "SUPPORTED_DTYPES", _TRITON_DTYPES)
+    return native is not None and dtype in native.ACTIVATION_DTYPES
 
 
 def _weight_view(packed, absmax, code, n, k, blocksize, dtype) -> NF4Weight:

@@ -190,3 +190,17 @@ def test_rejects_device_mismatch():
 def test_triton_rejects_float64(backend):
     with pytest.raises(TypeError, match="float64"):
         nf4_linear(torch.randn(2, 64, dtype=torch.float64), make_weight(8, 64))
+
+
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+def test_cpu_path_dispatch(backend):
+    from fastpeft.ops.nf4 import cpu_path_uses_native
+
+    w = make_weight(16, 128)
+    x = torch.randn(3, 128)
+    assert not cpu_path_uses_native(torch.float64)  # float64 always takes dequantize + matmul
+    if not cpu_path_uses_native(torch.float32):
+        pytest.skip("native CPU extension not built on this machine: the CPU path dequantizes + matmuls")
+    from fastpeft.quant import nf4_cpu
+
+    assert torch.equal(nf4_linear(x, w), nf4_cpu.nf4_matmul(x, w))
