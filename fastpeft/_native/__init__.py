@@ -1,0 +1,150 @@
+"""Lazy builder and loader of fastpeft's native extension (csrc/).
+
+Two extensions, both registering torch custom ops in the ``fastpeft_native``
+namespace (``torch.ops.fastpeft_native.<op>``):
+
+- ``cpu``: the C++ NF4 kernels (OpenMP, AVX2 when the build machine has it)
+  and every op schema. Built on first use of an op.
+- ``cuda``: CUDA kernels for the same schemas (NF4 dequantize, M=1 decode
+  GEMV). Built only when CUDA is available or when asked for explicitly
+  (``load_cuda(force=True)``, used by the compile-and-link test on machines
+  without a GPU). Needs the ``cpu`` extension loaded first (it owns the schemas).
+
+Builds use ``torch.utils.cpp_extension.load`` (ninja) with ``-O3
+-march=native -fopenmp`` and are cached in ``$FASTPEFT_BUILD_DIR`` (default
+``~/.cache/fastpeft/native``), one folder per extension, torch version and
+machine; torch rebuilds when a source changes. The sources are found next to
+the package (``<repo>/csrc``), so the native extension needs a source checkout
+installed in editable mode (``pip install -e .``).
+
+Without a compiler the package still imports: ``available()`` is False and
+``op(name)`` raises a ``RuntimeError`` naming the op and the build error.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_BUILD_DIR = "FASTPEFT_BUILD_DIR"
+NAMESPACE = "fastpeft_native"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+_errors: dict[str, BaseException] = {}
+
+
+def build_root() -> Path:
+    root = os.environ.get(ENV_BUILD_DIR)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "fastpeft" / "native"
+
+
+def build_dir(kind: str) -> Path:
+    tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-{platform.machine()}"
+    path = build_root() / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cpu_sources() -> list[str]:
+    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp")) + [str(CSRC / "bindings" / "cpu_ops.cpp")]
+
+
+def cuda_sources() -> list[str]:
+    return sorted(str(p) for p in (CSRC / "cuda").glob("*.cu")) + [str(CSRC / "bindings" / "cuda_ops.cpp")]
+
+
+def _check_sources() -> None:
+    if not (CSRC / "include" / "fastpeft" / "nf4_codec.h").is_file():
+        raise RuntimeError(
+            f"fastpeft's C++ sources are not at {CSRC}; the native extension is built from a source "
+            "checkout installed with `pip install -e .`"
+        )
+
+
+def _load(kind: str, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    _check_sources()
+    include = [str(CSRC / "include"), str(CSRC)]
+    common = dict(
+        build_directory=str(build_dir(kind)),
+        extra_include_paths=include,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if kind == "cpu":
+        cpp_extension.load(
+            name="fastpeft_native_cpu",
+            sources=cpu_sources(),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            **common,
+        )
+    else:
+        cpp_extension.load(
+            name="fastpeft_native_cuda",
+            sources=cuda_sources(),
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo", *CUDA_ARCH_FLAGS],
+            with_cuda=True,
+            **common,
+        )
+
+
+def _ensure(kind: str, verbose: bool = False) -> None:
+    with _lock:
+        if _loaded.get(kind):
+            return
+        if kind in _errors:
+            raise RuntimeError(f"fastpeft's native {kind} extension failed to build: {_errors[kind]}") from _errors[kind]
+        try:
+            _load(kind, verbose)
+        except Exception as exc:  # compiler missing, build error, ...
+            _errors[kind] = exc
+            raise RuntimeError(f"fastpeft's native {kind} extension failed to build: {exc}") from exc
+        _loaded[kind] = True
+
+
+def load_cpu(verbose: bool = False) -> None:
+    """Build (first time) and load the CPU extension; raises RuntimeError on failure."""
+    _ensure("cpu", verbose)
+
+
+def load_cuda(force: bool = False, verbose: bool = False) -> None:
+    """Build and load the CUDA extension; without ``force`` only when CUDA is available."""
+    if not force and not torch.cuda.is_available():
+        raise RuntimeError("the CUDA extension is only built when CUDA is available (or with force=True)")
+    load_cpu(verbose)
+    _ensure("cuda", verbose)
+
+
+def available() -> bool:
+    """True when the CPU extension is (or can be) built and loaded."""
+    try:
+        load_cpu()
+    except RuntimeError:
+        return False
+    return True
+
+
+def op(name: str, cuda: bool = False):
+    """``torch.ops.fastpeft_native.<name>``, building the extension(s) on first use.
+
+    With ``cuda=True`` the CUDA extension is loaded too (its kernels serve CUDA tensors).
+    """
+    try:
+        load_cpu()
+        if cuda:
+            load_cuda()
+    except RuntimeError as exc:
+        raise RuntimeError(f"native op fastpeft_native::{name} is unavailable: {exc}") from exc
+    try:
+        return getattr(getattr(torch.ops, NAMESPACE), name)
+    except (AttributeError, RuntimeError):
+        raise RuntimeError(f"native op fastpeft_native::{name} does not exist in the built extension") from None

@@ -1,0 +1,117 @@
+"""NF4 on the CPU through the native C++ extension (fastpeft._native).
+
+- ``nf4_matmul(x, w, bias)``: ``x @ dequant(W)ᵀ (+ bias)`` fused: for up to 8
+  rows a decode-GEMV that never materialises W, for more rows W is dequantized
+  panel by panel (about 1 MiB of fp32 at a time) into a BLAS GEMM.
+- ``nf4_matmul_transposed(dy, w)``: ``dy @ dequant(W)``, the input gradient.
+- ``quantize`` / ``dequantize``: the format in C++, bytes equal to the
+  pure-torch reference in ``nf4.py`` and to bitsandbytes.
+
+Activations may be float32, float16 or bfloat16 with any leading dims; the
+kernels compute in fp32 and return x's dtype. Matmuls need K % blocksize == 0.
+The extension is compiled on first call (see fastpeft/_native).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from .nf4 import NESTED_BLOCKSIZE, NF4Weight, check_blocksize, signed_dynamic_map
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_weight(w) -> NF4Weight:
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"w must be an NF4Weight, got {type(w).__name__}")
+    if w.device.type != "cpu":
+        raise ValueError(f"w is on {w.device}; the CPU NF4 kernels need it on the CPU")
+    if len(w.shape) != 2:
+        raise ValueError(f"w must hold a 2-D weight (N, K) for a matmul, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if k % w.blocksize:
+        raise ValueError(f"w: K ({k}) must be a multiple of blocksize ({w.blocksize}) for the fused NF4 matmul")
+    return w
+
+
+def _check_activation(name: str, t, cols: int, cols_name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; the CPU NF4 kernels need CPU tensors")
+    if t.dim() < 1 or t.shape[-1] != cols:
+        raise ValueError(f"{name} must have shape (..., {cols_name}={cols}), got {tuple(t.shape)}")
+
+
+def nf4_matmul(x: Tensor, w: NF4Weight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ dequant(w)ᵀ (+ bias)``: x ``(..., K)`` -> ``(..., N)`` in x's dtype."""
+    w = _check_weight(w)
+    n, k = w.shape
+    _check_activation("x", x, k, "K")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast them to one dtype")
+        if bias.device.type != "cpu":
+            raise ValueError(f"bias is on {bias.device}; the CPU NF4 kernels need CPU tensors")
+    x2d = x.reshape(-1, k)
+    y = _native.op("nf4_matmul")(x2d, w.packed, w.absmax_float(), n, k, w.blocksize, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:
+    """``dy @ dequant(w)``: dy ``(..., N)`` -> ``(..., K)`` in dy's dtype (the input gradient of nf4_matmul)."""
+    w = _check_weight(w)
+    n, k = w.shape
+    _check_activation("dy", dy, n, "N")
+    dx = _native.op("nf4_matmul_transposed")(dy.reshape(-1, n), w.packed, w.absmax_float(), n, k, w.blocksize)
+    return dx.reshape(*dy.shape[:-1], k)
+
+
+def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """C++ quantization of a CPU float weight; the same bytes as ``NF4Weight.from_float``."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight is on {weight.device}; use NF4Weight.from_float for other devices")
+    if weight.dim() == 0 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty tensor with at least one dimension, got shape {tuple(weight.shape)}")
+    check_blocksize(blocksize)
+    packed, absmax = _native.op("nf4_quantize")(weight.detach(), blocksize)
+    if not double_quant:
+        return NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
+    offset = absmax.mean()  # torch's mean, as bitsandbytes
+    code2 = signed_dynamic_map()
+    qabsmax, nested_absmax = _native.op("dynamic_quantize")(absmax - offset, code2, NESTED_BLOCKSIZE)
+    return NF4Weight(packed, weight.shape, weight.dtype, blocksize, qabsmax,
+                     nested_absmax=nested_absmax, nested_code=code2, offset=float(offset))
+
+
+def nested_scales(w: NF4Weight) -> Tensor:
+    """C++ decode of a double-quantized weight's block scales (equal to ``w.absmax_float()``)."""
+    if not isinstance(w, NF4Weight) or not w.double_quant:
+        raise ValueError("w must be a double-quantized NF4Weight")
+    return _native.op("nested_scales")(w.absmax, w.nested_absmax, w.nested_code, w.offset)
+
+
+def dequantize(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """C++ dequantization to ``dtype`` (default: w's original dtype); equal to ``w.dequantize``."""
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"w must be an NF4Weight, got {type(w).__name__}")
+    if w.device.type != "cpu":
+        raise ValueError(f"w is on {w.device}; the CPU NF4 kernels need it on the CPU")
+    dtype = w.dtype if dtype is None else dtype
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    flat = _native.op("nf4_dequantize")(w.packed, w.absmax_float(), w.numel, w.blocksize, dtype)
+    return flat.reshape(w.shape)
