@@ -18,6 +18,10 @@ from safetensors.torch import load_file, save_file
 from fastpeft.injection import apply_lora, lora_parameters, merge_lora
 from fastpeft.nn import LoRALinear
 from fastpeft.peft_io import load_lora, save_lora
+# Whole-model fp32 outputs differ from the float64 reference by a few ulp for both
+# sides; their ratio is noise, so model-level checks add a floor of ~16 fp32 ulp
+# (a real bug, e.g. a wrong scaling, is off by 1e-2 or more).
+MODEL_TINY = 2e-6
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +37,7 @@ def _logits(model, ids):
 def _assert_same_outputs(ours, peft_model, what):
     ids = token_ids(batch=2, seq=6)
     ref = _logits(copy.deepcopy(peft_model).double(), ids)
-    assert_close_to_ref(_logits(ours, ids), ref, _logits(peft_model, ids), what=what)
+    assert_close_to_ref(_logits(ours, ids), ref, _logits(peft_model, ids), what=what, tiny=MODEL_TINY)
 
 
 def _random_lora_(model):

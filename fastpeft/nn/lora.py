@@ -38,7 +38,7 @@ InitLoraWeights = Union[bool, str]
 
 
 @functools.lru_cache(maxsize=None)
-def _conv1d_class():
+def conv1d_class():
     """transformers' ``Conv1D`` class, or None when transformers is not installed."""
     try:
         from transformers.pytorch_utils import Conv1D
@@ -49,7 +49,7 @@ def _conv1d_class():
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
-    cls = _conv1d_class()
+    cls = conv1d_class()
     return cls is not None and isinstance(module, cls)
 
 
