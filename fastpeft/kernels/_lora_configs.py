@@ -54,6 +54,16 @@ _GEMM_FP32 = (
     GemmConfig("gemm32_m16", 16, 64, 32, 4, 3),
     GemmConfig("gemm32_m64", 64, 64, 32, 4, 3),
 )
+# dx with dropout: the Philox mask over the whole output tile needs more
+# registers, so these tiles are spread over more warps (no spills, see the report).
+_GEMM_HALF_DROPOUT = (
+    GemmConfig("gemm_m16_drop", 16, 64, 128, 4, 4),
+    GemmConfig("gemm_m64_drop", 64, 128, 64, 8, 4),
+)
+_GEMM_FP32_DROPOUT = (
+    GemmConfig("gemm32_m16_drop", 16, 64, 32, 4, 3),
+    GemmConfig("gemm32_m64_drop", 64, 64, 32, 8, 3),
+)
 # Shrink: h = src @ mat over rows of src; block_a rows, block_b = loop step over the long dim.
 _SHRINK_HALF = (
     SkinnyConfig("shrink_m16", 16, 128, 4, 3),
@@ -61,11 +71,11 @@ _SHRINK_HALF = (
 )
 _SHRINK_FP32 = (
     SkinnyConfig("shrink32_m16", 16, 64, 4, 3),
-    SkinnyConfig("shrink32_m64", 64, 32, 4, 3),
+    SkinnyConfig("shrink32_m64", 64, 32, 8, 3),
 )
 # Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_a cols, block_b = loop step over M.
-_REDUCE_HALF = (SkinnyConfig("reduce", 64, 64, 4, 3),)
-_REDUCE_FP32 = (SkinnyConfig("reduce32", 64, 32, 4, 3),)
+_REDUCE_HALF = (SkinnyConfig("reduce", 64, 64, 8, 3),)
+_REDUCE_FP32 = (SkinnyConfig("reduce32", 64, 32, 8, 3),)
 
 MASK_BLOCK = (32, 64)  # dropout_mask kernel tile [rows, cols]
 
@@ -74,7 +84,9 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def gemm_configs(dtype: torch.dtype) -> tuple[GemmConfig, ...]:
+def gemm_configs(dtype: torch.dtype, dropout: bool = False) -> tuple[GemmConfig, ...]:
+    if dropout:
+        return _GEMM_HALF_DROPOUT if _is_half(dtype) else _GEMM_FP32_DROPOUT
     return _GEMM_HALF if _is_half(dtype) else _GEMM_FP32
 
 
@@ -86,9 +98,9 @@ def reduce_configs(dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
     return _REDUCE_HALF if _is_half(dtype) else _REDUCE_FP32
 
 
-def pick_gemm(m: int, dtype: torch.dtype) -> GemmConfig:
+def pick_gemm(m: int, dtype: torch.dtype, dropout: bool = False) -> GemmConfig:
     """Smallest row tile that covers M (decode-sized M), else the largest tile."""
-    configs = gemm_configs(dtype)
+    configs = gemm_configs(dtype, dropout)
     for config in configs:
         if m <= config.block_m:
             return config

@@ -85,7 +85,7 @@ def _fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs: Ten
     """out = drop'(lhs @ lmat) + src @ mat + bias; strides give mat[l, n] and lmat[r, n]."""
     m, length = src.shape
     n, r = out.shape[1], lhs.shape[1]
-    config = cfg.pick_gemm(m, src.dtype)
+    config = cfg.pick_gemm(m, src.dtype, dropout_p > 0.0)
     grid = (triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n),)
     _lora_fused_gemm_kernel[grid](
         src, mat, lhs, lmat, bias if bias is not None else out, out, m, n, length, r,
@@ -212,10 +212,13 @@ def _common(dtype: torch.dtype) -> dict:
 
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, launch config, dtype) the launchers can pick, as the JIT compiles it on a GPU
-    for contiguous, 16-byte-aligned tensors (unit inner strides become constexpr 1).
+    for contiguous, 16-byte-aligned tensors and feature sizes (K, N) that are multiples of 16:
+    unit inner strides become constexpr 1, the rest carry divisibility-by-16 hints. (Without
+    the hint on the loop length the masked loads cannot be vectorised and are not pipelined.)
 
-    Feature flags take their heaviest value (dropout on, bias on); the variants
-    without them compile the same loops minus that code. fp32 specs use the
+    Feature flags take their heaviest value: dropout on where a kernel has it,
+    the bias on in the forward GEMM (whose table serves dx without dropout too);
+    the variants without them compile the same loops minus that code. fp32 specs use the
     default exact ``ieee`` dot, which has no tensor-core form, so they are not
     marked ``is_gemm``.
     """
@@ -227,8 +230,9 @@ def aot_specs() -> list[KernelSpec]:
             for block_r in cfg.RANK_BLOCKS:
                 specs.append(_shrink_spec(t, dtype, c, block_r, tensor_cores))
         for c in cfg.gemm_configs(dtype):
-            for has_bias, dropout in ((True, False), (False, True)):
-                specs.append(_gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores))
+            specs.append(_gemm_spec(t, dtype, c, True, False, tensor_cores))
+        for c in cfg.gemm_configs(dtype, dropout=True):
+            specs.append(_gemm_spec(t, dtype, c, False, True, tensor_cores))
         for c in cfg.reduce_configs(dtype):
             for block_r in cfg.RANK_BLOCKS:
                 specs.append(_reduce_spec(t, dtype, c, block_r, tensor_cores))
@@ -246,7 +250,7 @@ def _shrink_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
     sig.update({name: "constexpr" for name in const if name not in sig})
     return KernelSpec(f"lora_shrink[{t},{c.name},r{block_r},dropout]", fn, sig, const,
                       c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "mat", "out", "stride_sm", "stride_mr")))
+                      attrs=_aligned(fn, ("src", "mat", "out", "L", "stride_sm", "stride_mr")))
 
 
 def _gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores) -> KernelSpec:
@@ -263,8 +267,8 @@ def _gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores) -> KernelSpec:
     variant = "bias" if has_bias else "dropout" if dropout else "plain"
     return KernelSpec(f"lora_fused_gemm[{t},{c.name},{variant}]", fn, sig, const,
                       c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "mat", "lhs", "lmat", "bias", "out", "stride_sm", "stride_mn",
-                                          "stride_ln")))
+                      attrs=_aligned(fn, ("src", "mat", "lhs", "lmat", "bias", "out", "N", "L", "stride_sm",
+                                          "stride_mn", "stride_ln")))
 
 
 def _reduce_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
@@ -277,7 +281,7 @@ def _reduce_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
     sig.update({name: "constexpr" for name in const if name not in sig})
     return KernelSpec(f"lora_reduce[{t},{c.name},r{block_r},dropout]", fn, sig, const,
                       c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "hmat", "out", "stride_sm", "stride_or")))
+                      attrs=_aligned(fn, ("src", "hmat", "out", "P", "stride_sm", "stride_or")))
 
 
 def _mask_spec() -> KernelSpec:

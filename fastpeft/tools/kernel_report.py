@@ -1,0 +1,223 @@
+"""Ahead-of-time kernel report: compile every Triton kernel config for real GPUs, no GPU needed.
+
+``python -m fastpeft.tools.kernel_report [--arch 80 90] [--json PATH] [--check]``
+
+For each ``KernelSpec`` of each module in ``fastpeft.kernels.aot_spec.KERNEL_MODULES``
+and each arch, ``triton.compile`` produces PTX and a cubin. From them:
+
+- registers, stack and static shared memory: ``cuobjdump -res-usage`` of the
+  cubin (triton 3.8 only fills ``n_regs``/``n_spills`` when it loads the cubin
+  on a device);
+- spill bytes: the bundled ``ptxas -v`` replayed on the PTX with the flags
+  triton's own ptxas call uses (so it allocates the same registers);
+- shared memory: ``metadata.shared`` (the dynamic shared memory the launch
+  asks for) plus the static shared memory of the cubin;
+- tensor-core instructions: ``cuobjdump -sass`` of the cubin, looking for
+  ``HGMMA`` (sm_90 wgmma) and ``HMMA`` (mma.sync).
+
+The compile must not go through the Triton interpreter. When this process has
+``TRITON_INTERPRET=1`` (as the test suite does), ``compile_report`` runs the
+report in a child Python without it and reads back its JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+# Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+MAX_REGISTERS = 255
+
+
+@dataclass(frozen=True)
+class KernelReportRow:
+    module: str
+    name: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    is_gemm: bool
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    hmma: int
+    hgmma: int
+    compile_s: float
+
+    @property
+    def spills(self) -> int:
+        return self.spill_store_bytes + self.spill_load_bytes
+
+    @property
+    def tensor_core(self) -> str:
+        """``HGMMA`` (wgmma), ``HMMA`` (mma.sync) or ``none``."""
+        return "HGMMA" if self.hgmma else "HMMA" if self.hmma else "none"
+
+    @property
+    def shared_limit(self) -> int:
+        return SHARED_LIMIT[self.arch]
+
+    def problems(self) -> list[str]:
+        """What fails the gate: spills, > 255 registers, too much shared memory, a GEMM without tensor cores."""
+        out = []
+        if self.spills:
+            out.append(f"spills {self.spill_store_bytes}B stores / {self.spill_load_bytes}B loads")
+        if self.registers > MAX_REGISTERS:
+            out.append(f"{self.registers} registers")
+        if self.shared_bytes > self.shared_limit:
+            out.append(f"shared {self.shared_bytes}B > {self.shared_limit}B")
+        if self.is_gemm and self.tensor_core == "none":
+            out.append("no tensor-core instructions")
+        return out
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _ptxas_spills(ptx: str, fp_fusion: bool) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) from ``ptxas -v``, run with the flags triton's own call uses."""
+    gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2"] + ([] if fp_fusion else ["--fmad=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([_tool("ptxas"), *flags, f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True, check=True)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stdout + done.stderr)
+    return int(spills.group(1)), int(spills.group(2))
+
+
+def _cubin_usage(cubin: bytes) -> tuple[int, int, int, int, int]:
+    """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count) of the cubin itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", usage))
+    return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]),
+            len(re.findall(r"\bHMMA\.", sass)), len(re.findall(r"\bHGMMA\.", sass)))
+
+
+def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
+    """Compile one ``KernelSpec`` for ``sm_<arch>`` and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion)
+    registers, stack, static_shared, hmma, hgmma = _cubin_usage(kernel.asm["cubin"])
+    return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
+                           spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
+                           round(time.perf_counter() - start, 3))
+
+
+def _compile_one(job: tuple[str, int, int]) -> dict:
+    """Compile spec ``index`` of ``module`` for ``arch`` (runs in a worker process)."""
+    module, index, arch = job
+    spec = importlib.import_module(module).aot_specs()[index]
+    return dataclasses.asdict(compile_spec(spec, arch, module))
+
+
+def _jobs(arches, modules) -> list[tuple[str, int, int]]:
+    jobs = []
+    for module in modules:
+        count = len(importlib.import_module(module).aot_specs())
+        jobs += [(module, index, arch) for index in range(count) for arch in arches]
+    return jobs
+
+
+def _default_modules() -> tuple[str, ...]:
+    from fastpeft.kernels.aot_spec import KERNEL_MODULES
+
+    return tuple(KERNEL_MODULES)
+
+
+def compile_report(arches=(80, 90), modules=None, workers=None) -> list[KernelReportRow]:
+    """One row per (kernel config, arch) of every ``aot_specs()`` in ``modules`` (default: KERNEL_MODULES)."""
+    arches = tuple(int(a) for a in arches)
+    for arch in arches:
+        if arch not in SHARED_LIMIT:
+            raise ValueError(f"arches: {arch} is not supported; use any of {sorted(SHARED_LIMIT)}")
+    modules = tuple(modules) if modules is not None else _default_modules()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _report_in_child(arches, modules, workers)
+    jobs = _jobs(arches, modules)
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [KernelReportRow(**_compile_one(job)) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return [KernelReportRow(**row) for row in pool.map(_compile_one, jobs)]
+
+
+def _report_in_child(arches, modules, workers) -> list[KernelReportRow]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "fastpeft.tools.kernel_report", "--quiet", "--json", str(out),
+               "--arch", *map(str, arches), "--modules", *modules]
+        if workers:
+            cmd += ["--workers", str(workers)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"kernel report subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return [KernelReportRow(**row) for row in json.loads(out.read_text())["rows"]]
+
+
+def format_table(rows: list[KernelReportRow]) -> str:
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "tensor core", "compile s", "gate")
+    lines = [header]
+    for r in rows:
+        lines.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spills),
+                      str(r.shared_bytes), f"{r.tensor_core} ({r.hgmma or r.hmma})" if r.tensor_core != "none"
+                      else "none", f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.tools.kernel_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (80, 90)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--modules", nargs="+", help="kernel modules (default: aot_spec.KERNEL_MODULES)")
+    parser.add_argument("--workers", type=int, help="parallel compile processes (default: CPU count)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any row fails the gate")
+    parser.add_argument("--quiet", action="store_true", help="no table on stdout")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = compile_report(args.arch, args.modules, args.workers)
+    wall = time.perf_counter() - start
+    if args.json:
+        args.json.write_text(json.dumps({"wall_s": round(wall, 2), "rows": [dataclasses.asdict(r) for r in rows]},
+                                        indent=1))
+    if not args.quiet:
+        print(format_table(rows))
+        print(f"\n{len(rows)} compiles in {wall:.1f} s wall")
+    failed = [r for r in rows if r.problems()]
+    return 1 if (args.check and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
