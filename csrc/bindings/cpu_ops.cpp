@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "fastpeft/nf4_codec.h"
 #include "../cpu/nf4_cpu_kernels.h"
@@ -18,6 +19,15 @@ namespace {
 
 using at::Tensor;
 namespace nf4 = fastpeft::nf4;
+
+// Tests turn this on so that every output starts as NaN and an element a kernel forgets to write fails.
+bool g_poison_outputs = false;
+
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!g_poison_outputs) return at::empty(sizes, options);
+  if (options.dtype() == at::kByte) return at::full(sizes, 0xA5, options);  // no NaN in uint8: an unlikely byte
+  return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
+}
 
 bool valid_blocksize(int64_t b) { return b >= 64 && b <= 4096 && (b & (b - 1)) == 0; }
 
@@ -62,8 +72,8 @@ std::tuple<Tensor, Tensor> nf4_quantize(const Tensor& weight, int64_t blocksize)
   TORCH_CHECK_VALUE(weight.numel() > 0, "weight must not be empty");
   const Tensor w = weight.contiguous();
   const int64_t numel = w.numel();
-  Tensor packed = at::empty({(numel + 1) / 2, 1}, w.options().dtype(at::kByte));
-  Tensor absmax = at::empty({(numel + blocksize - 1) / blocksize}, w.options().dtype(at::kFloat));
+  Tensor packed = new_output({(numel + 1) / 2, 1}, w.options().dtype(at::kByte));
+  Tensor absmax = new_output({(numel + blocksize - 1) / blocksize}, w.options().dtype(at::kFloat));
   auto* p = packed.data_ptr<uint8_t>();
   auto* a = absmax.data_ptr<float>();
   switch (w.scalar_type()) {
@@ -84,8 +94,8 @@ std::tuple<Tensor, Tensor> dynamic_quantize(const Tensor& values, const Tensor& 
   const Tensor v = values.contiguous().reshape(-1);
   const Tensor c = code.contiguous();
   const int64_t n = v.numel();
-  Tensor out = at::empty({n}, v.options().dtype(at::kByte));
-  Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, v.options());
+  Tensor out = new_output({n}, v.options().dtype(at::kByte));
+  Tensor absmax = new_output({(n + blocksize - 1) / blocksize}, v.options());
   cpu::dynamic_quantize(v.data_ptr<float>(), n, blocksize, c.data_ptr<float>(), out.data_ptr<uint8_t>(),
                         absmax.data_ptr<float>());
   return {out, absmax};
@@ -102,7 +112,7 @@ Tensor nested_scales(const Tensor& qabsmax, const Tensor& nested_absmax, const T
                     "nested_absmax has ", nested_absmax.numel(), " entries, ", nblocks, " blocks need ",
                     (nblocks + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize);
   const Tensor q = qabsmax.contiguous(), a2 = nested_absmax.contiguous(), c2 = code2.contiguous();
-  Tensor out = at::empty({nblocks}, a2.options());
+  Tensor out = new_output({nblocks}, a2.options());
   cpu::nested_scales(q.data_ptr<uint8_t>(), a2.data_ptr<float>(), c2.data_ptr<float>(), static_cast<float>(offset),
                      nblocks, out.data_ptr<float>());
   return out;
@@ -114,7 +124,7 @@ Tensor nf4_dequantize(const Tensor& packed, const Tensor& absmax, int64_t numel,
   check_cpu(absmax, "absmax");
   check_format(packed, absmax, numel, blocksize);
   TORCH_CHECK_TYPE(is_activation_dtype(dtype), "dtype must be float32, float16 or bfloat16, got ", dtype);
-  Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  Tensor out = new_output({numel}, packed.options().dtype(dtype));
   const auto* p = packed.data_ptr<uint8_t>();
   const auto* a = absmax.data_ptr<float>();
   switch (dtype) {
@@ -155,7 +165,7 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   }
   const int64_t M = x.size(0);
   const Tensor x32 = x.to(at::kFloat).contiguous();
-  Tensor y = at::empty({M, N}, x32.options());
+  Tensor y = new_output({M, N}, x32.options());
   if (M == 0) return y.to(x.scalar_type());
   const auto* p = packed.data_ptr<uint8_t>();
   const auto* a = absmax.data_ptr<float>();
@@ -164,7 +174,7 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
                   y.data_ptr<float>());
   } else {
     const int64_t rows = panel_rows(N, K);
-    Tensor panel = at::empty({rows, K}, x32.options());
+    Tensor panel = new_output({rows, K}, x32.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       cpu::nf4_dequantize_rows_f32(p, a, K, blocksize, n0, n0 + r, panel.data_ptr<float>());
@@ -190,12 +200,12 @@ Tensor nf4_matmul_transposed(const Tensor& dy, const Tensor& packed, const Tenso
   if (M == 0) {
     dx = at::empty({0, K}, g32.options());
   } else if (M <= cpu::kMaxGemvRows) {
-    dx = at::empty({M, K}, g32.options());
+    dx = new_output({M, K}, g32.options());
     cpu::nf4_gemv_transposed(g32.data_ptr<float>(), M, p, a, N, K, blocksize, dx.data_ptr<float>());
   } else {
     dx = at::zeros({M, K}, g32.options());
     const int64_t rows = panel_rows(N, K);
-    Tensor panel = at::empty({rows, K}, g32.options());
+    Tensor panel = new_output({rows, K}, g32.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       cpu::nf4_dequantize_rows_f32(p, a, K, blocksize, n0, n0 + r, panel.data_ptr<float>());
@@ -250,6 +260,12 @@ Tensor codec_table() {
 
 bool simd_enabled() { return cpu::simd_enabled(); }
 
+bool set_output_poison(bool on) {
+  const bool before = g_poison_outputs;
+  g_poison_outputs = on;
+  return before;
+}
+
 }  // namespace
 }  // namespace fastpeft
 
@@ -265,6 +281,7 @@ TORCH_LIBRARY(fastpeft_native, m) {
   m.def("codec_unpack(Tensor packed, int numel) -> Tensor");
   m.def("codec_table() -> Tensor", &fastpeft::codec_table);
   m.def("simd_enabled() -> bool", &fastpeft::simd_enabled);
+  m.def("set_output_poison(bool on) -> bool", &fastpeft::set_output_poison);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_native, CPU, m) {

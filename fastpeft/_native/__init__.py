@@ -87,6 +87,7 @@ def _load(kind: str, verbose: bool) -> None:
             **common,
         )
     else:
+        _point_torch_at_cuda(cpp_extension)
         cpp_extension.load(
             name="fastpeft_native_cuda",
             sources=cuda_sources(),
@@ -95,6 +96,21 @@ def _load(kind: str, verbose: bool) -> None:
             with_cuda=True,
             **common,
         )
+
+
+def _point_torch_at_cuda(cpp_extension) -> None:
+    """torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script outside the toolkit
+    (seen: /usr/local/bin/nvcc -> CUDA_HOME=/usr/local). Prefer $CUDA_HOME, then /usr/local/cuda."""
+    def has_toolkit(path) -> bool:
+        return path is not None and (Path(path) / "include" / "cuda_runtime.h").is_file()
+
+    if has_toolkit(cpp_extension.CUDA_HOME):
+        return
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if has_toolkit(candidate):
+            cpp_extension.CUDA_HOME = str(candidate)
+            return
+    raise RuntimeError(f"no CUDA toolkit found (torch's CUDA_HOME={cpp_extension.CUDA_HOME!r}); set CUDA_HOME")
 
 
 def _ensure(kind: str, verbose: bool = False) -> None:
