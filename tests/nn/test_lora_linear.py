@@ -5,11 +5,12 @@ the conftest's ``TRITON_INTERPRET=1``; one test runs the Triton kernels on a
 tiny layer when they are present.
 """
 import copy
-import importlib.util
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from numerics import assert_close_to_ref, rel_err
 from peft import LoraConfig
@@ -269,8 +270,6 @@ def test_input_dtype_mismatch_with_base_is_rejected():
         layer(torch.randn(2, IN, dtype=torch.float64))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fastpeft.kernels.lora") is None,
-                    reason="Triton LoRA kernels (fastpeft/kernels/lora.py) not in this checkout yet")
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_triton_backend_tiny_layer(kind, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
@@ -289,3 +288,48 @@ def test_triton_backend_tiny_layer(kind, monkeypatch):
     assert_close_to_ref(x_ours.grad, x64.grad, x_peft.grad, what="dx")
     assert_close_to_ref(ours.lora_A.weight.grad, a64.grad, peft.lora_A["default"].weight.grad, what="dA")
     assert_close_to_ref(ours.lora_B.weight.grad, b64.grad, peft.lora_B["default"].weight.grad, what="dB")
+
+
+@settings(max_examples=20, deadline=None)
+@given(in_features=st.integers(1, 40), out_features=st.integers(1, 40), r=st.integers(1, 9),
+       lead=st.lists(st.integers(1, 4), min_size=0, max_size=2), conv1d=st.booleans(), bias=st.booleans(),
+       alpha=st.floats(0.5, 32))
+def test_property_shapes_match_float64_reference(in_features, out_features, r, lead, conv1d, bias, alpha):
+    if conv1d:
+        base = Conv1D(out_features, in_features)
+        nn.init.normal_(base.weight, std=0.3)
+        if not bias:
+            base.bias = None
+    else:
+        base = nn.Linear(in_features, out_features, bias=bias)
+    layer = LoRALinear.from_linear(base, r=r, lora_alpha=alpha, init_lora_weights=False)
+    x = torch.randn(*lead, in_features, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, out_features)
+
+    w = base.weight.detach().double()
+    w = w.t() if conv1d else w
+    b = base.bias.detach().double() if base.bias is not None else None
+    a = layer.lora_A.weight.detach().double().requires_grad_()
+    bb = layer.lora_B.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.linear(x64, w, b) + layer.scaling * (x64 @ a.t()) @ bb.t()
+    xt = x.detach().requires_grad_()
+    yt = F.linear(xt, w.float(), None if b is None else b.float()) \
+        + layer.scaling * (xt @ layer.lora_A.weight.detach().t()) @ layer.lora_B.weight.detach().t()
+    assert_close_to_ref(y, y64, yt, tiny=1e-6, what="y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert rel_err(layer.lora_A.weight.grad, a.grad) < 1e-5
+    assert rel_err(layer.lora_B.weight.grad, bb.grad) < 1e-5
+    assert rel_err(x.grad, x64.grad) < 1e-5
+
+
+def test_gradcheck_float64_conv1d():
+    base = Conv1D(5, 7).double()
+    nn.init.normal_(base.weight)
+    layer = LoRALinear.from_linear(base, r=2, init_lora_weights=False)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    params = (layer.lora_A.weight, layer.lora_B.weight)
+    assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *params))
