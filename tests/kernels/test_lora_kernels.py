@@ -1,0 +1,263 @@
+"""Triton LoRA kernels (fastpeft.kernels.lora) under the interpreter, against float64 references.
+
+Each output is compared with the same math in float64 and with plain torch in
+the input dtype (tests/numerics.py). Dropout references are built from
+``dropout_mask``, so a forward/backward/mask disagreement fails. Every float or
+int tensor the launchers allocate is NaN/-1-poisoned first, so an element a
+kernel forgets to write fails. bf16 runs the kernels with fp32 dot operands
+(``_upcast``): the interpreter's bf16 ``tl.dot`` is wrong, everything else
+about the bf16 path (loads, casts, stores) is the real code.
+"""
+import math
+
+import pytest
+import torch
+
+from fastpeft.kernels import _lora_configs as cfg
+from fastpeft.kernels import lora as tl_lora
+from numerics import assert_close_to_ref
+
+SEED = 0x2F1E_D00D_1234_5678  # > 2**32: exercises both halves of the Philox key
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN (float) / -1 (int) filled tensors while a test runs."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def make(m, k, n, r, dtype, layout="contiguous"):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+    if layout == "strided":  # every other column of a wider matrix
+        x, dy = rand(m, 2 * k)[:, ::2], rand(m, 2 * n)[:, ::2]
+    elif layout == "transposed":  # column-major
+        x, dy = rand(k, m).t(), rand(n, m).t()
+    else:
+        x, dy = rand(m, k), rand(m, n)
+    w = rand(n, k, scale=k**-0.5)
+    b = rand(n)
+    a = rand(r, k, scale=k**-0.5)
+    bb = rand(n, r, scale=r**-0.5)
+    return x, w, b, a, bb, dy
+
+
+def lora_math(x, w, b, a, bb, dy, s, keep, p):
+    """y, h, dx, dA, dB of the LoRA linear in x's dtype (torch peer) or float64 (reference)."""
+    dropped = x if keep is None else x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    y = x @ w.t() if b is None else x @ w.t() + b
+    h = s * (dropped @ a.t())
+    y = y + h @ bb.t()
+    dh = s * (dy @ bb)
+    dA = dh.t() @ dropped
+    dB = dy.t() @ h
+    lora_dx = dh @ a
+    if keep is not None:
+        lora_dx = lora_dx * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    dx = dy @ w + lora_dx
+    return dict(y=y, h=h, dx=dx, dA=dA, dB=dB)
+
+
+def check_all(m, k, n, r, dtype, bias, p, layout="contiguous", scaling=0.75):
+    x, w, b, a, bb, dy = make(m, k, n, r, dtype, layout)
+    b = b if bias else None
+    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu") if p > 0 else None
+
+    y, h = tl_lora.lora_forward(x, w, b, a, bb, scaling, p, SEED)
+    dx, dA, dB = tl_lora.lora_backward(dy, x, w, a, bb, h, scaling, p, SEED, True, True, True)
+    got = dict(y=y, h=h, dx=dx, dA=dA, dB=dB)
+
+    ref = lora_math(*(t.double() if t is not None else None for t in (x, w, b, a, bb, dy)), scaling, keep, p)
+    peer = lora_math(x, w, b, a, bb, dy, scaling, keep, p)
+    assert y.is_contiguous() and y.dtype == dtype and h.dtype == torch.float32
+    assert dx.dtype == dtype and dA.dtype == dtype and dB.dtype == dtype
+    for name, out in got.items():
+        assert_close_to_ref(out, ref[name], peer[name], what=name)
+
+
+SHAPES = [  # (M, K, N, r): M=1, odd sizes, r below/at/above one 16-wide chunk and above 64
+    (1, 45, 33, 1),
+    (37, 70, 33, 3),
+    (37, 45, 33, 16),
+    (19, 45, 70, 20),
+    (17, 33, 29, 70),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}r{}".format(*s))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_forward_and_backward_match_float64(dtype, shape, p):
+    bias = shape[3] % 2 == 0  # bias on for even r, off for odd r
+    check_all(*shape, dtype, bias, p)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_non_contiguous_x_and_dy(layout, dtype, p):
+    check_all(37, 45, 33, 8, dtype, True, p, layout)
+
+
+def test_large_tiles_and_multiple_programs():
+    """M above the largest row tile and N above one column tile: several programs in every grid."""
+    check_all(133, 70, 150, 8, torch.float16, True, 0.2)
+
+
+@pytest.mark.parametrize("need", [(dx, da, db) for dx in (0, 1) for da in (0, 1) for db in (0, 1)],
+                         ids=lambda n: "dx{}dA{}dB{}".format(*n))
+def test_only_requested_gradients(need):
+    m, k, n, r, p, s = 21, 45, 33, 5, 0.25, 1.5
+    x, w, b, a, bb, dy = make(m, k, n, r, torch.float32)
+    _, h = tl_lora.lora_forward(x, w, b, a, bb, s, p, SEED)
+    grads = tl_lora.lora_backward(dy, x, w, a, bb, h, s, p, SEED, *map(bool, need))
+    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu")
+    ref = lora_math(x.double(), w.double(), b.double(), a.double(), bb.double(), dy.double(), s, keep, p)
+    peer = lora_math(x, w, b, a, bb, dy, s, keep, p)
+    for wanted, got, name in zip(need, grads, ("dx", "dA", "dB")):
+        if wanted:
+            assert_close_to_ref(got, ref[name], peer[name], what=name)
+        else:
+            assert got is None, f"{name} was not asked for but returned"
+
+
+def test_dropout_zero_matches_no_mask_and_ignores_seed():
+    x, w, b, a, bb, _ = make(9, 45, 33, 4, torch.float32)
+    y1, h1 = tl_lora.lora_forward(x, w, b, a, bb, 0.5, 0.0, 1)
+    y2, h2 = tl_lora.lora_forward(x, w, b, a, bb, 0.5, 0.0, SEED)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+
+
+def test_gradient_dtypes_and_shapes():
+    """dx has x's dtype and shape, dA/dB those of lora_A/lora_B."""
+    x, w, b, a, bb, dy = make(4, 45, 33, 4, torch.float16)
+    _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.0, 0)
+    dx, dA, dB = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.0, 0, True, True, True)
+    assert (dx.dtype, dA.dtype, dB.dtype) == (torch.float16,) * 3
+    assert dA.shape == a.shape and dB.shape == bb.shape and dx.shape == x.shape
+
+
+# --- the dropout mask --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_keep_rate_within_binomial_bound(p):
+    m, k = 150, 203
+    keep = tl_lora.dropout_mask((m, k), p, SEED + int(p * 10), "cpu")
+    assert keep.dtype == torch.bool and keep.shape == (m, k)
+    count = m * k
+    sigma = math.sqrt(count * p * (1 - p))
+    assert abs(int(keep.sum()) - count * (1 - p)) < 5 * sigma
+    # rows and columns are not degenerate (each row keeps something, none keeps everything at p=0.5)
+    if p == 0.5:
+        per_row = keep.float().mean(1)
+        assert 0.2 < float(per_row.min()) and float(per_row.max()) < 0.8
+
+
+def test_mask_is_a_function_of_seed_and_flat_index():
+    a = tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu")
+    assert torch.equal(a, tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu"))
+    # element (row, col) is drawn at row*K + col: the same draws as one long row
+    assert torch.equal(a.reshape(1, -1), tl_lora.dropout_mask((1, 37 * 45), 0.5, SEED, "cpu"))
+    for other in (SEED + 1, SEED ^ (1 << 40), SEED ^ (1 << 61), 0, 1, 2**62 - 1):
+        b = tl_lora.dropout_mask((37, 45), 0.5, other, "cpu")
+        assert (a != b).float().mean() > 0.3, f"seed {other:#x} gives nearly the same mask"
+
+
+def test_backward_regenerates_the_forward_mask():
+    """h (forward shrink) and dA (backward reduce) both equal references built from one dropout_mask."""
+    m, k, n, r, p = 24, 45, 33, 4, 0.5
+    x, w, b, a, bb, dy = make(m, k, n, r, torch.float32)
+    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu")
+    _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, p, SEED)
+    _, dA, _ = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, p, SEED, False, True, False)
+    dropped = x.double() * keep / (1 - p)
+    torch.testing.assert_close(h.double(), dropped @ a.double().t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dA.double(), (dy.double() @ bb.double()).t() @ dropped, rtol=1e-5, atol=1e-5)
+    # a different seed in backward gives a different dA
+    _, dA_other, _ = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, p, SEED + 1, False, True, False)
+    assert not torch.allclose(dA_other, dA, rtol=1e-3, atol=1e-3)
+
+
+def test_mask_of_empty_shape():
+    assert tl_lora.dropout_mask((0, 5), 0.5, 3, "cpu").shape == (0, 5)
+
+
+def test_empty_batch():
+    x, w, b, a, bb, dy = make(0, 45, 33, 4, torch.float32)
+    y, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.2, SEED)
+    assert y.shape == (0, 33) and h.shape == (0, 4)
+    dx, dA, dB = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.2, SEED, True, True, True)
+    assert dx.shape == (0, 45) and torch.equal(dA, torch.zeros_like(a)) and torch.equal(dB, torch.zeros_like(bb))
+
+
+# --- AOT specs cover the launchers -------------------------------------------------------------
+
+
+def test_aot_specs_cover_every_config_the_launchers_pick():
+    names = {spec.name for spec in tl_lora.aot_specs()}
+    assert len(names) == len(tl_lora.aot_specs()), "duplicate spec names"
+    tags = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    for dtype, t in tags.items():
+        for m in (1, 16, 17, 64, 65, 128, 129, 8192):
+            c = cfg.pick_gemm(m, dtype)
+            assert f"lora_fused_gemm[{t},{c.name},bias]" in names
+            c = cfg.pick_gemm(m, dtype, dropout=True)
+            assert f"lora_fused_gemm[{t},{c.name},dropout]" in names
+            for r in (1, 16, 17, 64, 200):
+                c = cfg.pick_shrink(m, dtype)
+                assert f"lora_shrink[{t},{c.name},r{cfg.rank_block(r)},dropout]" in names
+                c = cfg.pick_reduce(dtype)
+                assert f"lora_reduce[{t},{c.name},r{cfg.rank_block(r)},dropout]" in names
+    assert "lora_dropout_mask" in names
+
+
+# --- the public op on the Triton backend -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_public_op_on_triton_backend_matches_float64(monkeypatch, dtype):
+    from fastpeft.ops import lora_dropout_mask, lora_linear
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    calls = []
+    real_forward = tl_lora.lora_forward
+    monkeypatch.setattr(tl_lora, "lora_forward", lambda *a: calls.append(1) or real_forward(*a))
+
+    lead, k, n, r, p, s = (2, 7), 45, 33, 6, 0.3, 2.0
+    x = torch.randn(*lead, k, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype, requires_grad=True)
+    a = (torch.randn(r, k) / k**0.5).to(dtype).requires_grad_()
+    bb = (torch.randn(n, r) / r**0.5).to(dtype).requires_grad_()
+    dy = torch.randn(*lead, n, dtype=dtype)
+
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    torch.manual_seed(1234)
+    y = lora_linear(x, w, a, bb, s, bias=b, dropout_p=p, training=True)
+    got = torch.autograd.grad(y, (x, b, a, bb), dy)
+    assert calls, "the Triton launcher was not used"
+
+    keep = lora_dropout_mask((14, k), p, seed, "cpu").reshape(*lead, k)
+
+    def math(x, w, b, a, bb):
+        dropped = x * keep.to(x.dtype) / (1 - p)
+        return x @ w.t() + b + s * (dropped @ a.t()) @ bb.t()
+
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b, a, bb)]
+    y64 = math(*leaves64)
+    ref = torch.autograd.grad(y64, [leaves64[i] for i in (0, 2, 3, 4)], dy.double())
+    peers = [t.detach().requires_grad_(t.requires_grad) for t in (x, w, b, a, bb)]
+    y_peer = math(*peers)
+    peer = torch.autograd.grad(y_peer, [peers[i] for i in (0, 2, 3, 4)], dy)
+    assert_close_to_ref(y, y64, y_peer, what="y")
+    for name, g, gr, gp in zip(("dx", "db", "dA", "dB"), got, ref, peer):
+        assert_close_to_ref(g, gr, gp, what=name)
