@@ -2,7 +2,8 @@
 
 ``NF4Linear`` keeps the quantized weight as buffers in bitsandbytes' layout
 (``weight`` packed uint8, ``weight_absmax``, ``weight_code`` and, with double
-quantization, ``weight_nested_absmax`` / ``weight_nested_code``), so ``.to()``
+quantization, ``weight_nested_absmax`` / ``weight_nested_code`` /
+``weight_nested_offset``), so ``.to()``
 and ``state_dict`` carry it; the arithmetic is ``fastpeft.ops.nf4_linear``.
 
 ``QLoRALinear`` wraps an ``NF4Linear`` as ``base_layer`` with PEFT's parameter
@@ -53,19 +54,22 @@ class NF4Linear(nn.Module):
                              "the NF4 kernels need every quantization block inside one row")
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
-        self.offset = weight.offset
         self.register_buffer("weight", weight.packed)
         self.register_buffer("weight_absmax", weight.absmax)
         self.register_buffer("weight_code", weight.code)
         if weight.double_quant:
             self.register_buffer("weight_nested_absmax", weight.nested_absmax)
             self.register_buffer("weight_nested_code", weight.nested_code)
+            self.register_buffer("weight_nested_offset", torch.tensor(weight.offset, dtype=torch.float32,
+                                                                      device=weight.device))
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
                 raise ValueError(f"bias must be a tensor of shape ({self.out_features},)")
             bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self.bias = bias
         self._cache: tuple = (None, None)
+        self._rebuild_nf4_weight()
+        self.register_load_state_dict_post_hook(lambda module, _: module._rebuild_nf4_weight())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False) -> "NF4Linear":
@@ -83,18 +87,29 @@ class NF4Linear(nn.Module):
         weight = NF4Weight.from_bnb(linear4bit)
         return cls(weight, getattr(linear4bit, "bias", None))
 
-    @property
-    def nf4_weight(self) -> NF4Weight:
-        """The buffers as an ``NF4Weight`` (rebuilt only when a buffer was replaced or moved)."""
+    def _buffers_and_key(self):
         buffers = (self.weight, self.weight_absmax, self.weight_code,
                    getattr(self, "weight_nested_absmax", None), getattr(self, "weight_nested_code", None))
-        key = tuple(None if t is None else (t.data_ptr(), t.device, t.dtype) for t in buffers)
-        if self._cache[0] != key:
-            packed, absmax, code, nested_absmax, nested_code = buffers
-            weight = NF4Weight(packed, (self.out_features, self.in_features), self.weight_dtype, self.blocksize,
-                               absmax, nested_absmax=nested_absmax, nested_code=nested_code,
-                               offset=self.offset if nested_absmax is not None else None, code=code)
-            self._cache = (key, weight)
+        return buffers, tuple(None if t is None else (t.data_ptr(), t.device, t.dtype) for t in buffers)
+
+    def _rebuild_nf4_weight(self) -> None:
+        (packed, absmax, code, nested_absmax, nested_code), key = self._buffers_and_key()
+        weight = NF4Weight(packed, (self.out_features, self.in_features), self.weight_dtype, self.blocksize,
+                           absmax, nested_absmax=nested_absmax, nested_code=nested_code,
+                           offset=float(self.weight_nested_offset) if nested_absmax is not None else None,
+                           code=code)
+        self._cache = (key, weight)
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        """The buffers as an ``NF4Weight``.
+
+        Built eagerly (construction, ``.to()``, ``load_state_dict``) and reused,
+        so that ``torch.compile`` sees a ready object; outside compilation a
+        buffer replaced by assignment is noticed and the view rebuilt.
+        """
+        if not torch.compiler.is_compiling() and self._cache[0] != self._buffers_and_key()[1]:
+            self._rebuild_nf4_weight()
         return self._cache[1]
 
     def _apply(self, fn, recurse=True):
@@ -105,6 +120,7 @@ class NF4Linear(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._rebuild_nf4_weight()
         return self
 
     @property

@@ -79,7 +79,7 @@ def test_nf4linear_buffers_move_but_never_cast():
     assert torch.equal(layer.dequantize(), before)
     sd = layer.state_dict()
     assert set(sd) == {"weight", "weight_absmax", "weight_code", "weight_nested_absmax", "weight_nested_code",
-                       "bias"}
+                       "weight_nested_offset", "bias"}
     x = torch.randn(3, 128, dtype=torch.float16)
     assert layer(x).dtype == torch.float16
 
@@ -231,3 +231,28 @@ def test_qlora_errors():
         QLoRALinear.from_linear(dense_linear(k=96))
     with pytest.raises(ValueError, match="quant_state"):
         QLoRALinear.from_bnb(bnb.nn.Linear4bit(64, 8, quant_type="nf4"))  # never moved: not quantized
+
+
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+def test_qlora_module_compiles_fullgraph(backend):
+    layer = QLoRALinear.from_linear(dense_linear(), r=4, init_lora_weights=False, double_quant=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 128)
+    out = compiled(x)
+    assert torch.equal(out, layer(x))
+    out.sum().backward()
+    grad_a = layer.lora_A.weight.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    assert torch.equal(grad_a, layer.lora_A.weight.grad)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_load_state_dict_refreshes_quantized_weight(double_quant):
+    src = QLoRALinear.from_linear(dense_linear(), r=4, init_lora_weights=False, double_quant=double_quant)
+    dst = QLoRALinear.from_linear(dense_linear(), r=4, double_quant=double_quant)
+    x = torch.randn(3, 128)
+    dst(x)  # fills dst's caches (e.g. the decoded double-quant scales) before the load
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(dst.base_layer.dequantize(), src.base_layer.dequantize())
