@@ -173,32 +173,6 @@ def test_merge_unmerge(kind):
     assert_close_to_ref(ours(x), y_ref, y_unmerged, what="forward after unmerge")
 
 
-def test_fp32_adapters_on_bf16_base():
-    base = _base("linear", torch.bfloat16)
-    layer = LoRALinear.from_linear(base, r=R, lora_dtype=torch.float32)
-    _random_lora(layer)
-    assert layer.lora_A.weight.dtype == torch.float32
-    x = torch.randn(2, 5, IN, dtype=torch.bfloat16, requires_grad=True)
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    assert layer.lora_A.weight.grad.dtype == torch.float32
-    assert layer.lora_B.weight.grad.dtype == torch.float32
-
-    y_ref, x64, a64, b64 = _reference(layer, x)
-    y_ref.backward(dy.double())
-    # Plain torch in bf16 on the same (bf16-cast) operands is the comparison.
-    xt = x.detach().requires_grad_()
-    at = layer.lora_A.weight.detach().bfloat16().requires_grad_()
-    bt = layer.lora_B.weight.detach().bfloat16().requires_grad_()
-    yt = F.linear(xt, base.weight, base.bias) + layer.scaling * (xt @ at.t()) @ bt.t()
-    yt.backward(dy)
-    assert_close_to_ref(y, y_ref, yt, what="y")
-    assert_close_to_ref(layer.lora_A.weight.grad, a64.grad, at.grad, what="dA")
-    assert_close_to_ref(layer.lora_B.weight.grad, b64.grad, bt.grad, what="dB")
-
-
 def test_dropout_only_in_training_mode():
     p = 0.4
     layer = LoRALinear.from_linear(_base("linear"), r=R, lora_dropout=p)
@@ -333,3 +307,43 @@ def test_gradcheck_float64_conv1d():
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     params = (layer.lora_A.weight, layer.lora_B.weight)
     assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *params))
+
+
+def _check_half_precision_with_fp32_adapters(kind, dtype, device):
+    layer = LoRALinear.from_linear(_base(kind).to(device, dtype), r=R, lora_alpha=7, lora_dtype=torch.float32)
+    _random_lora(layer)
+    x = torch.randn(3, 17, IN, device=device, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+
+    y_ref, x64, a64, b64 = _reference(layer, x)
+    y_ref.backward(dy.double())
+    # Plain torch in the same dtype on the same operands.
+    w = layer.base_layer.weight.detach()
+    w = w.t() if layer.fan_in_fan_out else w
+    xt = x.detach().requires_grad_()
+    at = layer.lora_A.weight.detach().to(dtype).requires_grad_()
+    bt = layer.lora_B.weight.detach().to(dtype).requires_grad_()
+    yt = F.linear(xt, w, layer.base_layer.bias) + layer.scaling * (xt @ at.t()) @ bt.t()
+    yt.backward(dy)
+    assert_close_to_ref(y, y_ref, yt, what="y")
+    assert_close_to_ref(x.grad, x64.grad, xt.grad, what="dx")
+    assert_close_to_ref(layer.lora_A.weight.grad, a64.grad, at.grad, what="dA")
+    assert_close_to_ref(layer.lora_B.weight.grad, b64.grad, bt.grad, what="dB")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_with_fp32_adapters(kind, dtype):
+    _check_half_precision_with_fp32_adapters(kind, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_kernels_with_fp32_adapters(kind, dtype, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    _check_half_precision_with_fp32_adapters(kind, dtype, "cuda")
