@@ -68,7 +68,8 @@ def test_load_directory_saved_by_peft(tmp_path, case):
                       rank_pattern={"v_proj": 2, "model.layers.1.mlp.up_proj": 5}, alpha_pattern={"q_proj": 3})
         build = tiny_llama
     elif case == "llama_rslora_dropout":
-        config = dict(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_rslora=True, lora_dropout=0.2)
+        config = dict(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_rslora=True, lora_dropout=0.2,
+                      task_type="CAUSAL_LM")
         build = tiny_llama
     else:
         config = dict(r=3, lora_alpha=9, target_modules=GPT2_TARGETS, fan_in_fan_out=True)

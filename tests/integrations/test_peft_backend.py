@@ -237,6 +237,21 @@ def test_dora_falls_back_to_peft(fused_calls):
     assert fused_calls == []
 
 
+def test_gpt2_conv1d_layout_is_set_per_layer_and_merges(fused_calls):
+    # The config says nothing about fan_in_fan_out; each Conv1D layer still gets it.
+    fast = get_peft_model(tiny_gpt2(), fastpeft_lora_config(r=3, lora_alpha=5, target_modules=GPT2_TARGETS,
+                                                             init_lora_weights=False))
+    _randomize(fast)
+    layers = [fast.base_model.model.get_submodule(n) for n in fast.base_model.targeted_module_names]
+    assert all(type(m) is FastLoraLinear and m.fan_in_fan_out for m in layers)
+    ids = token_ids()
+    with torch.no_grad():
+        y = fast(input_ids=ids).logits
+        assert len(fused_calls) == len(layers)
+        merged = fast.merge_and_unload()
+        assert rel_err(merged(input_ids=ids).logits, y) < 1e-5
+
+
 class _CustomLinear(nn.Linear):
     def forward(self, x):
         return super().forward(x) * 2
