@@ -8,10 +8,12 @@ A PEFT LoRA adapter directory holds:
   strips the adapter name when it saves).
 
 ``save_lora`` writes such a directory from a model prepared with
-``fastpeft.injection.apply_lora``, so ``peft.PeftModel.from_pretrained`` loads
-it; ``load_lora`` puts LoRA layers into a plain model from a directory written
-by ``PeftModel.save_pretrained`` (or ``save_lora``). Only plain LoRA on
-Linear/Conv1D is supported; any other config feature raises ValueError.
+``fastpeft.injection.apply_lora`` (or any model with LoRA-carrying layers,
+e.g. ``apply_qlora``), so ``peft.PeftModel.from_pretrained`` loads it;
+``load_lora`` reads a directory written by ``PeftModel.save_pretrained`` (or
+``save_lora``) into a plain model, or into the LoRA layers a model already
+has. Only plain LoRA on Linear/Conv1D is supported; any other config feature
+raises ValueError.
 Per-module ranks and alphas travel as PEFT's ``rank_pattern``/``alpha_pattern``.
 """
 from __future__ import annotations
@@ -28,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .injection import check_lora_targets, lora_modules, mark_only_lora_trainable, matches_target, replace_modules
-from .nn.lora import LoRALinear, is_lora_target
+from .injection import check_lora_targets, mark_only_lora_trainable, matches_target, replace_modules
+from .nn.lora import LoRALinear, is_lora_target, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,19 +54,20 @@ _LOADABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: Optional[str] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the LoRA layers of ``model``.
 
+    LoRA layers are those of ``adapter_layers`` (``LoRALinear``, ``QLoRALinear``).
     The LoRA tensors are saved in their own dtype. Raises ValueError when the
-    model has no ``LoRALinear``, or when dropout or rsLoRA differ between its
+    model has no LoRA layer, one is merged, or dropout or rsLoRA differ between
     layers (a PEFT config has one value for each).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
-    layers = lora_modules(model)
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError("model has no LoRALinear layers to save; call fastpeft.apply_lora first")
+        raise ValueError("model has no LoRA layers to save; call fastpeft.apply_lora first")
     for name, layer in layers:
-        if layer.merged:
+        if getattr(layer, "merged", False):
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before save_lora")
     dropout = _uniform(layers, "lora_dropout")
     use_rslora = _uniform(layers, "use_rslora")
@@ -82,7 +85,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, [n for n, _ in layers]),
         "use_rslora": use_rslora,
-        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
+        "fan_in_fan_out": all(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
         "bias": "none",
         "lora_bias": False,
         "use_dora": False,
@@ -107,64 +110,59 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
 
 def load_lora(model: nn.Module, directory: str | os.PathLike,
               lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Put the LoRA adapter saved in ``directory`` into ``model`` (in place) and return it.
+    """Load the LoRA adapter saved in ``directory`` into ``model`` (in place) and return it.
 
-    ``model`` is the plain base model (no LoRA layers yet). The targets, ranks,
-    alphas, dropout and rsLoRA come from the config; the weights are read with
-    safetensors (``adapter_model.bin`` pickles are refused) and cast to the base
-    weights' dtype, or to ``lora_dtype`` when given. As after ``apply_lora``,
-    only the LoRA parameters are trainable.
+    Two cases:
+    - ``model`` has no LoRA layers: every module the config targets becomes a
+      ``LoRALinear`` with the config's rank, alpha, dropout and rsLoRA, holding
+      the saved weights (cast to the base weights' dtype, or to ``lora_dtype``).
+      As after ``apply_lora``, only the LoRA parameters are trainable.
+    - ``model`` already has LoRA layers (``apply_lora``, ``apply_qlora``, ...):
+      they must be exactly the adapter's modules, with the config's rank,
+      scaling and dropout; the saved weights are copied into them (in their
+      dtype; ``lora_dtype`` must then be None) and trainability is left as is.
+    Weights are read with safetensors; ``adapter_model.bin`` pickles are refused.
+    Nothing in the model changes when anything is rejected.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if lora_modules(model):
-        raise ValueError("model already has LoRA layers; load_lora takes the plain base model")
     config = read_lora_config(directory)
     weights = _read_weights(directory)
-
     targets = config["target_modules"]
     if isinstance(targets, str) and targets == "all-linear":
-        raise ValueError("adapter_config.json: target_modules 'all-linear' is not supported; list the module names")
-    candidates = [n for n, m in model.named_modules() if n and matches_target(n, targets)
-                  and not isinstance(m, LoRALinear)]
-    missing_modules = sorted(set(weights) - set(candidates))
-    if missing_modules:
-        raise ValueError(
-            f"{WEIGHTS_NAME} has weights for modules that the model lacks or target_modules does not select: "
-            f"{missing_modules[:5]}"
-        )
-    no_weights = sorted(n for n in candidates if n not in weights and is_lora_target(model.get_submodule(n)))
-    if no_weights:
-        raise ValueError(f"{WEIGHTS_NAME} lacks LoRA weights for targeted modules: {no_weights[:5]}")
+        raise ValueError(f"{CONFIG_NAME}: target_modules 'all-linear' is not supported; list the module names")
+    existing = dict(adapter_layers(model))
+    if existing:
+        if lora_dtype is not None:
+            raise ValueError("lora_dtype applies only when load_lora creates the LoRA layers; "
+                             "the model already has them")
+        _check_module_sets(sorted(existing), sorted(weights), "has LoRA layers")
+        _check_targets_match(existing, targets)
+        plan = _rank_alpha_plan(config, weights)
+        for name, layer in existing.items():
+            _check_existing_layer(name, layer, config, *plan[name])
+            _check_shapes(name, layer, weights[name])
+        with torch.no_grad():
+            for name, layer in existing.items():
+                layer.lora_A.weight.copy_(weights[name]["lora_A"])
+                layer.lora_B.weight.copy_(weights[name]["lora_B"])
+        return model
+
+    candidates = [n for n, m in model.named_modules() if n and matches_target(n, targets) and is_lora_target(m)]
+    _check_module_sets(candidates, sorted(weights), "has targeted Linear/Conv1D modules")
     names = sorted(weights)
     check_lora_targets(model, names)
-
-    plan = {}
-    for name in names:
-        a, b = weights[name]["lora_A"], weights[name]["lora_B"]
-        r = _pattern_value(config["rank_pattern"], name, config["r"])
-        if a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(
-                f"{WEIGHTS_NAME}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                f"but the config gives rank r={r}"
-            )
-        plan[name] = (r, _pattern_value(config["alpha_pattern"], name, config["lora_alpha"]))
+    plan = _rank_alpha_plan(config, weights)
 
     def make(name: str, module: nn.Module) -> nn.Module:
         r, alpha = plan[name]
         layer = LoRALinear.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=config["lora_dropout"],
                                        use_rslora=config["use_rslora"], init_lora_weights=False,
                                        lora_dtype=lora_dtype)
-        for which in ("lora_A", "lora_B"):
-            param = getattr(layer, which).weight
-            tensor = weights[name][which]
-            if tensor.shape != param.shape:
-                raise ValueError(
-                    f"{WEIGHTS_NAME}: {KEY_PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)}, "
-                    f"the model needs {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                param.copy_(tensor)
+        _check_shapes(name, layer, weights[name])
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(weights[name]["lora_A"])
+            layer.lora_B.weight.copy_(weights[name]["lora_B"])
         return layer
 
     # Build every layer before swapping any in, so a bad tensor leaves the model untouched.
@@ -172,6 +170,79 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     replace_modules(model, _exact_names_regex(names), lambda name, module: built[name])
     mark_only_lora_trainable(model)
     return model
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every LoRA-carrying layer: ``LoRALinear`` and look-alikes (``QLoRALinear``).
+
+    A look-alike has ``lora_A``/``lora_B`` submodules holding ``.weight`` and
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``scaling`` attributes.
+    """
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) or (
+            all(isinstance(getattr(m, k, None), nn.Module) and hasattr(getattr(m, k), "weight")
+                for k in ("lora_A", "lora_B"))
+            and all(hasattr(m, k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "scaling"))
+        ):
+            found.append((name, m))
+    return found
+
+
+def _check_module_sets(model_names, file_names, what: str) -> None:
+    extra_in_file = sorted(set(file_names) - set(model_names))
+    if extra_in_file:
+        raise ValueError(
+            f"{WEIGHTS_NAME} has weights for modules where the model lacks them or target_modules does not "
+            f"select them: {extra_in_file[:5]}"
+        )
+    no_weights = sorted(set(model_names) - set(file_names))
+    if no_weights:
+        raise ValueError(f"the model {what} for which {WEIGHTS_NAME} lacks LoRA weights: {no_weights[:5]}")
+
+
+def _check_targets_match(existing: dict, targets) -> None:
+    unselected = sorted(n for n in existing if not matches_target(n, targets))
+    if unselected:
+        raise ValueError(f"{CONFIG_NAME}: target_modules does not select the model's LoRA layers {unselected[:5]}")
+
+
+def _rank_alpha_plan(config: dict, weights: dict) -> dict:
+    """``{module: (r, lora_alpha)}`` from the config (with its patterns), checked against the tensors."""
+    plan = {}
+    for name, pair in weights.items():
+        a, b = pair["lora_A"], pair["lora_B"]
+        r = _pattern_value(config["rank_pattern"], name, config["r"])
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(
+                f"{WEIGHTS_NAME}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"but the config gives rank r={r}"
+            )
+        plan[name] = (r, _pattern_value(config["alpha_pattern"], name, config["lora_alpha"]))
+    return plan
+
+
+def _check_existing_layer(name: str, layer: nn.Module, config: dict, r: int, alpha) -> None:
+    scaling = lora_scaling(r, alpha, config["use_rslora"])
+    if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
+        raise ValueError(
+            f"LoRA layer {name!r} has r={layer.r}, scaling={layer.scaling:g}; the adapter has r={r}, "
+            f"scaling={scaling:g} (lora_alpha={alpha}, use_rslora={config['use_rslora']})"
+        )
+    if layer.lora_dropout != config["lora_dropout"]:
+        raise ValueError(
+            f"LoRA layer {name!r} has lora_dropout={layer.lora_dropout}; the adapter has {config['lora_dropout']}"
+        )
+
+
+def _check_shapes(name: str, layer: nn.Module, pair: dict) -> None:
+    for which in ("lora_A", "lora_B"):
+        expected, tensor = getattr(layer, which).weight.shape, pair[which]
+        if tensor.shape != expected:
+            raise ValueError(
+                f"{WEIGHTS_NAME}: {KEY_PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)}, "
+                f"the model needs {tuple(expected)}"
+            )
 
 
 def read_lora_config(directory: str | os.PathLike) -> dict:

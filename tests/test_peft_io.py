@@ -145,7 +145,7 @@ def test_saved_config_fields(tmp_path):
 # ---- save_lora errors ------------------------------------------------------
 
 def test_save_without_lora_layers(tmp_path):
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA layers"):
         save_lora(tiny_llama(), tmp_path)
 
 
@@ -192,7 +192,7 @@ def _edit_config(directory, **changes):
     ({"target_modules": []}, "target_modules"),
     ({"rank_pattern": [1]}, "rank_pattern"),
     ({"r": 4}, "rank r=4"),
-    ({"target_modules": ["q_proj"]}, "does not select"),
+    ({"target_modules": ["q_proj"]}, "does not\nselect|does not select"),
     ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, "lacks LoRA weights"),
 ])
 def test_load_rejects_bad_config(tmp_path, changes, match):
@@ -254,10 +254,68 @@ def test_load_rejects_bad_weights(tmp_path, edit, match):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def test_load_into_model_that_already_has_lora(tmp_path):
-    model, directory = _ours_saved(tmp_path)
-    with pytest.raises(ValueError, match="already has LoRA layers"):
-        load_lora(model, directory)
+def test_load_into_existing_lora_layers(tmp_path):
+    saved, directory = _ours_saved(tmp_path)
+    target = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=3, lora_alpha=5)
+    assert load_lora(target, directory) is target
+    for (n1, p1), (n2, p2) in zip(saved.named_parameters(), target.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and p1.requires_grad == p2.requires_grad
+    ids = token_ids()
+    torch.testing.assert_close(_logits(target, ids), _logits(saved, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("targets, kwargs, load_kwargs, match", [
+    (["q_proj"], {"r": 3, "lora_alpha": 5}, {}, "lacks them"),
+    (["q_proj", "v_proj", "k_proj"], {"r": 3, "lora_alpha": 5}, {}, "lacks LoRA weights"),
+    (["q_proj", "v_proj"], {"r": 3, "lora_alpha": 6}, {}, "scaling"),
+    (["q_proj", "v_proj"], {"r": 3, "lora_alpha": 5, "use_rslora": True}, {}, "scaling"),
+    (["q_proj", "v_proj"], {"r": 3, "lora_alpha": 5, "lora_dropout": 0.1}, {}, "lora_dropout"),
+    (["q_proj", "v_proj"], {"r": 3, "lora_alpha": 5}, {"lora_dtype": torch.float64}, "lora_dtype"),
+])
+def test_load_into_mismatched_lora_layers(tmp_path, targets, kwargs, load_kwargs, match):
+    _, directory = _ours_saved(tmp_path)
+    target = apply_lora(tiny_llama(), targets, **kwargs)
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        load_lora(target, directory, **load_kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in target.named_parameters())
+
+
+def test_load_into_existing_layers_not_selected_by_config(tmp_path):
+    _, directory = _ours_saved(tmp_path)
+    _edit_config(directory, target_modules=["k_proj"])
+    with pytest.raises(ValueError, match="does not select the model's LoRA layers"):
+        load_lora(apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=3, lora_alpha=5), directory)
+
+
+def test_load_rank_mismatch_with_existing_layers(tmp_path):
+    _, directory = _ours_saved(tmp_path)
+    _edit_config(directory, r=2)
+    with pytest.raises(ValueError, match="rank r=2"):
+        load_lora(apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, lora_alpha=5), directory)
+
+
+def test_qlora_model_saves_and_loads_peft_format(tmp_path):
+    from fastpeft.qlora_injection import apply_qlora
+
+    peft_model, directory = _peft_saved(tmp_path, tiny_llama, r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"])
+    qmodel = apply_qlora(tiny_llama(), ["q_proj", "o_proj"], r=3, lora_alpha=5)
+    load_lora(qmodel, directory)
+    peft_params = dict(peft_model.named_parameters())
+    names = [n for n, p in qmodel.named_parameters() if "lora_" in n]
+    assert len(names) == 8
+    for name, p in qmodel.named_parameters():
+        if "lora_" in name:
+            module, which, _ = name.rsplit(".", 2)
+            assert torch.equal(p, peft_params[f"base_model.model.{module}.{which}.default.weight"]), name
+
+    save_lora(qmodel, tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (3, 5, ["o_proj", "q_proj"])
+    original = load_file(directory / "adapter_model.safetensors")
+    resaved = load_file(tmp_path / "resaved" / "adapter_model.safetensors")
+    assert original.keys() == resaved.keys()
+    assert all(torch.equal(original[k], resaved[k]) for k in original)
 
 
 def test_load_bad_model(tmp_path):
