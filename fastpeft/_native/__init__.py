@@ -17,6 +17,10 @@ machine; torch rebuilds when a source changes. The sources are found next to
 the package (``<repo>/csrc``), so the native extension needs a source checkout
 installed in editable mode (``pip install -e .``).
 
+``FASTPEFT_NATIVE_PREBUILT=<folder>`` loads ``libfastpeft_native_cpu.so`` (and
+``libfastpeft_native_cuda.so``) built by the top-level CMakeLists.txt from that
+folder instead of compiling.
+
 Without a compiler the package still imports: ``available()`` is False and
 ``op(name)`` raises a ``RuntimeError`` naming the op and the build error.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 ENV_BUILD_DIR = "FASTPEFT_BUILD_DIR"
+ENV_PREBUILT = "FASTPEFT_NATIVE_PREBUILT"
 NAMESPACE = "fastpeft_native"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
@@ -67,7 +72,18 @@ def _check_sources() -> None:
         )
 
 
+def _load_prebuilt(kind: str, folder: str) -> None:
+    lib = Path(folder).expanduser() / f"libfastpeft_native_{kind}.so"
+    if not lib.is_file():
+        raise RuntimeError(f"{ENV_PREBUILT}={folder!r} has no {lib.name} (build it with the top-level CMakeLists.txt)")
+    torch.ops.load_library(str(lib))
+
+
 def _load(kind: str, verbose: bool) -> None:
+    prebuilt = os.environ.get(ENV_PREBUILT)
+    if prebuilt:
+        _load_prebuilt(kind, prebuilt)
+        return
     from torch.utils import cpp_extension
 
     _check_sources()
