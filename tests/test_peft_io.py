@@ -192,7 +192,7 @@ def _edit_config(directory, **changes):
     ({"target_modules": []}, "target_modules"),
     ({"rank_pattern": [1]}, "rank_pattern"),
     ({"r": 4}, "rank r=4"),
-    ({"target_modules": ["q_proj"]}, "does not\nselect|does not select"),
+    ({"target_modules": ["q_proj"]}, "does not select"),
     ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, "lacks LoRA weights"),
 ])
 def test_load_rejects_bad_config(tmp_path, changes, match):
