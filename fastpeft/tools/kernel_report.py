@@ -8,8 +8,9 @@ and each arch, ``triton.compile`` produces PTX and a cubin. From them:
 - registers, stack and static shared memory: ``cuobjdump -res-usage`` of the
   cubin (triton 3.8 only fills ``n_regs``/``n_spills`` when it loads the cubin
   on a device);
-- spill bytes: the bundled ``ptxas -v`` replayed on the PTX with the flags
-  triton's own ptxas call uses (so it allocates the same registers);
+- spill bytes: when the cubin has a stack frame, the bundled ``ptxas -v``
+  replayed on the PTX with the flags triton's own ptxas call uses (so it
+  allocates the same registers); no stack frame means no spills;
 - shared memory: ``metadata.shared`` (the dynamic shared memory the launch
   asks for) plus the static shared memory of the cubin;
 - tensor-core instructions: ``cuobjdump -sass`` of the cubin, looking for
@@ -108,13 +109,11 @@ def _cubin_usage(cubin: bytes) -> tuple[int, int, int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", usage))
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", "-sass", str(path)], capture_output=True,
+                              text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
     return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]),
-            len(re.findall(r"\bHMMA\.", sass)), len(re.findall(r"\bHGMMA\.", sass)))
+            len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)))
 
 
 def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
@@ -127,8 +126,9 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
     source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion)
     registers, stack, static_shared, hmma, hgmma = _cubin_usage(kernel.asm["cubin"])
+    # Spills live in the stack frame: without one there is nothing to count.
+    spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion) if stack else (0, 0)
     return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
                            spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
                            round(time.perf_counter() - start, 3))
