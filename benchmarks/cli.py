@@ -25,7 +25,7 @@ from .outputs import summary_markdown, write_csv, write_json, write_kernel_repor
 from .plots import plot_all
 from .runner import failures_in, plan, run_task, selected_providers
 from .spec import MODES
-from .tables import kernel_report_table, op_mode_table, render_text
+from .tables import headline_table, kernel_report_table, op_mode_table, render_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     meta["level"] = args.level
     started = time.perf_counter()
 
-    print(f"fastpeft benchmarks: {meta['device_name']} ({device}, {meta['torch_threads']} threads), "
+    print(f"fastpeft benchmarks: {meta['device_name']} ({device}, threads={meta['torch_threads']}), "
           f"{meta['dtype']}, level {args.level}, fastpeft backend {meta['fastpeft_backend']}", flush=True)
     if device.type == "cpu" and meta["triton_interpret"] == "1":
         print("WARNING: TRITON_INTERPRET=1: fastpeft may run its Triton kernels in the interpreter; "
@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     tasks = plan(ops, device.type, args.level, args.modes, args.tokens, args.dims)
     providers = {op.name: selected_providers(op, args.providers) for op in ops}
 
-    print("measuring ceilings (big copy, big matmul)...", flush=True)
+    print("measuring ceilings (big copy, big read, big matmul)...", flush=True)
     ceilings = measure_ceilings(device, dtype, args.level, policy)
-    print(f"  copy {ceilings.copy_gbps:.1f} GB/s, {ceilings.matmul_dtype} matmul "
+    print(f"  copy {ceilings.copy_gbps:.1f} GB/s, read {ceilings.read_gbps:.1f} GB/s, {ceilings.matmul_dtype} matmul "
           f"{ceilings.matmul_gflops:.0f} GFLOP/s", flush=True)
 
     progress = None
@@ -112,16 +112,21 @@ def main(argv=None) -> int:
                         disable=None)  # None: no bar when stderr is not a terminal
     rows = []
     for i, task in enumerate(tasks):
+        if progress is not None and progress.disable:  # not a terminal: one plain line per task instead
+            print(f"[{i + 1}/{len(tasks)}] {task.op.name} {task.mode} {task.op.shape_label(task.shape)}", flush=True)
         rows += run_task(task, providers[task.op.name], device, dtype, policy, ceilings, progress)
         if i + 1 == len(tasks) or tasks[i + 1].op is not task.op:
             _print_op(task.op, rows, dtype, device, meta, progress)
     if progress is not None:
         progress.close()
+    for op in ops:
+        if op.headline and any(r["op"] == op.name for r in rows):
+            print(f"\nHeadline: {op.title}\n" + render_text(*headline_table(op, rows)), flush=True)
 
     report = {"unavailable": "skipped (--no-kernel-report)"}
     if not args.no_kernel_report:
-        print("compiling the kernel report (sm_80, sm_90)...", flush=True)
-        report = kernel_report()
+        print("kernel report (sm_80, sm_90): compiling, or reusing an unchanged one...", flush=True)
+        report = kernel_report(out_dir / "results.json")
     _print_kernel_report(report)
 
     meta["wall_s"] = round(time.perf_counter() - started, 1)
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
 
 
 def _print_op(op, rows, dtype, device, meta, progress) -> None:
-    threads = f", {meta['torch_threads']} threads" if device.type == "cpu" else ""
+    threads = f", threads={meta['torch_threads']}" if device.type == "cpu" else ""
     for mode in op.modes:
         header, body, notes = op_mode_table(op, mode, rows)
         if not body:
@@ -155,7 +160,9 @@ def _print_op(op, rows, dtype, device, meta, progress) -> None:
 def _print_kernel_report(report: dict) -> None:
     if "rows" in report:
         header, body = kernel_report_table(report["rows"])
-        print(f"\nAhead-of-time kernel report ({report['seconds']:.0f} s to compile)\n" + render_text(header, body))
+        origin = (f"reused from {report['reused_from']}, same kernel sources" if report.get("reused_from")
+                  else f"{report['seconds']:.0f} s to compile")
+        print(f"\nAhead-of-time kernel report ({origin})\n" + render_text(header, body))
     else:
         print(f"\nkernel report not included: {report['unavailable']}")
 

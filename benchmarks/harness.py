@@ -31,7 +31,7 @@ class Policy:
 
 POLICIES = {
     ("cpu", "quick"): Policy(warmup_s=0.0, min_time_s=0.02, min_reps=3, max_reps=10),
-    ("cpu", "default"): Policy(warmup_s=0.05, min_time_s=0.25, min_reps=7, max_reps=200),
+    ("cpu", "default"): Policy(warmup_s=0.05, min_time_s=0.2, min_reps=5, max_reps=200),
     ("cpu", "full"): Policy(warmup_s=0.2, min_time_s=1.0, min_reps=15, max_reps=1000),
     ("cuda", "quick"): Policy(warmup_s=0.02, min_time_s=0.05, min_reps=10, max_reps=100),
     ("cuda", "default"): Policy(warmup_s=0.05, min_time_s=0.2, min_reps=25, max_reps=1000),

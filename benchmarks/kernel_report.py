@@ -4,21 +4,56 @@ Wraps ``fastpeft.tools.kernel_report.compile_report``; it compiles every Triton
 kernel config for sm_80 and sm_90 without a GPU. When it cannot be imported or
 fails, the suite says so in its output instead of leaving the report out
 silently.
+
+Compiling every config takes minutes on a small CPU, so a report is reused
+from an earlier results.json in the same output folder when its fingerprint
+(triton version, arches, and the bytes of every kernel source and of the
+report tool) is unchanged; the output says when it was reused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 
 ARCHES = (80, 90)
 
 
-def kernel_report() -> dict:
-    """``{"rows": [...], "seconds": s}`` or ``{"unavailable": reason}``."""
+def fingerprint() -> str:
+    """Hash of what the report depends on: triton's version, the arches, the kernel and tool sources."""
+    import triton
+
+    import fastpeft.kernels
+    import fastpeft.tools.kernel_report as tool
+
+    digest = hashlib.sha256(f"{triton.__version__} {ARCHES}".encode())
+    for path in sorted(Path(fastpeft.kernels.__file__).parent.glob("*.py")) + [Path(tool.__file__)]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached(previous_json: Path, key: str):
+    try:
+        report = json.loads(previous_json.read_text())["kernel_report"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if isinstance(report, dict) and report.get("fingerprint") == key and "rows" in report else None
+
+
+def kernel_report(previous_json: Path = None) -> dict:
+    """``{"rows": [...], "seconds": s, "fingerprint": f, "reused_from": path-or-None}`` or ``{"unavailable": reason}``."""
     try:
         from fastpeft.tools.kernel_report import compile_report
+
+        key = fingerprint()
     except Exception as exc:
         return {"unavailable": f"import fastpeft.tools.kernel_report failed: {type(exc).__name__}: {exc}"}
+    if previous_json is not None:
+        cached = _cached(Path(previous_json), key)
+        if cached is not None:
+            return {**cached, "reused_from": f"{previous_json} ({cached.get('timestamp_utc', 'earlier run')})"}
     started = time.perf_counter()
     try:
         report = compile_report(arches=ARCHES)
@@ -29,4 +64,6 @@ def kernel_report() -> dict:
         row = dataclasses.asdict(r)
         row.update(spills=r.spills, tensor_core=r.tensor_core, problems=list(r.problems()))
         rows.append(row)
-    return {"rows": rows, "seconds": time.perf_counter() - started}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"rows": rows, "seconds": time.perf_counter() - started, "fingerprint": key, "reused_from": None,
+            "timestamp_utc": stamp}

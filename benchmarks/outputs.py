@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from .tables import kernel_report_table, op_mode_table, render_markdown
+from .tables import headline_table, kernel_report_table, op_mode_table, render_markdown
 
 CSV_COLUMNS = ["op", "mode", "provider", "role", "shape", "tokens", "dtype", "device", "status", "median_ms", "q25_ms",
                "q75_ms", "iqr_pct", "reps", "overhead", "fastpeft_speedup", "gflops", "pct_peak_flops", "gbps",
@@ -55,15 +55,21 @@ def summary_markdown(ops: list, rows: list, meta: dict, ceilings: dict, report: 
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Ceilings measured in this run: copy {ceilings['copy_gbps']:.1f} GB/s, "
+        f"Ceilings measured in this run: copy {ceilings['copy_gbps']:.1f} GB/s (read + write), "
+        f"read {ceilings['read_gbps']:.1f} GB/s, "
         f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_gflops']:.0f} GFLOP/s "
         f"({ceilings['matmul_size']}³).",
         "",
         "Times are medians (± interquartile range). `p/base` is provider p's time over the frozen base layer's "
         "(LoRA overhead; for NF4 the dense layer); `peer/fastpeft` is fastpeft's speedup over that peer; "
-        "roofline is fastpeft's share of the measured matmul (flop) or copy (mem) ceiling, whichever is larger; "
+        "roofline is fastpeft's share of the measured matmul (flop) or bandwidth (mem: the larger of copy and read) "
+        "ceiling, whichever is larger (over 100%: the data came from cache); "
         "saved MB is the activation memory autograd keeps for backward.",
     ]
+    for op in ops:
+        if op.headline and any(r["op"] == op.name for r in rows):
+            header, body = headline_table(op, rows)
+            out += ["", f"## Headline: {op.title}", "", render_markdown(header, body)]
     for op in ops:
         for mode in op.modes:
             header, body, notes = op_mode_table(op, mode, rows)
@@ -75,6 +81,9 @@ def summary_markdown(ops: list, rows: list, meta: dict, ceilings: dict, report: 
     out += ["", "## Ahead-of-time kernel report (sm_80, sm_90)", ""]
     if "rows" in report:
         header, body = kernel_report_table(report["rows"])
+        if report.get("reused_from"):
+            out += [f"Reused from {report['reused_from']}: kernel sources unchanged (fingerprint "
+                    f"`{report['fingerprint']}`).", ""]
         out.append(render_markdown(header, body))
     else:
         out.append(f"Not included: {report.get('unavailable', 'not run')}.")

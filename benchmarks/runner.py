@@ -202,13 +202,23 @@ def _run_provider(task, provider, case, reference, device, policy) -> dict:
 def _memory(built: Built, case: Case, prepare, step, device) -> dict:
     out = {}
     if case.mode == FORWARD_BACKWARD:
-        existing = list(case.xs) + [t for t in case.tensors.values() if isinstance(t, torch.Tensor)]
-        existing += list(built.grad_tensors)
+        existing = list(case.xs) + list(built.grad_tensors) + _tensors_in(case.tensors.values())
         prepare(0)
         out["saved_mb"] = saved_bytes(lambda: built.fn(case.xs[0]), existing) / 2**20
     if device.type == "cuda":
         prepare(0)
         out["peak_mb"] = cuda_peak_bytes(lambda: step(0), device) / 2**20
+    return out
+
+
+def _tensors_in(values) -> list:
+    """Tensors among ``values`` and among the attributes of non-tensor values (e.g. an NF4Weight's buffers)."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        else:
+            out += [t for t in vars(v).values() if isinstance(t, torch.Tensor)] if hasattr(v, "__dict__") else []
     return out
 
 
@@ -231,7 +241,7 @@ def _add_roofline(task: Task, row: dict, dtype, ceilings: Ceilings) -> None:
     seconds = row["median_ms"] / 1e3
     row.update(gflops=flops / seconds / 1e9, gbps=nbytes / seconds / 1e9)
     row["pct_peak_flops"] = 100 * row["gflops"] / ceilings.matmul_gflops
-    row["pct_peak_bw"] = 100 * row["gbps"] / ceilings.copy_gbps
+    row["pct_peak_bw"] = 100 * row["gbps"] / ceilings.bandwidth_gbps
 
 
 def failures_in(rows: list) -> list:

@@ -80,6 +80,8 @@ class OpBench:
     - ``baseline``: provider the overhead ratio divides by (the frozen base
       layer), ``reference``: provider whose forward output the others are
       compared with, ``ours``: the fastpeft provider.
+    - ``headline``: providers of the one-table summary at the top of
+      summary.md (the baseline's time, the others' ratio to it, per mode).
     """
 
     name: str
@@ -93,6 +95,7 @@ class OpBench:
     reference: Optional[str] = None
     ours: str = "fastpeft"
     x_key: str = "tokens"
+    headline: tuple = ()
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

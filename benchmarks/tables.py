@@ -90,6 +90,34 @@ def op_mode_table(op, mode: str, rows: list) -> tuple:
     return header, body, notes
 
 
+SHORT_MODES = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
+
+
+def headline_table(op, rows: list) -> tuple:
+    """``(header, body)``: per shape and mode, the baseline's time and each headline provider's ratio to it."""
+    rows = [r for r in rows if r["op"] == op.name]
+    modes = [m for m in op.modes if any(r["mode"] == m for r in rows)]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    cell = {(r["shape"], r["mode"], r["provider"]): r for r in rows}
+    header, columns = ["shape"], []
+    for mode in modes:
+        for p in op.headline:
+            if p == op.baseline:
+                header.append(f"{SHORT_MODES.get(mode, mode)} {p} ms")
+                columns.append((mode, p, None))
+            else:
+                header.append(f"{SHORT_MODES.get(mode, mode)} {p}/{op.baseline}")
+                columns.append((mode, p, "overhead"))
+    body = []
+    for shape in shapes:
+        line = [shape]
+        for mode, p, key in columns:
+            row = cell.get((shape, mode, p))
+            line.append(_time_cell(row) if key is None else _ratio_cell(row, key))
+        body.append(line)
+    return header, body
+
+
 def render_text(header: list, body: list) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
 

@@ -108,4 +108,5 @@ OP = OpBench(
     modes=(FORWARD,),
     baseline="dense",
     reference="torch",
+    headline=("dense", "fastpeft", "bitsandbytes", "torch"),
 )

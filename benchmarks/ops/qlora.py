@@ -30,7 +30,7 @@ def _shapes(device_type: str, level: str) -> list:
         return grid([(256, 256)], [16], [1, 16])
     if level == "full":
         return grid([(2048, 2048), (4096, 4096)], [16, 64], [1, 16, 256])
-    return grid([(2048, 2048)], [16], [1, 256])
+    return grid([(2048, 2048)], [16], [1, 64])
 
 
 def _make_case(shape: dict, device, dtype, mode: str) -> Case:
@@ -116,4 +116,5 @@ OP = OpBench(
     work=_work,
     baseline="base",
     reference="torch",
+    headline=("base", "fastpeft", "peft+bnb"),
 )

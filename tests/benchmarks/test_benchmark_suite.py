@@ -112,3 +112,16 @@ def test_summarize_median_and_quartiles():
     t = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (t.median_s, t.q25_s, t.q75_s, t.reps) == (3.0, 2.0, 4.0, 5)
     assert t.iqr_fraction == pytest.approx(2.0 / 3.0)
+
+
+def test_kernel_report_is_reused_while_kernel_sources_are_unchanged(tmp_path):
+    from benchmarks import kernel_report as kr
+
+    key = kr.fingerprint()
+    row = dict(module="fastpeft.kernels.lora", name="k", arch=90, problems=[])
+    previous = tmp_path / "results.json"
+    previous.write_text(json.dumps({"kernel_report": {"rows": [row], "fingerprint": key, "seconds": 1.0}}))
+    report = kr.kernel_report(previous)
+    assert report["rows"] == [row] and str(previous) in report["reused_from"]
+    previous.write_text(json.dumps({"kernel_report": {"rows": [row], "fingerprint": "stale", "seconds": 1.0}}))
+    assert kr._cached(previous, key) is None
