@@ -347,3 +347,23 @@ def test_cpu_half_precision_with_fp32_adapters(kind, dtype):
 def test_cuda_fused_kernels_with_fp32_adapters(kind, dtype, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
     _check_half_precision_with_fp32_adapters(kind, dtype, "cuda")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_torch_compile_fullgraph(kind):
+    torch._dynamo.reset()
+    layer = LoRALinear.from_linear(_base(kind), r=R, lora_alpha=3, lora_dropout=0.2).eval()
+    _random_lora(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, IN)
+    y_eager = layer(x)
+    y_eager.sum().backward()
+    grads_eager = [p.grad.clone() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    layer.zero_grad()
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    for p, g in zip((layer.lora_A.weight, layer.lora_B.weight), grads_eager):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    layer.train()
+    assert compiled(x).shape == y.shape  # the dropout branch traces without a graph break
