@@ -28,18 +28,28 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The code table in shared memory: indexing nf4::code_value's local array with a runtime
+// index would put it in per-thread local memory.
+__device__ __forceinline__ void load_code_table(float* code) {
+  if (threadIdx.x < nf4::kNumCodes) code[threadIdx.x] = nf4::code_value(threadIdx.x);
+  __syncthreads();
+}
+
 // Each thread expands one packed byte (two elements).
 template <typename T>
 __global__ void dequantize_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                   std::int64_t numel, std::int64_t blocksize, T* __restrict__ out) {
+  __shared__ float code[nf4::kNumCodes];
+  load_code_table(code);
   const std::int64_t nbytes = (numel + 1) / 2;
   for (std::int64_t j = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; j < nbytes;
        j += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::uint8_t byte = packed[j];
     const std::int64_t i = 2 * j;  // blocksize is even: both elements share a block
     const float scale = absmax[i / blocksize];
-    out[i] = from_float<T>(nf4::decode(nf4::high_nibble(byte), scale));
-    if (i + 1 < numel) out[i + 1] = from_float<T>(nf4::decode(nf4::low_nibble(byte), scale));
+    // one fp32 multiply, as nf4::decode
+    out[i] = from_float<T>(code[nf4::high_nibble(byte)] * scale);
+    if (i + 1 < numel) out[i + 1] = from_float<T>(code[nf4::low_nibble(byte)] * scale);
   }
 }
 
@@ -54,8 +64,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const std::uint8_t* __restr
                             const float* __restrict__ absmax, const T* __restrict__ bias, T* __restrict__ y,
                             std::int64_t N, std::int64_t K, std::int64_t blocksize) {
   __shared__ float code[nf4::kNumCodes];
-  if (threadIdx.x < nf4::kNumCodes) code[threadIdx.x] = nf4::code_value(threadIdx.x);
-  __syncthreads();
+  load_code_table(code);
 
   const int lane = threadIdx.x % kWarp;
   const std::int64_t n = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
