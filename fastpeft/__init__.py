@@ -1,6 +1,30 @@
-"""fastpeft: fused kernels for parameter-efficient fine-tuning."""
-from . import ops
+"""fastpeft: fused kernels for parameter-efficient fine-tuning.
+
+Layers (DESIGN.md §2): ``fastpeft.kernels`` (Triton) and ``csrc`` (C++/CUDA)
+hold the kernels, ``fastpeft.ops`` the autograd ops, ``fastpeft.nn`` thin
+modules; the names below swap modules of an existing model in one call and
+move adapters to and from the HF PEFT format. ``fastpeft.integrations.peft``
+(imported on demand) makes fastpeft a backend of HF PEFT.
+"""
+from . import nn, ops
+from .injection import apply_lora, lora_parameters, merge_lora, replace_modules, unmerge_lora
+from .peft_io import load_lora, save_lora
+from .qlora_injection import apply_qlora
+from .quant import NF4Weight
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = [
+    "NF4Weight",
+    "__version__",
+    "apply_lora",
+    "apply_qlora",
+    "load_lora",
+    "lora_parameters",
+    "merge_lora",
+    "nn",
+    "ops",
+    "replace_modules",
+    "save_lora",
+    "unmerge_lora",
+]
