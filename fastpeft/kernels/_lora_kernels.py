@@ -10,8 +10,9 @@ permuted strides:
   dropout when asked). Forward ``y = h Bᵀ + x Wᵀ + b``; backward
   ``dx = drop'(dh A) + dy W``.
 - ``_lora_reduce_kernel``: ``out[P, R] = scale · drop(src)[M, P]ᵀ @ hmat[M, R]``,
-  one program per output tile looping over all of M (deterministic, no atomics).
-  Backward ``dA = dhᵀ drop(x)`` and ``dB = dyᵀ h``.
+  one program per output tile and M-split, looping over its rows; the
+  launcher sums the per-split fp32 partials in a fixed order (deterministic,
+  no atomics). Backward ``dA = dhᵀ drop(x)`` and ``dB = dyᵀ h``.
 
 Dropout mask: never stored. Element (row, col) of x is kept iff
 ``tl.rand(key, row * K + col) >= p`` (Philox, int64 offsets), where the 62-bit
@@ -135,23 +136,28 @@ def _lora_fused_gemm_kernel(src, mat, lhs, lmat, bias, out, M, N, L, R,
 
 
 @triton.jit(do_not_specialize=_SEEDS)
-def _lora_reduce_kernel(src, hmat, out, M, P, R,
-                        stride_sm, stride_sp, stride_op, stride_or,
+def _lora_reduce_kernel(src, hmat, out, M, P, R, rows_per_split,
+                        stride_sm, stride_sp, stride_os, stride_op, stride_or,
                         scale, p, seed_lo, seed_hi,
                         BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                         DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Program (p, r, s) sums rows [s*rows_per_split, (s+1)*rows_per_split) into out[s].
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    m_start = pid_s * rows_per_split
+    m_end = min(M, m_start + rows_per_split)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = tl.arange(0, BLOCK_M)
     cols = offs_p % P
     ranks = offs_r % R
-    s_ptrs = src + offs_m[:, None].to(tl.int64) * stride_sm + cols[None, :] * stride_sp
-    h_ptrs = hmat + offs_m[:, None].to(tl.int64) * R + ranks[None, :]
+    rows = m_start + offs_m
+    s_ptrs = src + rows[:, None].to(tl.int64) * stride_sm + cols[None, :] * stride_sp
+    h_ptrs = hmat + rows[:, None].to(tl.int64) * R + ranks[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        in_m = offs_m < M - m0
+    for m0 in range(m_start, m_end, BLOCK_M):
+        in_m = offs_m < m_end - m0
         a = tl.load(s_ptrs, mask=in_m[:, None], other=0.0)
         if DROPOUT:
             keep = _keep_mask(seed_lo, seed_hi, m0 + offs_m, offs_p, P, p)
@@ -160,7 +166,7 @@ def _lora_reduce_kernel(src, hmat, out, M, P, R,
         acc = _mma(tl.trans(a), h, acc, PREC, UPCAST)
         s_ptrs += BLOCK_M * stride_sm
         h_ptrs += BLOCK_M * R
-    out_ptrs = out + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
+    out_ptrs = out + pid_s.to(tl.int64) * stride_os + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
     tl.store(out_ptrs, (acc * scale).to(out.dtype.element_ty),
              mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
 

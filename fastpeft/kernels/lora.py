@@ -11,7 +11,8 @@ Forward (two launches, after LoRAFusion):
 Backward (each launch only when its output is needed):
   - shrink over dy: ``dh = s · dy B`` (fp32, needed by dx and dA);
   - reduce over M: ``dB = dyᵀ h`` and ``dA = dhᵀ (keep ∘ x) / (1-p)``, one
-    program per output tile looping over all rows: deterministic, no atomics;
+    program per output tile and row range; for long M the fp32 partials of
+    the ranges are summed by torch in a fixed order: deterministic, no atomics;
   - fused GEMM: ``dx = dy W`` with ``dh A`` as the accumulator's initial value
     (through the regenerated mask and ``1/(1-p)`` when dropout is on).
 No gradient of W is ever computed here.
@@ -41,6 +42,9 @@ from .aot_spec import KernelSpec
 
 ALLOW_TF32 = False
 _SEED_LIMIT = 2**62
+# M-split of the dA/dB reductions (see _reduce_splits).
+_TARGET_PROGRAMS = 264
+_MIN_SPLIT_ROWS = 512
 
 
 def _split_seed(seed: int) -> tuple[int, int]:
@@ -99,22 +103,34 @@ def _fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs: Ten
     )
 
 
-def _reduce(src: Tensor, hmat: Tensor, out: Tensor, out_strides: tuple[int, int], scale: float,
-            dropout_p: float, seed: int) -> None:
-    """out[p, r] (at ``p*out_strides[0] + r*out_strides[1]``) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]."""
+def _reduce_splits(m: int, programs: int) -> int:
+    """How many row ranges the M-reduction is split into: enough programs to fill a large GPU,
+    each range keeping at least ``_MIN_SPLIT_ROWS`` rows."""
+    return max(1, min(_TARGET_PROGRAMS // max(programs, 1), m // _MIN_SPLIT_ROWS))
+
+
+def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
+    """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R]."""
     m, p_len = src.shape
     r = hmat.shape[1]
     config = cfg.pick_reduce(src.dtype)
     block_r = cfg.rank_block(r)
-    grid = (triton_cdiv(p_len, config.block_a), triton_cdiv(r, block_r))
-    _lora_reduce_kernel[grid](
-        src, hmat, out, m, p_len, r,
-        src.stride(0), src.stride(1), out_strides[0], out_strides[1],
+    grid_pr = (triton_cdiv(p_len, config.block_a), triton_cdiv(r, block_r))
+    splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
+    rows_per_split = triton_cdiv(triton_cdiv(m, splits), config.block_b) * config.block_b
+    splits = triton_cdiv(m, rows_per_split)
+    target = out if splits == 1 else torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
+    stride_os = 0 if splits == 1 else target.stride(0)
+    _lora_reduce_kernel[grid_pr + (splits,)](
+        src, hmat, target, m, p_len, r, rows_per_split,
+        src.stride(0), src.stride(1), stride_os, target.stride(-2), target.stride(-1),
         float(scale), **_dropout_args(dropout_p, seed),
         BLOCK_P=config.block_a, BLOCK_M=config.block_b, BLOCK_R=block_r,
         PREC=_precision(src.dtype), UPCAST=_upcast(src.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if splits > 1:
+        out.copy_(target.sum(0))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -170,12 +186,12 @@ def lora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
                 grad.zero_()
         return dx, dA, dB
     if need_dB:
-        _reduce(dy, h, dB, (dB.stride(0), dB.stride(1)), 1.0, 0.0, 0)
+        _reduce(dy, h, dB, 1.0, 0.0, 0)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, dh, scaling, 0.0, 0)
         if need_dA:
-            _reduce(x2d, dh, dA, (dA.stride(1), dA.stride(0)), 1.0 / (1.0 - dropout_p), dropout_p, seed)
+            _reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
         if need_dx:
             _fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), dh, lora_A,
                         (lora_A.stride(0), lora_A.stride(1)), None, dx, dropout_p, seed)
@@ -274,14 +290,17 @@ def _gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores) -> KernelSpec:
 def _reduce_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
     fn = _lora_reduce_kernel
     sig = {"src": f"*{t}", "hmat": "*fp32", "out": f"*{t}", "M": "i32", "P": "i32", "R": "i32",
-           "stride_sm": "i32", "stride_sp": "constexpr", "stride_op": "constexpr", "stride_or": "i32",
+           "rows_per_split": "i32",
+           "stride_sm": "i32", "stride_sp": "constexpr", "stride_os": "i32", "stride_op": "constexpr",
+           "stride_or": "i32",
            "scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
     const = {"stride_sp": 1, "stride_op": 1, "BLOCK_P": c.block_a, "BLOCK_M": c.block_b, "BLOCK_R": block_r,
              "DROPOUT": True, **_common(dtype)}
     sig.update({name: "constexpr" for name in const if name not in sig})
     return KernelSpec(f"lora_reduce[{t},{c.name},r{block_r},dropout]", fn, sig, const,
                       c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "hmat", "out", "P", "stride_sm", "stride_or")))
+                      attrs=_aligned(fn, ("src", "hmat", "out", "P", "rows_per_split", "stride_sm", "stride_os",
+                                          "stride_or")))
 
 
 def _mask_spec() -> KernelSpec:

@@ -111,6 +111,20 @@ def test_large_tiles_and_multiple_programs():
     check_all(133, 70, 150, 8, torch.float16, True, 0.2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_m_reduction_is_correct_and_deterministic(monkeypatch, dtype):
+    """Long M: dA/dB are summed over row ranges (forced small here), ragged last range included."""
+    monkeypatch.setattr(tl_lora, "_MIN_SPLIT_ROWS", 16)
+    monkeypatch.setattr(tl_lora, "_TARGET_PROGRAMS", 10**6)
+    assert tl_lora._reduce_splits(133, 1) > 1
+    check_all(133, 45, 33, 5, dtype, False, 0.3)
+    x, w, b, a, bb, dy = make(133, 45, 33, 5, dtype)
+    _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.3, SEED)
+    first = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.3, SEED, False, True, True)
+    second = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.3, SEED, False, True, True)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
 @pytest.mark.parametrize("need", [(dx, da, db) for dx in (0, 1) for da in (0, 1) for db in (0, 1)],
                          ids=lambda n: "dx{}dA{}dB{}".format(*n))
 def test_only_requested_gradients(need):
