@@ -121,3 +121,29 @@ def test_report_detects_spills_in_a_config_known_to_spill():
     assert done.returncode == 0, done.stderr[-3000:]
     spills, registers, stack = map(int, done.stdout.split())
     assert spills > 0 and stack > 0 and registers == 255
+
+
+def test_dropout_code_compiles_away_when_off():
+    """DROPOUT=False leaves no Philox in the PTX; DROPOUT=True has its round multiplier 0xD2511F53."""
+    code = (
+        "from fastpeft.kernels import lora\n"
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "for spec in lora.aot_specs():\n"
+        "    if not spec.name.startswith(('lora_shrink[fp16,shrink_m64,r16', 'lora_reduce[fp16')):\n"
+        "        continue\n"
+        "    for drop in (True, False):\n"
+        "        src = ASTSource(spec.fn, spec.signature, dict(spec.constexprs, DROPOUT=drop), spec.attrs)\n"
+        "        ptx = triton.compile(src, target=GPUTarget('cuda', 80, 32),\n"
+        "                             options={'num_warps': spec.num_warps, 'num_stages': spec.num_stages}).asm['ptx']\n"
+        "        found = any(s in ptx.lower() for s in ('-766435501', '3528531795', '0xd2511f53'))\n"
+        "        print(spec.name, drop, found)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.rsplit(" ", 2) for line in done.stdout.splitlines()]
+    assert len(lines) == 6
+    for name, drop, found in lines:
+        assert found == drop, f"{name}: DROPOUT={drop} but Philox found={found}"
