@@ -47,6 +47,10 @@ _TARGET_PROGRAMS = 264
 _MIN_SPLIT_ROWS = 512
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _split_seed(seed: int) -> tuple[int, int]:
     seed = int(seed)
     assert 0 <= seed < _SEED_LIMIT, f"seed {seed} outside [0, 2**62)"
@@ -66,14 +70,14 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
     return dict(p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, DROPOUT=dropout_p > 0.0)
 
 
-def _shrink(src: Tensor, mat_strides: tuple[int, int], mat: Tensor, out: Tensor, scale: float,
+def _shrink(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], out: Tensor, scale: float,
             dropout_p: float, seed: int) -> None:
     """out[M, R] = scale · drop(src) @ mat, with mat[l, r] at ``l*mat_strides[0] + r*mat_strides[1]``."""
     m, length = src.shape
     r = out.shape[1]
     config = cfg.pick_shrink(m, src.dtype)
     block_r = cfg.rank_block(r)
-    grid = (triton_cdiv(m, config.block_a), triton_cdiv(r, block_r))
+    grid = (_cdiv(m, config.block_a), _cdiv(r, block_r))
     _lora_shrink_kernel[grid](
         src, mat, out, m, length, r,
         src.stride(0), src.stride(1), mat_strides[0], mat_strides[1],
@@ -90,7 +94,7 @@ def _fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs: Ten
     m, length = src.shape
     n, r = out.shape[1], lhs.shape[1]
     config = cfg.pick_gemm(m, src.dtype, dropout_p > 0.0)
-    grid = (triton_cdiv(m, config.block_m) * triton_cdiv(n, config.block_n),)
+    grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n),)
     _lora_fused_gemm_kernel[grid](
         src, mat, lhs, lmat, bias if bias is not None else out, out, m, n, length, r,
         src.stride(0), src.stride(1), mat_strides[0], mat_strides[1], lmat_strides[0], lmat_strides[1],
@@ -115,10 +119,10 @@ def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: flo
     r = hmat.shape[1]
     config = cfg.pick_reduce(src.dtype)
     block_r = cfg.rank_block(r)
-    grid_pr = (triton_cdiv(p_len, config.block_a), triton_cdiv(r, block_r))
+    grid_pr = (_cdiv(p_len, config.block_a), _cdiv(r, block_r))
     splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
-    rows_per_split = triton_cdiv(triton_cdiv(m, splits), config.block_b) * config.block_b
-    splits = triton_cdiv(m, rows_per_split)
+    rows_per_split = _cdiv(_cdiv(m, splits), config.block_b) * config.block_b
+    splits = _cdiv(m, rows_per_split)
     target = out if splits == 1 else torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
     stride_os = 0 if splits == 1 else target.stride(0)
     _lora_reduce_kernel[grid_pr + (splits,)](
@@ -131,10 +135,6 @@ def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: flo
     )
     if splits > 1:
         out.copy_(target.sum(0))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -154,7 +154,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
         return y, h
     if bias is not None:
         bias = bias.contiguous()
-    _shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, h, scaling / (1.0 - dropout_p), dropout_p, seed)
+    _shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h, scaling / (1.0 - dropout_p), dropout_p, seed)
     _fused_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), h, lora_B, (lora_B.stride(1), lora_B.stride(0)),
                 bias, y, 0.0, 0)
     return y, h
@@ -189,7 +189,7 @@ def lora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
         _reduce(dy, h, dB, 1.0, 0.0, 0)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
-        _shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, dh, scaling, 0.0, 0)
+        _shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
         if need_dA:
             _reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
         if need_dx:
@@ -206,7 +206,7 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
         return out.bool()
     seed_lo, seed_hi = _split_seed(seed)
     block_m, block_k = cfg.MASK_BLOCK
-    grid = (triton_cdiv(m, block_m), triton_cdiv(k, block_k))
+    grid = (_cdiv(m, block_m), _cdiv(k, block_k))
     _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k)
     return out.bool()
 
