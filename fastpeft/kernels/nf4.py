@@ -234,10 +234,20 @@ class MatmulConfig:
     GROUP_M: int = 8
 
 
-# Forward GEMM: small and large-M tiles. Backward: tiles over (M, K).
-_FWD_SMALL = MatmulConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
-_FWD_LARGE = MatmulConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
-_BWD = MatmulConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
+# Tensor-core GEMM tiles by (dtype, precision): forward for M < 1024 / M >= 1024, and
+# backward over (M, K). fp32 "ieee" runs on FMA units, whose dot needs much
+# smaller tiles to stay within registers; tf32 sits in between.
+_GEMM = {
+    "16bit": dict(small=MatmulConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
+                  large=MatmulConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+                  bwd=MatmulConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)),
+    "tf32": dict(small=MatmulConfig(BM=64, BN=64, BK=32, num_warps=4, num_stages=3),
+                 large=MatmulConfig(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
+                 bwd=MatmulConfig(BM=64, BN=32, BK=64, num_warps=4, num_stages=3)),
+    "ieee": dict(small=MatmulConfig(BM=32, BN=64, BK=16, num_warps=4, num_stages=2),
+                 large=MatmulConfig(BM=64, BN=64, BK=16, num_warps=8, num_stages=2),
+                 bwd=MatmulConfig(BM=32, BN=16, BK=64, num_warps=4, num_stages=2)),
+}
 # Decode GEMV, by BM = next power of two >= M: BM * BN * BK stays <= 8192.
 _GEMV = {
     1: MatmulConfig(BM=1, BN=32, BK=64, num_warps=4, num_stages=3),
@@ -256,14 +266,18 @@ def _cap_bk(config: MatmulConfig, blocksize: int) -> MatmulConfig:
                         config.GROUP_M)
 
 
-def forward_config(m: int, blocksize: int) -> MatmulConfig:
+def _gemm_family(dtype: torch.dtype) -> str:
+    return "16bit" if dtype != torch.float32 else _input_precision(dtype)
+
+
+def forward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16) -> MatmulConfig:
     if m <= GEMV_MAX_M:
         return _cap_bk(_GEMV[triton.next_power_of_2(max(m, 1))], blocksize)
-    return _cap_bk(_FWD_LARGE if m >= 1024 else _FWD_SMALL, blocksize)
+    return _cap_bk(_GEMM[_gemm_family(dtype)]["large" if m >= 1024 else "small"], blocksize)
 
 
-def backward_config(m: int, blocksize: int) -> MatmulConfig:
-    return _cap_bk(_BWD, blocksize)
+def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16) -> MatmulConfig:
+    return _cap_bk(_GEMM[_gemm_family(dtype)]["bwd"], blocksize)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -332,7 +346,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     y = _output(out, (m, n), x2d, "out")
     if m == 0:
         return y
-    cfg = config or forward_config(m, blocksize)
+    cfg = config or forward_config(m, blocksize, x2d.dtype)
     has_lora = lora_h is not None
     r = lora_h.shape[1] if has_lora else 0
     h = lora_h if has_lora else y
@@ -372,7 +386,7 @@ def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torc
     dx = _output(out, (m, k), dy2d, "out")
     if m == 0:
         return dx
-    cfg = config or backward_config(m, blocksize)
+    cfg = config or backward_config(m, blocksize, dy2d.dtype)
     has_lora = lora_dh is not None
     r = lora_dh.shape[1] if has_lora else 0
     dh = lora_dh if has_lora else dx
@@ -420,8 +434,9 @@ def aot_specs() -> list[KernelSpec]:
                 # fp32 with ieee precision runs on FMA units, not tensor cores.
                 is_gemm = not (dtype == torch.float32 and prec == "ieee")
                 tag = f"{t}{lora}" + (f"_{prec}" if dtype == torch.float32 else "")
-                for label, cfg in (("small", _FWD_SMALL), ("large", _FWD_LARGE)):
-                    cfg = _cap_bk(cfg, blocksize)
+                family = _GEMM["16bit" if dtype != torch.float32 else prec]
+                for label in ("small", "large"):
+                    cfg = _cap_bk(family[label], blocksize)
                     names = ("BLOCKSIZE", "HAS_BIAS", "HAS_LORA", "R_PAD", "INPUT_PRECISION",
                              "BM", "BN", "BK", "GROUP_M")
                     specs.append(KernelSpec(
@@ -431,7 +446,7 @@ def aot_specs() -> list[KernelSpec]:
                                         INPUT_PRECISION=prec, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
                                         GROUP_M=cfg.GROUP_M),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, is_gemm=is_gemm))
-                cfg = _cap_bk(_BWD, blocksize)
+                cfg = _cap_bk(family["bwd"], blocksize)
                 sig = {"dy_ptr": f"*{t}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                        "dh_ptr": "*fp32", "la_ptr": f"*{t}", "dx_ptr": f"*{t}",
                        "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
