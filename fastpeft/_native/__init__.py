@@ -42,6 +42,7 @@ CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 _errors: dict[str, BaseException] = {}
+_ops: dict[str, object] = {}
 
 
 def build_root() -> Path:
@@ -170,13 +171,20 @@ def op(name: str, cuda: bool = False):
 
     With ``cuda=True`` the CUDA extension is loaded too (its kernels serve CUDA tensors).
     """
+    if name in _ops and (not cuda or _loaded.get("cuda")):
+        return _ops[name]
     try:
         load_cpu()
         if cuda:
             load_cuda()
     except RuntimeError as exc:
         raise RuntimeError(f"native op fastpeft_native::{name} is unavailable: {exc}") from exc
+    cached = _ops.get(name)
+    if cached is not None:
+        return cached
     try:
-        return getattr(getattr(torch.ops, NAMESPACE), name)
+        found = getattr(getattr(torch.ops, NAMESPACE), name)
     except (AttributeError, RuntimeError):
         raise RuntimeError(f"native op fastpeft_native::{name} does not exist in the built extension") from None
+    _ops[name] = found
+    return found
