@@ -194,3 +194,15 @@ def test_rejects_device_mismatch(good):
     good["lora_A"] = good["lora_A"].to("meta")
     with pytest.raises(ValueError, match="lora_A"):
         qlora_linear(**good)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_empty_batch(backend):
+    w = make_weight(8, 64)
+    a, b, bias = lora_params(8, 64, 2, torch.float32)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = qlora_linear(x, w, a, b, 1.0, bias)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+    assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(b.grad) == 0
