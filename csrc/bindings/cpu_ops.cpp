@@ -199,7 +199,7 @@ Tensor nf4_matmul_transposed(const Tensor& dy, const Tensor& packed, const Tenso
   Tensor dx;
   if (M == 0) {
     dx = at::empty({0, K}, g32.options());
-  } else if (M <= cpu::kMaxGemvRows) {
+  } else if (M <= cpu::kMaxGemvTransposedRows) {
     dx = new_output({M, K}, g32.options());
     cpu::nf4_gemv_transposed(g32.data_ptr<float>(), M, p, a, N, K, blocksize, dx.data_ptr<float>());
   } else {

@@ -43,7 +43,9 @@ void nf4_gemv_transposed(const float* dy, std::int64_t M, const std::uint8_t* pa
                          std::int64_t N, std::int64_t K, std::int64_t blocksize, float* dx);
 
 // Largest M the fused small-M kernels take; larger M use dequantized row panels and a BLAS GEMM.
+// The transposed kernel read-modify-writes a [M, K] partial per thread, which leaves L1 beyond 4 rows.
 constexpr std::int64_t kMaxGemvRows = 8;
+constexpr std::int64_t kMaxGemvTransposedRows = 4;
 
 // True when this build decodes with AVX2 (otherwise a portable scalar loop).
 bool simd_enabled();
