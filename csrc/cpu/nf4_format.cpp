@@ -1,6 +1,7 @@
 // CPU quantize / dequantize of the NF4 format, byte-exact with bitsandbytes.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -20,11 +21,17 @@ inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// max |x|, NaN if any element is NaN (as torch's amax, which bitsandbytes uses)
 template <typename T>
 float block_absmax(const T* x, std::int64_t n) {
   float m = 0.0f;
-  for (std::int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(to_float(x[i])));
-  return m;
+  bool nan = false;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(to_float(x[i]));
+    nan |= a != a;
+    m = std::max(m, a);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 }  // namespace

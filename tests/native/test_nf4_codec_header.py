@@ -31,6 +31,11 @@ def test_encode_midpoints_take_the_lower_code(ops):
     assert ops.codec_encode(codes).tolist() == list(range(16))
 
 
+def test_encode_nan_takes_the_last_code_like_bucketize(ops):
+    nan = torch.tensor([float("nan")])
+    assert ops.codec_encode(nan).tolist() == torch.bucketize(nan, nf4_midpoints()).tolist() == [15]
+
+
 def test_encode_random_values_match_bucketize(ops):
     x = torch.rand(100_003) * 2 - 1
     expected = torch.bucketize(x, nf4_midpoints())

@@ -65,6 +65,19 @@ def test_zero_blocks_and_wide_range():
     _assert_same_weight(nf4_cpu.quantize(tail, 64), NF4Weight.from_float(tail, 64))
 
 
+def test_nan_and_inf_weights_match_reference():
+    w = torch.randn(4, 128)
+    w[0, 3] = float("nan")
+    w[2, 70] = float("inf")
+    w[3, 5] = -float("inf")
+    for dtype in DTYPES:
+        ours = nf4_cpu.quantize(w.to(dtype), 64)
+        ref = NF4Weight.from_float(w.to(dtype), 64)
+        assert torch.equal(ours.packed, ref.packed)
+        assert torch.equal(ours.absmax.isnan(), ref.absmax.isnan())
+        assert torch.equal(ours.absmax.nan_to_num(), ref.absmax.nan_to_num())
+
+
 def test_non_contiguous_weight():
     w = torch.randn(256, 130)[:, :128]
     _assert_same_weight(nf4_cpu.quantize(w, 64), NF4Weight.from_float(w.contiguous(), 64))

@@ -60,6 +60,17 @@ def test_wide_dynamic_range_and_zero_blocks():
         _assert_same_as_bnb(w, 256, dq)
 
 
+def test_nan_and_inf_weights():
+    w = torch.randn(8, 256)
+    w[1, 7] = float("nan")
+    w[4, 100] = float("inf")
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = NF4Weight.from_float(w, 64)
+    assert torch.equal(ours.packed, packed)
+    assert torch.equal(ours.absmax.isnan(), state.absmax.isnan())
+    assert torch.equal(ours.absmax.nan_to_num(), state.absmax.nan_to_num())
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_from_bnb_params_and_linear(double_quant):
     torch.manual_seed(12)

@@ -52,7 +52,9 @@ FASTPEFT_HD float midpoint(int i) { return (code_value(i) + code_value(i + 1)) *
 
 // Index of the code nearest to `scaled` (already in [-1, 1]): the number of
 // midpoints strictly below it, so a value exactly on a midpoint takes the lower code.
+// NaN (a NaN or infinite weight in the block) takes the last code, as in bitsandbytes.
 FASTPEFT_HD std::uint8_t encode(float scaled) {
+  if (scaled != scaled) return kNumCodes - 1;
   int index = 0;
   for (int i = 0; i < kNumCodes - 1; ++i) index += scaled > midpoint(i) ? 1 : 0;
   return static_cast<std::uint8_t>(index);
