@@ -46,7 +46,7 @@ class SkinnyConfig:
 
 
 _GEMM_HALF = (
-    GemmConfig("gemm_m16", 16, 64, 128, 4, 4),
+    GemmConfig("gemm_m16", 16, 64, 64, 4, 4),
     GemmConfig("gemm_m64", 64, 128, 64, 4, 4),
     GemmConfig("gemm_m128", 128, 128, 64, 8, 3),
 )
@@ -57,7 +57,7 @@ _GEMM_FP32 = (
 # dx with dropout: the Philox mask over the whole output tile needs more
 # registers, so these tiles are spread over more warps (no spills, see the report).
 _GEMM_HALF_DROPOUT = (
-    GemmConfig("gemm_m16_drop", 16, 64, 128, 4, 4),
+    GemmConfig("gemm_m16_drop", 16, 64, 64, 4, 4),
     GemmConfig("gemm_m64_drop", 64, 128, 64, 8, 4),
 )
 _GEMM_FP32_DROPOUT = (
@@ -66,12 +66,12 @@ _GEMM_FP32_DROPOUT = (
 )
 # Shrink: h = src @ mat over rows of src; block_a rows, block_b = loop step over the long dim.
 _SHRINK_HALF = (
-    SkinnyConfig("shrink_m16", 16, 128, 4, 3),
+    SkinnyConfig("shrink_m16", 16, 64, 4, 3),
     SkinnyConfig("shrink_m64", 64, 64, 4, 3),
 )
 _SHRINK_FP32 = (
     SkinnyConfig("shrink32_m16", 16, 64, 4, 3),
-    SkinnyConfig("shrink32_m64", 64, 32, 8, 3),
+    SkinnyConfig("shrink32_m64", 64, 16, 8, 3),
 )
 # Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_a cols, block_b = loop step over M.
 _REDUCE_HALF = (SkinnyConfig("reduce", 64, 64, 8, 3),)

@@ -38,6 +38,7 @@ from torch import Tensor
 from .._backend import triton_interpreter_enabled
 from . import _lora_configs as cfg
 from ._lora_kernels import _dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel
+from ._lora_aot import lora_aot_specs
 from .aot_spec import KernelSpec
 
 ALLOW_TF32 = False
@@ -114,7 +115,11 @@ def _reduce_splits(m: int, programs: int) -> int:
 
 
 def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
-    """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R]."""
+    """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R].
+
+    The kernel writes fp32 partials ``[splits, P, R]`` (one per row range); they
+    are summed in a fixed order and cast into ``out``.
+    """
     m, p_len = src.shape
     r = hmat.shape[1]
     config = cfg.pick_reduce(src.dtype)
@@ -123,18 +128,16 @@ def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: flo
     splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
     rows_per_split = _cdiv(_cdiv(m, splits), config.block_b) * config.block_b
     splits = _cdiv(m, rows_per_split)
-    target = out if splits == 1 else torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
-    stride_os = 0 if splits == 1 else target.stride(0)
+    partial = torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
     _lora_reduce_kernel[grid_pr + (splits,)](
-        src, hmat, target, m, p_len, r, rows_per_split,
-        src.stride(0), src.stride(1), stride_os, target.stride(-2), target.stride(-1),
+        src, hmat, partial, m, p_len, r, rows_per_split,
+        src.stride(0), src.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
         float(scale), **_dropout_args(dropout_p, seed),
         BLOCK_P=config.block_a, BLOCK_M=config.block_b, BLOCK_R=block_r,
         PREC=_precision(src.dtype), UPCAST=_upcast(src.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
-        out.copy_(target.sum(0))
+    out.copy_(partial[0] if splits == 1 else partial.sum(0))
 
 
 def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -207,106 +210,15 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     seed_lo, seed_hi = _split_seed(seed)
     block_m, block_k = cfg.MASK_BLOCK
     grid = (_cdiv(m, block_m), _cdiv(k, block_k))
-    _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k)
+    _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k,
+                               num_warps=4, num_stages=1)
     return out.bool()
 
 
-# --- ahead-of-time specs (fastpeft.tools.kernel_report) -------------------------------------------
-
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_REPORT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _aligned(fn, names) -> dict:
-    """Divisibility-by-16 hints for the named args, as the JIT gives aligned tensors and strides."""
-    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in names}
-
-
-def _common(dtype: torch.dtype) -> dict:
-    return {"PREC": _precision(dtype), "UPCAST": False}
-
-
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, launch config, dtype) the launchers can pick, as the JIT compiles it on a GPU
-    for contiguous, 16-byte-aligned tensors and feature sizes (K, N) that are multiples of 16:
-    unit inner strides become constexpr 1, the rest carry divisibility-by-16 hints. (Without
-    the hint on the loop length the masked loads cannot be vectorised and are not pipelined.)
+    """Every (kernel, role, launch config, dtype) the launchers can run, for the kernel report.
 
-    Feature flags take their heaviest value: dropout on where a kernel has it,
-    the bias on in the forward GEMM (whose table serves dx without dropout too);
-    the variants without them compile the same loops minus that code. fp32 specs use the
-    default exact ``ieee`` dot, which has no tensor-core form, so they are not
-    marked ``is_gemm``.
+    fp32 specs use the default exact ``ieee`` dot, which has no tensor-core
+    form, so they are not marked ``is_gemm`` (unless ``ALLOW_TF32``).
     """
-    specs = []
-    for dtype in _REPORT_DTYPES:
-        t = _TRITON_DTYPE[dtype]
-        tensor_cores = dtype != torch.float32 or ALLOW_TF32
-        for c in cfg.shrink_configs(dtype):
-            for block_r in cfg.RANK_BLOCKS:
-                specs.append(_shrink_spec(t, dtype, c, block_r, tensor_cores))
-        for c in cfg.gemm_configs(dtype):
-            specs.append(_gemm_spec(t, dtype, c, True, False, tensor_cores))
-        for c in cfg.gemm_configs(dtype, dropout=True):
-            specs.append(_gemm_spec(t, dtype, c, False, True, tensor_cores))
-        for c in cfg.reduce_configs(dtype):
-            for block_r in cfg.RANK_BLOCKS:
-                specs.append(_reduce_spec(t, dtype, c, block_r, tensor_cores))
-    specs.append(_mask_spec())
-    return specs
-
-
-def _shrink_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
-    fn = _lora_shrink_kernel
-    sig = {"src": f"*{t}", "mat": f"*{t}", "out": "*fp32", "M": "i32", "L": "i32", "R": "i32",
-           "stride_sm": "i32", "stride_sl": "constexpr", "stride_ml": "constexpr", "stride_mr": "i32",
-           "scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
-    const = {"stride_sl": 1, "stride_ml": 1, "BLOCK_M": c.block_a, "BLOCK_L": c.block_b, "BLOCK_R": block_r,
-             "DROPOUT": True, **_common(dtype)}
-    sig.update({name: "constexpr" for name in const if name not in sig})
-    return KernelSpec(f"lora_shrink[{t},{c.name},r{block_r},dropout]", fn, sig, const,
-                      c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "mat", "out", "L", "stride_sm", "stride_mr")))
-
-
-def _gemm_spec(t, dtype, c, has_bias, dropout, tensor_cores) -> KernelSpec:
-    fn = _lora_fused_gemm_kernel
-    sig = {"src": f"*{t}", "mat": f"*{t}", "lhs": "*fp32", "lmat": f"*{t}", "bias": f"*{t}", "out": f"*{t}",
-           "M": "i32", "N": "i32", "L": "i32", "R": "i32",
-           "stride_sm": "i32", "stride_sl": "constexpr", "stride_ml": "constexpr", "stride_mn": "i32",
-           "stride_lr": "constexpr", "stride_ln": "i32",
-           "drop_scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
-    const = {"stride_sl": 1, "stride_ml": 1, "stride_lr": 1, "HAS_BIAS": has_bias, "DROPOUT": dropout,
-             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_L": c.block_k, "BLOCK_R": cfg.GEMM_RANK_BLOCK,
-             "GROUP_M": cfg.GROUP_M, **_common(dtype)}
-    sig.update({name: "constexpr" for name in const if name not in sig})
-    variant = "bias" if has_bias else "dropout" if dropout else "plain"
-    return KernelSpec(f"lora_fused_gemm[{t},{c.name},{variant}]", fn, sig, const,
-                      c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "mat", "lhs", "lmat", "bias", "out", "N", "L", "stride_sm",
-                                          "stride_mn", "stride_ln")))
-
-
-def _reduce_spec(t, dtype, c, block_r, tensor_cores) -> KernelSpec:
-    fn = _lora_reduce_kernel
-    sig = {"src": f"*{t}", "hmat": "*fp32", "out": f"*{t}", "M": "i32", "P": "i32", "R": "i32",
-           "rows_per_split": "i32",
-           "stride_sm": "i32", "stride_sp": "constexpr", "stride_os": "i32", "stride_op": "constexpr",
-           "stride_or": "i32",
-           "scale": "fp32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
-    const = {"stride_sp": 1, "stride_op": 1, "BLOCK_P": c.block_a, "BLOCK_M": c.block_b, "BLOCK_R": block_r,
-             "DROPOUT": True, **_common(dtype)}
-    sig.update({name: "constexpr" for name in const if name not in sig})
-    return KernelSpec(f"lora_reduce[{t},{c.name},r{block_r},dropout]", fn, sig, const,
-                      c.num_warps, c.num_stages, tensor_cores,
-                      attrs=_aligned(fn, ("src", "hmat", "out", "P", "rows_per_split", "stride_sm", "stride_os",
-                                          "stride_or")))
-
-
-def _mask_spec() -> KernelSpec:
-    fn = _dropout_keep_kernel
-    block_m, block_k = cfg.MASK_BLOCK
-    sig = {"out": "*i8", "M": "i32", "K": "i32", "p": "fp32", "seed_lo": "i32", "seed_hi": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-    return KernelSpec("lora_dropout_mask", fn, sig, {"BLOCK_M": block_m, "BLOCK_K": block_k},
-                      num_warps=4, num_stages=1, is_gemm=False, attrs=_aligned(fn, ("out",)))
+    return lora_aot_specs(_precision, lambda dtype: dtype != torch.float32 or ALLOW_TF32)

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 
-from fastpeft.kernels import _lora_configs as cfg
 from fastpeft.kernels import lora as tl_lora
 from numerics import assert_close_to_ref
 
@@ -215,22 +214,57 @@ def test_empty_batch():
 # --- AOT specs cover the launchers -------------------------------------------------------------
 
 
-def test_aot_specs_cover_every_config_the_launchers_pick():
-    names = {spec.name for spec in tl_lora.aot_specs()}
-    assert len(names) == len(tl_lora.aot_specs()), "duplicate spec names"
-    tags = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    for dtype, t in tags.items():
-        for m in (1, 16, 17, 64, 65, 128, 129, 8192):
-            c = cfg.pick_gemm(m, dtype)
-            assert f"lora_fused_gemm[{t},{c.name},bias]" in names
-            c = cfg.pick_gemm(m, dtype, dropout=True)
-            assert f"lora_fused_gemm[{t},{c.name},dropout]" in names
-            for r in (1, 16, 17, 64, 200):
-                c = cfg.pick_shrink(m, dtype)
-                assert f"lora_shrink[{t},{c.name},r{cfg.rank_block(r)},dropout]" in names
-                c = cfg.pick_reduce(dtype)
-                assert f"lora_reduce[{t},{c.name},r{cfg.rank_block(r)},dropout]" in names
-    assert "lora_dropout_mask" in names
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel in fastpeft.kernels.lora: records launches, runs nothing."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel, dict(zip(self.kernel.arg_names, args)), kwargs))
+        return launch
+
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8"}
+
+
+def _matches(spec, kernel, args, kwargs) -> bool:
+    if spec.fn is not kernel or (spec.num_warps, spec.num_stages) != (kwargs["num_warps"], kwargs["num_stages"]):
+        return False
+    for name, value in spec.constexprs.items():
+        got = kwargs[name] if name in kwargs else args[name]
+        if name == "UPCAST" or (name in ("DROPOUT", "HAS_BIAS") and value and not got):
+            continue  # a spec with the feature on stands for the launch without it (a code subset)
+        if got != value:
+            return False
+    return all(_PTR[args[name].dtype] == kind for name, kind in spec.signature.items()
+               if kind.startswith("*") and isinstance(args.get(name), torch.Tensor))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_aot_specs_cover_every_launch(monkeypatch, dtype):
+    """Every kernel launch (contiguous inputs, K and N multiples of 16) has an AOT spec with the same
+    constexprs, unit strides, pointer dtypes, warps and stages, so the kernel report gates what runs.
+    (A spec with dropout or bias on also stands for the launch with it off.)"""
+    launches = []
+    for name in ("_lora_shrink_kernel", "_lora_fused_gemm_kernel", "_lora_reduce_kernel", "_dropout_keep_kernel"):
+        monkeypatch.setattr(tl_lora, name, _LaunchRecorder(getattr(tl_lora, name), launches))
+    monkeypatch.setattr(tl_lora, "_MIN_SPLIT_ROWS", 64)
+    for m in (1, 16, 17, 64, 65, 200):
+        for r in (4, 16, 20, 80):
+            for p in (0.0, 0.1):
+                x, w, b, a, bb, dy = make(m, 64, 48, r, dtype)
+                _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, p, SEED)
+                tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, p, SEED, True, True, True)
+    tl_lora.dropout_mask((3, 64), 0.5, SEED, "cpu")
+    specs = tl_lora.aot_specs()
+    assert len({spec.name for spec in specs}) == len(specs), "duplicate spec names"
+    kernels_seen = {kernel for kernel, _, _ in launches}
+    assert len(kernels_seen) == 4
+    missing = [(kernel.__name__, {k: v for k, v in kwargs.items()})
+               for kernel, args, kwargs in launches if not any(_matches(s, kernel, args, kwargs) for s in specs)]
+    assert not missing, f"{len(missing)} launches without an AOT spec, e.g. {missing[0]}"
 
 
 # --- the public op on the Triton backend -------------------------------------------------------
