@@ -23,7 +23,8 @@ namespace cpu {
 
 namespace {
 
-constexpr int kRowsPerPass = 4;  // activation rows sharing one decode (register budget of AVX2)
+constexpr int kRowsPerPass = 8;            // activation rows sharing one decode of W (forward)
+constexpr int kTransposedRowsPerPass = 4;  // rows of dy per pass: the per-thread partial stays in L1
 constexpr int kGroup = 64;       // elements per decode64; every block (>= 64, power of two) is whole groups
 
 #if defined(FASTPEFT_NF4_AVX2)
@@ -70,11 +71,19 @@ void gemv_pass(const float* x, std::int64_t ldx, const std::uint8_t* packed, con
         for (int p = 0; p < P; ++p) part[m][p] = _mm256_setzero_ps();
       const std::int64_t k_end = (b + 1) * blocksize;
       for (std::int64_t k = b * blocksize; k < k_end; k += kGroup) {
-        __m256 c[8];
-        table.decode64(row + k / 2, c);
-        for (int v = 0; v < 8; ++v)
-          for (int m = 0; m < MC; ++m)
-            part[m][v % P] = _mm256_fmadd_ps(c[v], _mm256_loadu_ps(xp + m * K + k + 8 * v), part[m][v % P]);
+        // decode64 in its two halves (even, then odd elements) to keep 4 code vectors live, not 8
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+        for (int half = 0; half < 2; ++half) {
+          const __m256i idx = half == 0 ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), table.low_nibbles)
+                                        : _mm256_and_si256(bytes, table.low_nibbles);
+          __m256 c[4];
+          table.decode32(idx, c);
+          for (int q = 0; q < 4; ++q) {
+            const int v = 4 * half + q;
+            for (int m = 0; m < MC; ++m)
+              part[m][v % P] = _mm256_fmadd_ps(c[q], _mm256_loadu_ps(xp + m * K + k + 8 * v), part[m][v % P]);
+          }
+        }
       }
       // the block scale multiplies the block's partial dot product once
       const __m256 s = _mm256_set1_ps(scales[b]);
@@ -159,29 +168,33 @@ void gemv_transposed_pass(const float* dy, std::int64_t lddy, const std::uint8_t
 }
 
 template <typename Pass>
-void in_passes(std::int64_t M, Pass&& pass) {
-  for (std::int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) pass(m0, std::min<std::int64_t>(kRowsPerPass, M - m0));
+void in_passes(std::int64_t M, std::int64_t rows_per_pass, Pass&& pass) {
+  for (std::int64_t m0 = 0; m0 < M; m0 += rows_per_pass) pass(m0, std::min<std::int64_t>(rows_per_pass, M - m0));
 }
 
 }  // namespace
 
 void nf4_gemv(const float* x, std::int64_t M, const std::uint8_t* packed, const float* absmax, std::int64_t N,
               std::int64_t K, std::int64_t blocksize, const float* bias, float* y) {
-  in_passes(M, [&](std::int64_t m0, std::int64_t rows) {
+  in_passes(M, kRowsPerPass, [&](std::int64_t m0, std::int64_t rows) {
     const float* xs = x + m0 * K;
     float* ys = y + m0 * N;
     switch (rows) {
       case 1: gemv_pass<1>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
       case 2: gemv_pass<2>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
       case 3: gemv_pass<3>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
-      default: gemv_pass<4>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
+      case 4: gemv_pass<4>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
+      case 5: gemv_pass<5>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
+      case 6: gemv_pass<6>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
+      case 7: gemv_pass<7>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
+      default: gemv_pass<8>(xs, K, packed, absmax, N, K, blocksize, bias, ys, N); break;
     }
   });
 }
 
 void nf4_gemv_transposed(const float* dy, std::int64_t M, const std::uint8_t* packed, const float* absmax,
                          std::int64_t N, std::int64_t K, std::int64_t blocksize, float* dx) {
-  in_passes(M, [&](std::int64_t m0, std::int64_t rows) {
+  in_passes(M, kTransposedRowsPerPass, [&](std::int64_t m0, std::int64_t rows) {
     const float* gs = dy + m0 * N;
     float* xs = dx + m0 * K;
     switch (rows) {
