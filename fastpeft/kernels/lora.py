@@ -11,8 +11,9 @@ Forward (two launches, after LoRAFusion):
 Backward (each launch only when its output is needed):
   - shrink over dy: ``dh = s · dy B`` (fp32, needed by dx and dA);
   - reduce over M: ``dB = dyᵀ h`` and ``dA = dhᵀ (keep ∘ x) / (1-p)``, one
-    program per output tile and row range; for long M the fp32 partials of
-    the ranges are summed by torch in a fixed order: deterministic, no atomics;
+    program per output tile and row range (several ranges for long M, so the
+    grid fills the GPU); the fp32 partials of the ranges are summed by torch
+    in a fixed order and cast: deterministic, no atomics;
   - fused GEMM: ``dx = dy W`` with ``dh A`` as the accumulator's initial value
     (through the regenerated mask and ``1/(1-p)`` when dropout is on).
 No gradient of W is ever computed here.
@@ -24,6 +25,10 @@ integer seed and the element index ``row * K + col`` with ``tl.rand``
 that the kernels join into one 62-bit Philox key, so every seed gives its own
 mask. With ``dropout_p == 0`` the ``DROPOUT`` constexpr is False and the mask
 code is compiled away.
+
+Launch configs: short explicit tables in ``_lora_configs`` picked by M and
+dtype; ``aot_specs`` (built in ``_lora_aot``) lists every variant the
+launchers run, for ``python -m fastpeft.tools.kernel_report``.
 
 Numerics: fp32 accumulation everywhere. fp32 inputs use ``tl.dot(...,
 input_precision="ieee")`` so results match torch fp32 on the CPU; set

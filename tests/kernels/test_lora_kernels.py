@@ -81,6 +81,18 @@ def check_all(m, k, n, r, dtype, bias, p, layout="contiguous", scaling=0.75):
         assert_close_to_ref(out, ref[name], peer[name], what=name)
 
 
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel in fastpeft.kernels.lora: records launches, runs nothing."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel, dict(zip(self.kernel.arg_names, args)), kwargs))
+        return launch
+
+
 SHAPES = [  # (M, K, N, r): M=1, odd sizes, r below/at/above one 16-wide chunk and above 64
     (1, 45, 33, 1),
     (37, 70, 33, 3),
@@ -139,6 +151,22 @@ def test_only_requested_gradients(need):
             assert_close_to_ref(got, ref[name], peer[name], what=name)
         else:
             assert got is None, f"{name} was not asked for but returned"
+
+
+@pytest.mark.parametrize("need", [(dx, da, db) for dx in (0, 1) for da in (0, 1) for db in (0, 1)],
+                         ids=lambda n: "dx{}dA{}dB{}".format(*n))
+def test_backward_launches_only_needed_kernels(monkeypatch, need):
+    x, w, b, a, bb, dy = make(21, 45, 33, 5, torch.float32)
+    _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.2, SEED)
+    launches = []
+    for name in ("_lora_shrink_kernel", "_lora_fused_gemm_kernel", "_lora_reduce_kernel"):
+        monkeypatch.setattr(tl_lora, name, _LaunchRecorder(getattr(tl_lora, name), launches))
+    tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.2, SEED, *map(bool, need))
+    names = sorted(kernel.__name__ for kernel, _, _ in launches)
+    need_dx, need_dA, need_dB = need
+    expected = (["_lora_shrink_kernel"] if need_dx or need_dA else []) + ["_lora_fused_gemm_kernel"] * need_dx \
+        + ["_lora_reduce_kernel"] * (need_dA + need_dB)
+    assert names == sorted(expected)
 
 
 def test_dropout_zero_matches_no_mask_and_ignores_seed():
@@ -212,18 +240,6 @@ def test_empty_batch():
 
 
 # --- AOT specs cover the launchers -------------------------------------------------------------
-
-
-class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel in fastpeft.kernels.lora: records launches, runs nothing."""
-
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((self.kernel, dict(zip(self.kernel.arg_names, args)), kwargs))
-        return launch
 
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8"}
