@@ -12,8 +12,8 @@ namespace (``torch.ops.fastpeft_native.<op>``):
 
 Builds use ``torch.utils.cpp_extension.load`` (ninja) with ``-O3
 -march=native -fopenmp`` and are cached in ``$FASTPEFT_BUILD_DIR`` (default
-``~/.cache/fastpeft/native``), one folder per extension, torch version and
-machine; torch rebuilds when a source changes. The sources are found next to
+``~/.cache/fastpeft/native``), one folder per extension, torch version,
+machine and CPU feature set; torch rebuilds when a source changes. The sources are found next to
 the package (``<repo>/csrc``), so the native extension needs a source checkout
 installed in editable mode (``pip install -e .``).
 
@@ -26,6 +26,7 @@ Without a compiler the package still imports: ``available()`` is False and
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import threading
@@ -50,8 +51,18 @@ def build_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "fastpeft" / "native"
 
 
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags: a -march=native build is only reused on a matching CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 def build_dir(kind: str) -> Path:
-    tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-{platform.machine()}"
+    tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-{platform.machine()}-{_cpu_tag()}"
     path = build_root() / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
