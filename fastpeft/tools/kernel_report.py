@@ -43,6 +43,8 @@ MAX_REGISTERS = 255
 
 @dataclass(frozen=True)
 class KernelReportRow:
+    """One kernel config compiled for one arch: resources from the cubin, ``problems()`` for the gate."""
+
     module: str
     name: str
     arch: int
@@ -199,7 +201,8 @@ def format_table(rows: list[KernelReportRow]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastpeft.tools.kernel_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (80, 90)")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT),
+                        help="SM versions")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--modules", nargs="+", help="kernel modules (default: aot_spec.KERNEL_MODULES)")
     parser.add_argument("--workers", type=int, help="parallel compile processes (default: CPU count)")
