@@ -43,7 +43,7 @@ def _triton_forward(x2d, packed, absmax, code, n, k, blocksize, bias, lora_A, lo
     r = lora_A.shape[0]
     h = torch.empty((x2d.shape[0], r), dtype=torch.float32, device=x2d.device)
     if x2d.shape[0] > 0:
-        triton_lora._shrink(x2d, (lora_A.stride(1), lora_A.stride(0)), lora_A, h,
+        triton_lora._shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h,
                             scaling / (1.0 - dropout_p), dropout_p, seed)
     y = triton_nf4.nf4_matmul(x2d, packed.reshape(-1), absmax, code, n, k, blocksize, bias=bias,
                               lora_h=h, lora_B=lora_B)
@@ -60,16 +60,15 @@ def _triton_backward(dy, x2d, packed, absmax, code, n, k, blocksize, lora_A, lor
     if need_dB:
         dB = torch.zeros((n, r), dtype=lora_B.dtype, device=dy.device)
         if m > 0:
-            triton_lora._reduce(dy, h.contiguous(), dB, (dB.stride(0), dB.stride(1)), 1.0, 0.0, 0)
+            triton_lora._reduce(dy, h.contiguous(), dB, 1.0, 0.0, 0)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         if m > 0:
-            triton_lora._shrink(dy, (lora_B.stride(0), lora_B.stride(1)), lora_B, dh, scaling, 0.0, 0)
+            triton_lora._shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
         if need_dA:
             dA = torch.zeros((r, k), dtype=lora_A.dtype, device=dy.device)
             if m > 0:
-                triton_lora._reduce(x2d, dh, dA, (dA.stride(1), dA.stride(0)), 1.0 / (1.0 - dropout_p),
-                                    dropout_p, seed)
+                triton_lora._reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
         if need_dx:
             dx = triton_nf4.nf4_matmul_transposed(dy, packed.reshape(-1), absmax, code, n, k, blocksize,
                                                   lora_dh=dh, lora_A=lora_A, dropout_p=dropout_p, seed=seed)
