@@ -454,12 +454,13 @@ def aot_specs() -> list[KernelSpec]:
                 sig.update({"p": "fp32", "drop_scale": "fp32", "seed_lo": "i32", "seed_hi": "i32"})
                 names = ("BLOCKSIZE", "HAS_LORA", "R_PAD", "DROPOUT", "INPUT_PRECISION", "BM", "BN", "BK")
                 sig.update({c: "constexpr" for c in names})
-                specs.append(KernelSpec(
-                    name=f"nf4_matmul_t_{tag}", fn=_nf4_matmul_t_kernel, signature=sig,
-                    constexprs=dict(BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=16, DROPOUT=has_lora,
-                                    INPUT_PRECISION=prec,
-                                    BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, is_gemm=is_gemm))
+                for dropout in ((False, True) if has_lora else (False,)):
+                    specs.append(KernelSpec(
+                        name=f"nf4_matmul_t_{tag}" + ("_dropout" if dropout else ""), fn=_nf4_matmul_t_kernel,
+                        signature=sig,
+                        constexprs=dict(BLOCKSIZE=blocksize, HAS_LORA=has_lora, R_PAD=16, DROPOUT=dropout,
+                                        INPUT_PRECISION=prec, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, is_gemm=is_gemm))
             for bm, cfg in _GEMV.items():
                 cfg = _cap_bk(cfg, blocksize)
                 names = ("BLOCKSIZE", "HAS_BIAS", "HAS_LORA", "R_PAD", "BM", "BN", "BK")
