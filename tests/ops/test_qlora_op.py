@@ -206,3 +206,19 @@ def test_empty_batch(backend):
     y.sum().backward()
     assert x.grad.shape == (0, 64)
     assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(b.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_non_contiguous_inputs(backend):
+    n, k, r = 30, 128, 6
+    w = make_weight(n, k, 128, double_quant=True)
+    a_full = torch.randn(r, 2 * k) / k**0.5
+    a = a_full[:, ::2].detach().requires_grad_()            # strided leaf
+    b = (torch.randn(r, n) * 0.1).T.requires_grad_()       # [n, r] transposed storage
+    bias = torch.randn(n).requires_grad_()
+    x = torch.randn(4, 2 * k)[:, ::2].requires_grad_()
+    assert not x.is_contiguous() and not b.is_contiguous() and not a.is_contiguous()
+    y = qlora_linear(x, w, a, b, 0.5, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    check_all(y, x, a, b, bias, bnb_dense(w), 0.5, dy)
