@@ -17,7 +17,7 @@ permuted strides:
 Dropout mask: never stored. Element (row, col) of x is kept iff
 ``tl.rand(key, row * K + col) >= p`` (Philox, int64 offsets), where the 62-bit
 key is passed as two non-specialised 31-bit halves. Every kernel and
-``_dropout_keep_kernel`` call the same ``_keep_mask``, so forward, backward and
+``_dropout_keep_kernel`` call the same ``keep_mask``, so forward, backward and
 ``dropout_mask`` agree bit for bit. With ``DROPOUT=False`` (a constexpr) the
 mask code is not compiled at all.
 
@@ -35,7 +35,7 @@ _SEEDS = ["seed_lo", "seed_hi"]
 
 
 @triton.jit
-def _keep_mask(seed_lo, seed_hi, rows, cols, row_len, p):
+def keep_mask(seed_lo, seed_hi, rows, cols, row_len, p):
     key = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
     offsets = rows[:, None].to(tl.int64) * row_len + cols[None, :]
     return tl.rand(key, offsets) >= p
@@ -70,7 +70,7 @@ def _lora_shrink_kernel(src, mat, out, M, L, R,
         in_l = offs_l < L - l0
         a = tl.load(s_ptrs, mask=in_l[None, :], other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed_lo, seed_hi, offs_m, l0 + offs_l, L, p)
+            keep = keep_mask(seed_lo, seed_hi, offs_m, l0 + offs_l, L, p)
             a = tl.where(keep, a, tl.zeros_like(a))
         b = tl.load(m_ptrs, mask=in_l[:, None], other=0.0)
         acc = _mma(a, b, acc, PREC, UPCAST)
@@ -116,7 +116,7 @@ def _lora_fused_gemm_kernel(src, mat, lhs, lmat, bias, out, M, N, L, R,
         l_ptrs += BLOCK_R
         lm_ptrs += BLOCK_R * stride_lr
     if DROPOUT:
-        keep = _keep_mask(seed_lo, seed_hi, offs_m, offs_n, N, p)
+        keep = keep_mask(seed_lo, seed_hi, offs_m, offs_n, N, p)
         acc = tl.where(keep, acc * drop_scale, 0.0)
 
     offs_l = tl.arange(0, BLOCK_L)
@@ -160,7 +160,7 @@ def _lora_reduce_kernel(src, hmat, out, M, P, R, rows_per_split,
         in_m = offs_m < m_end - m0
         a = tl.load(s_ptrs, mask=in_m[:, None], other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed_lo, seed_hi, m0 + offs_m, offs_p, P, p)
+            keep = keep_mask(seed_lo, seed_hi, m0 + offs_m, offs_p, P, p)
             a = tl.where(keep, a, tl.zeros_like(a))
         h = tl.load(h_ptrs, mask=in_m[:, None], other=0.0).to(a.dtype)
         acc = _mma(tl.trans(a), h, acc, PREC, UPCAST)
@@ -175,6 +175,6 @@ def _lora_reduce_kernel(src, hmat, out, M, P, R, rows_per_split,
 def _dropout_keep_kernel(out, M, K, p, seed_lo, seed_hi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed_lo, seed_hi, offs_m, offs_k, K, p)
+    keep = keep_mask(seed_lo, seed_hi, offs_m, offs_k, K, p)
     out_ptrs = out + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     tl.store(out_ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))

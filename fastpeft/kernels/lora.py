@@ -47,7 +47,7 @@ from ._lora_aot import lora_aot_specs
 from .aot_spec import KernelSpec
 
 ALLOW_TF32 = False
-_SEED_LIMIT = 2**62
+_SEED_LIMIT = 2**62  # fastpeft.ops draws seeds in [0, 2**62)
 # M-split of the dA/dB reductions (see _reduce_splits).
 _TARGET_PROGRAMS = 264
 _MIN_SPLIT_ROWS = 512
@@ -57,7 +57,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_seed(seed: int) -> tuple[int, int]:
+def split_seed(seed: int) -> tuple[int, int]:
     seed = int(seed)
     assert 0 <= seed < _SEED_LIMIT, f"seed {seed} outside [0, 2**62)"
     return seed & 0x7FFFFFFF, seed >> 31
@@ -72,11 +72,11 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
-    seed_lo, seed_hi = _split_seed(seed) if dropout_p > 0.0 else (0, 0)
+    seed_lo, seed_hi = split_seed(seed) if dropout_p > 0.0 else (0, 0)
     return dict(p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, DROPOUT=dropout_p > 0.0)
 
 
-def _shrink(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], out: Tensor, scale: float,
+def lora_shrink(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], out: Tensor, scale: float,
             dropout_p: float, seed: int) -> None:
     """out[M, R] = scale · drop(src) @ mat, with mat[l, r] at ``l*mat_strides[0] + r*mat_strides[1]``."""
     m, length = src.shape
@@ -119,7 +119,7 @@ def _reduce_splits(m: int, programs: int) -> int:
     return max(1, min(_TARGET_PROGRAMS // max(programs, 1), m // _MIN_SPLIT_ROWS))
 
 
-def _reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
+def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
     """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R].
 
     The kernel writes fp32 partials ``[splits, P, R]`` (one per row range); they
@@ -162,7 +162,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
         return y, h
     if bias is not None:
         bias = bias.contiguous()
-    _shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h, scaling / (1.0 - dropout_p), dropout_p, seed)
+    lora_shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h, scaling / (1.0 - dropout_p), dropout_p, seed)
     _fused_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), h, lora_B, (lora_B.stride(1), lora_B.stride(0)),
                 bias, y, 0.0, 0)
     return y, h
@@ -194,12 +194,12 @@ def lora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_
                 grad.zero_()
         return dx, dA, dB
     if need_dB:
-        _reduce(dy, h, dB, 1.0, 0.0, 0)
+        lora_reduce(dy, h, dB, 1.0, 0.0, 0)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
-        _shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
+        lora_shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
         if need_dA:
-            _reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
+            lora_reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
         if need_dx:
             _fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), dh, lora_A,
                         (lora_A.stride(0), lora_A.stride(1)), None, dx, dropout_p, seed)
@@ -212,7 +212,7 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     if m == 0 or k == 0:
         return out.bool()
-    seed_lo, seed_hi = _split_seed(seed)
+    seed_lo, seed_hi = split_seed(seed)
     block_m, block_k = cfg.MASK_BLOCK
     grid = (_cdiv(m, block_m), _cdiv(k, block_k))
     _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k,

@@ -25,7 +25,7 @@ The optional LoRA term enters the accumulator before it is stored (LoRAFusion):
 ``h = s · drop(x) Aᵀ`` (forward) or ``dh = s · dy B`` (backward) is computed
 by the caller (the LoRA shrink kernel) and padded to ``R_PAD >= 16`` lanes in
 the kernel; in backward the dropout mask is regenerated with the LoRA kernels'
-``_keep_mask``, so both ops draw the same mask for one seed.
+``keep_mask``, so both ops draw the same mask for one seed.
 Plain launchers only: no autograd here.
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._lora_kernels import _keep_mask
+from ._lora_kernels import keep_mask
 from .aot_spec import KernelSpec
-from .lora import _split_seed
+from .lora import split_seed
 
 GEMV_MAX_M = 16
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -213,7 +213,7 @@ def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_pt
         if DROPOUT:
             # Same Philox mask as the LoRA kernels drew for x in the forward pass.
             lora = tl.dot(dh.to(dtype), a.to(dtype), input_precision=INPUT_PRECISION)
-            keep = _keep_mask(seed_lo, seed_hi, offs_m, offs_k, K, p)
+            keep = keep_mask(seed_lo, seed_hi, offs_m, offs_k, K, p)
             acc += tl.where(keep, lora * drop_scale, 0.0)
         else:
             acc = tl.dot(dh.to(dtype), a.to(dtype), acc, input_precision=INPUT_PRECISION)
@@ -392,7 +392,7 @@ def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torc
     dh = lora_dh if has_lora else dx
     la = lora_A if has_lora else dx
     dropout = has_lora and dropout_p > 0.0
-    seed_lo, seed_hi = _split_seed(seed) if dropout else (0, 0)
+    seed_lo, seed_hi = split_seed(seed) if dropout else (0, 0)
     grid = (triton.cdiv(m, cfg.BM), triton.cdiv(k, cfg.BK))
     _nf4_matmul_t_kernel[grid](dy2d, packed, absmax, code, dh, la, dx, m, n, k, r,
                                dy2d.stride(0), dy2d.stride(1), dx.stride(0), dx.stride(1),

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
 from . import lora_cpu
+from ._dropout_seed import draw_seed, seed_value
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,15 +41,11 @@ def _implementation(device: torch.device, dtype: torch.dtype):
     return lora_cpu
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 @torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
 def _forward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = _implementation(x2d.device, x2d.dtype)
-    return impl.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed))
+    return impl.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed))
 
 
 @_forward_op.register_fake
@@ -63,7 +60,7 @@ def _backward_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                  scaling: float, dropout_p: float, seed: Optional[Tensor],
                  need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = _implementation(dy.device, dy.dtype)
-    grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, _seed_value(seed),
+    grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed),
                                need_dx, need_dA, need_dB)
     # Custom ops cannot return None: an empty tensor stands for "not computed".
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
@@ -121,7 +118,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = draw_seed(dropout_p)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed)
 
 

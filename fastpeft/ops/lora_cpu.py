@@ -29,7 +29,8 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-def _dropped(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def apply_dropout(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """``x ∘ keep / (1-p)`` with the mask of ``seed``; x itself when p is 0."""
     if dropout_p == 0.0:
         return x2d
     keep = dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
@@ -42,15 +43,30 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: f
         y = torch.mm(x2d, weight.t())
     else:
         y = torch.addmm(bias, x2d, weight.t())
-    h = torch.mm(_dropped(x2d, dropout_p, seed), lora_A.t())
+    return y, add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """``y += h Bᵀ`` in place for any base output ``y``; returns ``h = s · drop(x) Aᵀ``."""
+    h = torch.mm(apply_dropout(x2d, dropout_p, seed), lora_A.t())
     h = h.to(lora_h_dtype(x2d.dtype)).mul_(scaling)
     y.addmm_(h.to(y.dtype), lora_B.t())
-    return y, h
+    return h
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling: float, dropout_p: float, seed: int,
                   need_dx: bool, need_dA: bool, need_dB: bool):
     """Returns ``(dx, dA, dB)``; an entry not asked for is ``None``."""
+    return lora_backward_with_base(lambda dy: torch.mm(dy, weight), dy, x2d, lora_A, lora_B, h, scaling,
+                                   dropout_p, seed, need_dx, need_dA, need_dB)
+
+
+def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling: float, dropout_p: float,
+                            seed: int, need_dx: bool, need_dA: bool, need_dB: bool):
+    """LoRA backward around any frozen base: ``base_input_grad(dy)`` gives the base's ``dy W``.
+
+    Returns ``(dx, dA, dB)``; an entry not asked for is ``None``.
+    """
     dx = dA = dB = None
     if need_dB:
         dB = torch.mm(dy.t(), h.to(dy.dtype))
@@ -58,11 +74,11 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling: float, dropout_p:
         dh = torch.mm(dy, lora_B)
         dh.mul_(scaling)
         if need_dA:
-            dA = torch.mm(dh.t(), _dropped(x2d, dropout_p, seed))
+            dA = torch.mm(dh.t(), apply_dropout(x2d, dropout_p, seed))
         if need_dx:
-            dx = torch.mm(dy, weight)
+            dx = base_input_grad(dy)
             if dropout_p == 0.0:
                 dx.addmm_(dh, lora_A)
             else:
-                dx.add_(_dropped(torch.mm(dh, lora_A), dropout_p, seed))
+                dx.add_(apply_dropout(torch.mm(dh, lora_A), dropout_p, seed))
     return dx, dA, dB

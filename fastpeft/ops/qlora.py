@@ -28,11 +28,8 @@ from torch import Tensor
 from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
 from . import lora_cpu
+from ._dropout_seed import draw_seed, seed_value
 from .nf4 import cpu_nf4_matmul, cpu_nf4_matmul_transposed, use_triton, validate_nf4_weight
-
-
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
 
 
 # --------------------------------------------------------------------------- Triton path
@@ -43,7 +40,7 @@ def _triton_forward(x2d, packed, absmax, code, n, k, blocksize, bias, lora_A, lo
     r = lora_A.shape[0]
     h = torch.empty((x2d.shape[0], r), dtype=torch.float32, device=x2d.device)
     if x2d.shape[0] > 0:
-        triton_lora._shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h,
+        triton_lora.lora_shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h,
                             scaling / (1.0 - dropout_p), dropout_p, seed)
     y = triton_nf4.nf4_matmul(x2d, packed.reshape(-1), absmax, code, n, k, blocksize, bias=bias,
                               lora_h=h, lora_B=lora_B)
@@ -60,15 +57,15 @@ def _triton_backward(dy, x2d, packed, absmax, code, n, k, blocksize, lora_A, lor
     if need_dB:
         dB = torch.zeros((n, r), dtype=lora_B.dtype, device=dy.device)
         if m > 0:
-            triton_lora._reduce(dy, h.contiguous(), dB, 1.0, 0.0, 0)
+            triton_lora.lora_reduce(dy, h.contiguous(), dB, 1.0, 0.0, 0)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         if m > 0:
-            triton_lora._shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
+            triton_lora.lora_shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, scaling, 0.0, 0)
         if need_dA:
             dA = torch.zeros((r, k), dtype=lora_A.dtype, device=dy.device)
             if m > 0:
-                triton_lora._reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
+                triton_lora.lora_reduce(x2d, dh, dA.t(), 1.0 / (1.0 - dropout_p), dropout_p, seed)
         if need_dx:
             dx = triton_nf4.nf4_matmul_transposed(dy, packed.reshape(-1), absmax, code, n, k, blocksize,
                                                   lora_dh=dh, lora_A=lora_A, dropout_p=dropout_p, seed=seed)
@@ -78,25 +75,16 @@ def _triton_backward(dy, x2d, packed, absmax, code, n, k, blocksize, lora_A, lor
 # --------------------------------------------------------------------------- CPU path
 def _cpu_forward(x2d, packed, absmax, code, n, k, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = cpu_nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias)
-    h = torch.mm(lora_cpu._dropped(x2d, dropout_p, seed), lora_A.t())
-    h = h.to(lora_cpu.lora_h_dtype(x2d.dtype)).mul_(scaling)
-    y.addmm_(h.to(y.dtype), lora_B.t())
-    return y, h
+    return y, lora_cpu.add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _cpu_backward(dy, x2d, packed, absmax, code, n, k, blocksize, lora_A, lora_B, h, scaling, dropout_p, seed,
                   need_dx, need_dA, need_dB):
-    dx = dA = dB = None
-    if need_dB:
-        dB = torch.mm(dy.t(), h.to(dy.dtype))
-    if need_dx or need_dA:
-        dh = torch.mm(dy, lora_B).mul_(scaling)
-        if need_dA:
-            dA = torch.mm(dh.t(), lora_cpu._dropped(x2d, dropout_p, seed))
-        if need_dx:
-            dx = cpu_nf4_matmul_transposed(dy, packed, absmax, code, n, k, blocksize)
-            dx.add_(lora_cpu._dropped(torch.mm(dh, lora_A), dropout_p, seed))
-    return dx, dA, dB
+    def base_input_grad(dy):
+        return cpu_nf4_matmul_transposed(dy, packed, absmax, code, n, k, blocksize)
+
+    return lora_cpu.lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling, dropout_p, seed,
+                                            need_dx, need_dA, need_dB)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -106,7 +94,7 @@ def _forward_op(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f
                 dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = _triton_forward if use_triton(x2d.device, x2d.dtype) else _cpu_forward
     return impl(x2d, packed, absmax, code, out_features, in_features, blocksize, bias, lora_A, lora_B,
-                scaling, dropout_p, _seed_value(seed))
+                scaling, dropout_p, seed_value(seed))
 
 
 @_forward_op.register_fake
@@ -124,7 +112,7 @@ def _backward_op(dy: Tensor, x2d: Tensor, packed: Tensor, absmax: Tensor, code: 
                  need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = _triton_backward if use_triton(dy.device, dy.dtype) else _cpu_backward
     grads = impl(dy, x2d, packed, absmax, code, out_features, in_features, blocksize, lora_A, lora_B, h,
-                 scaling, dropout_p, _seed_value(seed), need_dx, need_dA, need_dB)
+                 scaling, dropout_p, seed_value(seed), need_dx, need_dA, need_dB)
     # Custom ops cannot return None: an empty tensor stands for "not computed".
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
@@ -207,6 +195,6 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = draw_seed(dropout_p)
     return QLoRALinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize,
                                      bias, lora_A, lora_B, float(scaling), dropout_p, seed)

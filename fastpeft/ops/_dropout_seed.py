@@ -1,0 +1,25 @@
+"""The dropout seed shared by the LoRA-carrying ops (lora_linear, qlora_linear).
+
+Each training call draws an int64 seed from torch's default CPU generator (so
+``torch.manual_seed`` makes runs repeatable); it travels through the custom
+ops as a 0-dim tensor, which ``torch.compile`` traces without a graph break,
+and backward regenerates the same mask from it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SEED_LIMIT = 2**62
+
+
+def draw_seed(dropout_p: float) -> Optional[Tensor]:
+    """A fresh seed tensor when dropout is active, else None."""
+    return torch.randint(0, SEED_LIMIT, (), dtype=torch.int64) if dropout_p > 0.0 else None
+
+
+def seed_value(seed: Optional[Tensor]) -> int:
+    """The integer a kernel takes (0 when there is no dropout)."""
+    return 0 if seed is None else int(seed.item())
