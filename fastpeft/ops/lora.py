@@ -25,6 +25,7 @@ from torch import Tensor
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
 from . import lora_cpu
+from ._dispatch import custom_op_with_eager_path
 from ._dropout_seed import draw_seed, seed_value
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,11 +42,13 @@ def _implementation(device: torch.device, dtype: torch.dtype):
     return lora_cpu
 
 
-@torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
-def _forward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _forward_impl(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                  scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = _implementation(x2d.device, x2d.dtype)
     return impl.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed))
+
+
+_forward_op, _forward = custom_op_with_eager_path("fastpeft::lora_linear_forward", _forward_impl)
 
 
 @_forward_op.register_fake
@@ -55,15 +58,17 @@ def _(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, h
 
 
-@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
-def _backward_op(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
-                 scaling: float, dropout_p: float, seed: Optional[Tensor],
-                 need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                   scaling: float, dropout_p: float, seed: Optional[Tensor],
+                   need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = _implementation(dy.device, dy.dtype)
     grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed),
                                need_dx, need_dA, need_dB)
     # Custom ops cannot return None: an empty tensor stands for "not computed".
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+_backward_op, _backward = custom_op_with_eager_path("fastpeft::lora_linear_backward", _backward_impl)
 
 
 @_backward_op.register_fake
@@ -80,7 +85,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2d = x.reshape(-1, x.shape[-1])
-        y2d, h = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y2d, h = _forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
@@ -93,7 +98,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dW = db = dA = dB = None
         if need_dx or need_dA or need_dB:
-            dx, dA, dB = _backward_op(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
+            dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
                                       need_dx, need_dA, need_dB)
             dx = dx.view(ctx.x_shape) if need_dx else None
             dA = dA if need_dA else None

@@ -29,6 +29,7 @@ from torch import Tensor
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_dim, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
+from ._dispatch import custom_op_with_eager_path
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,9 +89,8 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastpeft::nf4_linear_forward", mutates_args=())
-def _forward_op(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
-                in_features: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
+def _forward_impl(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+                  in_features: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
     if use_triton(x2d.device, x2d.dtype):
         from ..kernels import nf4 as triton_nf4
 
@@ -99,20 +99,25 @@ def _forward_op(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_f
     return cpu_nf4_matmul(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
 
 
+_forward_op, _forward = custom_op_with_eager_path("fastpeft::nf4_linear_forward", _forward_impl)
+
+
 @_forward_op.register_fake
 def _(x2d, packed, absmax, code, out_features, in_features, blocksize, bias):
     return x2d.new_empty((x2d.shape[0], out_features))
 
 
-@torch.library.custom_op("fastpeft::nf4_linear_input_grad", mutates_args=())
-def _input_grad_op(dy2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
-                   in_features: int, blocksize: int) -> Tensor:
+def _input_grad_impl(dy2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+                     in_features: int, blocksize: int) -> Tensor:
     if use_triton(dy2d.device, dy2d.dtype):
         from ..kernels import nf4 as triton_nf4
 
         return triton_nf4.nf4_matmul_transposed(dy2d, packed.reshape(-1), absmax, code, out_features,
                                                 in_features, blocksize)
     return cpu_nf4_matmul_transposed(dy2d, packed, absmax, code, out_features, in_features, blocksize)
+
+
+_input_grad_op, _input_grad = custom_op_with_eager_path("fastpeft::nf4_linear_input_grad", _input_grad_impl)
 
 
 @_input_grad_op.register_fake
@@ -127,7 +132,7 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, code, out_features, in_features, blocksize, bias):
         x2d = x.reshape(-1, in_features)
-        y2d = _forward_op(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
+        y2d = _forward(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
         ctx.save_for_backward(packed, absmax, code)
         ctx.dims = (out_features, in_features, blocksize)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
@@ -140,7 +145,7 @@ class NF4LinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, out_features)
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad_op(dy2d, packed, absmax, code, out_features, in_features, blocksize)
+            dx = _input_grad(dy2d, packed, absmax, code, out_features, in_features, blocksize)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[7] and ctx.has_bias:
             db = dy2d.sum(0)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
+from ._dispatch import custom_op_with_eager_path
 from . import lora_cpu
 from ._dropout_seed import draw_seed, seed_value
 from .nf4 import cpu_nf4_matmul, cpu_nf4_matmul_transposed, use_triton, validate_nf4_weight
@@ -88,13 +89,15 @@ def _cpu_backward(dy, x2d, packed, absmax, code, n, k, blocksize, lora_A, lora_B
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastpeft::qlora_linear_forward", mutates_args=())
-def _forward_op(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, in_features: int,
-                blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-                dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _forward_impl(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, in_features: int,
+                  blocksize: int, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                  dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = _triton_forward if use_triton(x2d.device, x2d.dtype) else _cpu_forward
     return impl(x2d, packed, absmax, code, out_features, in_features, blocksize, bias, lora_A, lora_B,
                 scaling, dropout_p, seed_value(seed))
+
+
+_forward_op, _forward = custom_op_with_eager_path("fastpeft::qlora_linear_forward", _forward_impl)
 
 
 @_forward_op.register_fake
@@ -105,16 +108,18 @@ def _(x2d, packed, absmax, code, out_features, in_features, blocksize, bias, lor
     return y, h
 
 
-@torch.library.custom_op("fastpeft::qlora_linear_backward", mutates_args=())
-def _backward_op(dy: Tensor, x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
-                 in_features: int, blocksize: int, lora_A: Tensor, lora_B: Tensor, h: Tensor, scaling: float,
-                 dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
-                 need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+                   in_features: int, blocksize: int, lora_A: Tensor, lora_B: Tensor, h: Tensor, scaling: float,
+                   dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
+                   need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = _triton_backward if use_triton(dy.device, dy.dtype) else _cpu_backward
     grads = impl(dy, x2d, packed, absmax, code, out_features, in_features, blocksize, lora_A, lora_B, h,
                  scaling, dropout_p, seed_value(seed), need_dx, need_dA, need_dB)
     # Custom ops cannot return None: an empty tensor stands for "not computed".
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+_backward_op, _backward = custom_op_with_eager_path("fastpeft::qlora_linear_backward", _backward_impl)
 
 
 @_backward_op.register_fake
@@ -134,7 +139,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, code, out_features, in_features, blocksize, bias, lora_A, lora_B,
                 scaling, dropout_p, seed):
         x2d = x.reshape(-1, in_features)
-        y2d, h = _forward_op(x2d, packed, absmax, code, out_features, in_features, blocksize, bias,
+        y2d, h = _forward(x2d, packed, absmax, code, out_features, in_features, blocksize, bias,
                              lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x2d, packed, absmax, code, lora_A, lora_B, h, seed)
         ctx.dims = (out_features, in_features, blocksize)
@@ -151,7 +156,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, out_features)
         dx = db = dA = dB = None
         if need_dx or need_dA or need_dB:
-            dx, dA, dB = _backward_op(dy2d, x2d, packed, absmax, code, out_features, in_features, blocksize,
+            dx, dA, dB = _backward(dy2d, x2d, packed, absmax, code, out_features, in_features, blocksize,
                                       lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
                                       need_dx, need_dA, need_dB)
             dx = dx.view(ctx.x_shape) if need_dx else None
