@@ -19,3 +19,26 @@ def test_readme_python_blocks_run(backend, monkeypatch, tmp_path):
     namespace = {"__name__": "__readme__"}
     for number, code in enumerate(BLOCKS, 1):
         exec(compile(code, f"README.md python block {number}", "exec"), namespace)
+
+
+def _headline_tables(markdown: str) -> list[str]:
+    """The markdown tables that follow a 'Headline' heading, as text blocks."""
+    tables = []
+    for section in re.split(r"^#+ Headline", markdown, flags=re.M)[1:]:
+        rows = [line for line in section.splitlines()[1:] if line.startswith("|") or not line.strip()]
+        table = "\n".join(line for line in rows if line.startswith("|"))
+        tables.append(table.split("\n\n")[0])
+    return tables
+
+
+def test_readme_benchmark_figures_come_from_the_committed_results():
+    readme = README.read_text()
+    source = re.search(r"Committed CPU result set \(`(benchmarks/results/[^`]+)/`\)", readme)
+    assert source, "README must name the result set its benchmark table comes from"
+    summary = (README.parent / source.group(1) / "summary.md").read_text()
+    readme_tables = _headline_tables(readme)
+    assert len(readme_tables) == 3
+    for table in readme_tables:
+        assert table and table in summary, f"README table not in {source.group(1)}/summary.md:\n{table}"
+    command = re.search(r"^Command: `(python -m benchmarks[^`]*)`", summary, flags=re.M).group(0)
+    assert command in readme
