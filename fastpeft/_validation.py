@@ -46,3 +46,26 @@ def check_probability(name: str, p) -> float:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
     return p
+
+
+def check_lora_adapter(x: torch.Tensor, lora_A, lora_B, bias, out_features: int, in_features: int) -> None:
+    """Checks of the LoRA pair (and bias) that every LoRA-carrying op shares.
+
+    ``x`` is already checked; ``lora_A [r, K]``, ``lora_B [N, r]`` and ``bias [N]``
+    must match it in device and dtype, and ``r`` must be positive.
+    """
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_same_device("x", x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    check_same_dtype("x", x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"lora_A has rank r={r}; r must be positive")
+    check_dim("x", x.shape[-1], in_features, "last dimension (in_features)")
+    check_dim("lora_A", lora_A.shape[1], in_features, "dim 1 (in_features)")
+    check_dim("lora_B", lora_B.shape[0], out_features, "dim 0 (out_features)")
+    check_dim("lora_B", lora_B.shape[1], r, "dim 1 (rank r, from lora_A)")
+    if bias is not None:
+        check_dim("bias", bias.shape[0], out_features, "length (out_features)")

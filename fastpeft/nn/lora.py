@@ -92,6 +92,19 @@ def _check_init(init_lora_weights) -> InitLoraWeights:
     )
 
 
+@torch.no_grad()
+def init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights: InitLoraWeights) -> None:
+    """PEFT's init: A kaiming-uniform (a=√5), or N(0, 1/r²) for "gaussian"; B zero. ``False``: untouched."""
+    init_lora_weights = _check_init(init_lora_weights)
+    if init_lora_weights is False:
+        return
+    if init_lora_weights is True:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    else:
+        nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+    nn.init.zeros_(lora_B)
+
+
 def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
     """Raise the ValueError/TypeError ``LoRALinear`` would raise for these values."""
     _check_rank(r)
@@ -162,18 +175,9 @@ class LoRALinear(nn.Module):
         return cls(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                    init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype)
 
-    @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
-        """PEFT's init: A kaiming-uniform (a=√5) or N(0, 1/r²) for "gaussian"; B zero.
-        ``False`` leaves both random (the update is then non-zero: for tests)."""
-        init_lora_weights = _check_init(init_lora_weights)
-        if init_lora_weights is False:
-            return
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        nn.init.zeros_(self.lora_B.weight)
+        """PEFT's init (see ``init_lora_pair``); ``False`` leaves both random (a non-zero update: for tests)."""
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     @property
     def merged(self) -> bool:

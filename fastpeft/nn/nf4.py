@@ -19,8 +19,7 @@ returns a new dense ``nn.Linear`` holding ``dequant(W) + s · B A``.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,9 +27,8 @@ from torch import nn
 from ..ops.nf4 import nf4_linear
 from ..ops.qlora import qlora_linear
 from ..quant.nf4 import NF4Weight
-from .lora import lora_scaling, validate_lora_hyperparameters
+from .lora import InitLoraWeights, init_lora_pair, lora_scaling, validate_lora_hyperparameters
 
-InitLoraWeights = Union[bool, str]
 
 
 class NF4Linear(nn.Module):
@@ -145,14 +143,6 @@ class NF4Linear(nn.Module):
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, dtype={self.weight_dtype}")
 
 
-def _check_init(init_lora_weights) -> InitLoraWeights:
-    if isinstance(init_lora_weights, bool):
-        return init_lora_weights
-    if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-        return "gaussian"
-    raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-
-
 class QLoRALinear(nn.Module):
     """An ``NF4Linear`` base (frozen) plus a trainable LoRA update. See the module docstring."""
 
@@ -194,18 +184,9 @@ class QLoRALinear(nn.Module):
         return cls(NF4Linear.from_bnb(linear4bit), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
 
-    @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
-        """PEFT's init: A kaiming-uniform (a=√5) or N(0, 1/r²) for "gaussian"; B zero.
-        ``False`` leaves both at nn.Linear's random init (a non-zero update: for tests)."""
-        init_lora_weights = _check_init(init_lora_weights)
-        if init_lora_weights is False:
-            return
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        nn.init.zeros_(self.lora_B.weight)
+        """PEFT's init (see ``init_lora_pair``); ``False`` leaves nn.Linear's random init (for tests)."""
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .._backend import Backend, select_backend
-from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
+from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
+                           check_tensor)
 from . import lora_cpu
 from ._dispatch import custom_op_with_eager_path
 from ._dropout_seed import draw_seed, seed_value
@@ -132,22 +133,9 @@ def _validate(x, weight, lora_A, lora_B, bias) -> None:
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in_features]")
     check_tensor("weight", weight, ndim=2)
-    check_tensor("lora_A", lora_A, ndim=2)
-    check_tensor("lora_B", lora_B, ndim=2)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-    check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    check_same_dtype("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    n, k = weight.shape
-    r = lora_A.shape[0]
-    if r <= 0:
-        raise ValueError(f"lora_A has rank r={r}; r must be positive")
-    check_dim("x", x.shape[-1], k, "last dimension (in_features)")
-    check_dim("lora_A", lora_A.shape[1], k, "dim 1 (in_features)")
-    check_dim("lora_B", lora_B.shape[0], n, "dim 0 (out_features)")
-    check_dim("lora_B", lora_B.shape[1], r, "dim 1 (rank r, from lora_A)")
-    if bias is not None:
-        check_dim("bias", bias.shape[0], n, "length (out_features)")
+    check_same_device("x", x, weight=weight)
+    check_same_dtype("x", x, weight=weight)
+    check_lora_adapter(x, lora_A, lora_B, bias, *weight.shape)
 
 
 def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:

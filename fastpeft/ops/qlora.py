@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
+from .._validation import FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_tensor
 from ..quant.nf4 import NF4Weight
 from ._dispatch import custom_op_with_eager_path
 from . import lora_cpu
@@ -182,21 +182,8 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in_features]")
-    check_tensor("lora_A", lora_A, ndim=2)
-    check_tensor("lora_B", lora_B, ndim=2)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-    check_same_device("x", x, w_nf4=w_nf4.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    check_same_dtype("x", x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    r = lora_A.shape[0]
-    if r <= 0:
-        raise ValueError(f"lora_A has rank r={r}; r must be positive")
-    check_dim("x", x.shape[-1], k, "last dimension (in_features)")
-    check_dim("lora_A", lora_A.shape[1], k, "dim 1 (in_features)")
-    check_dim("lora_B", lora_B.shape[0], n, "dim 0 (out_features)")
-    check_dim("lora_B", lora_B.shape[1], r, "dim 1 (rank r, from lora_A)")
-    if bias is not None:
-        check_dim("bias", bias.shape[0], n, "length (out_features)")
+    check_same_device("x", x, w_nf4=w_nf4.packed)
+    check_lora_adapter(x, lora_A, lora_B, bias, n, k)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
