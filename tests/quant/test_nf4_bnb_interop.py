@@ -6,8 +6,8 @@ import torch
 
 from fastpeft.quant.nf4 import VALID_BLOCKSIZES, NF4Weight, signed_dynamic_map
 
-bnb = pytest.importorskip("bitsandbytes")
-import bitsandbytes.functional as BF  # noqa: E402
+import bitsandbytes as bnb  # a test dependency: missing means fail, not skip
+import bitsandbytes.functional as BF
 
 # bitsandbytes dequantizes odd shapes through torch.compile; keep its recompile chatter out of the log.
 torch._logging.set_logs(dynamo=logging.ERROR)
