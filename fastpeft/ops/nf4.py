@@ -65,8 +65,7 @@ def _dequantized(packed, absmax, code, n, k, blocksize, dtype) -> Tensor:
 def cpu_nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias=None) -> Tensor:
     """CPU path of ``x2d · dequant(W)ᵀ (+ bias)``."""
     if x2d.device.type == "cpu" and cpu_path_uses_native(x2d.dtype):
-        w = _weight_view(packed, absmax, code, n, k, blocksize, x2d.dtype)
-        return _native_cpu().nf4_matmul(x2d, w, bias)
+        return _native_cpu().nf4_matmul_packed(x2d, packed, absmax, n, k, blocksize, bias)
     w = _dequantized(packed, absmax, code, n, k, blocksize, x2d.dtype)
     return torch.nn.functional.linear(x2d, w, bias)
 
@@ -74,8 +73,7 @@ def cpu_nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias=None) -> Ten
 def cpu_nf4_matmul_transposed(dy2d, packed, absmax, code, n, k, blocksize) -> Tensor:
     """CPU path of ``dy2d · dequant(W)``."""
     if dy2d.device.type == "cpu" and cpu_path_uses_native(dy2d.dtype):
-        w = _weight_view(packed, absmax, code, n, k, blocksize, dy2d.dtype)
-        return _native_cpu().nf4_matmul_transposed(dy2d, w)
+        return _native_cpu().nf4_matmul_transposed_packed(dy2d, packed, absmax, n, k, blocksize)
     return torch.mm(dy2d, _dequantized(packed, absmax, code, n, k, blocksize, dy2d.dtype))
 
 

