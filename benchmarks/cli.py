@@ -8,7 +8,6 @@ raised or disagreed with the reference, 0 otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..spec import Case, requires_grad_in
+from ..spec import FORWARD, FORWARD_BACKWARD, Case, requires_grad_in
 
 N_ROTATE = 4  # input buffers the harness cycles through
 
@@ -63,3 +63,24 @@ def compiled(fn: Callable) -> Callable:
 
 def case_tensors(case: Case, *names: str):
     return tuple(case.tensors[n] for n in names)
+
+
+def lora_layer_work(shape: dict, mode: str, provider: str, dtype, weight_bytes: int) -> tuple:
+    """Ideal (flops, bytes) of a LoRA layer over a frozen base whose weight is ``weight_bytes`` bytes.
+
+    Every tensor is read or written once per pass; the ``base`` provider has no
+    LoRA term. Backward: ``dx = dy W (+ dh A)``, ``dh = s dy B``, ``dA = dhᵀ x``,
+    ``dB = dyᵀ h``.
+    """
+    m, k, n, r = shape["tokens"], shape["K"], shape["N"], shape["r"]
+    e = torch.empty((), dtype=dtype).element_size()
+    lora = provider != "base"
+    fwd_flops = 2 * m * n * k + (2 * m * r * (k + n) if lora else 0)
+    fwd_bytes = weight_bytes + e * (m * k + m * n + (r * (k + n) if lora else 0))
+    bwd_flops = 2 * m * n * k + (4 * m * r * (k + n) if lora else 0)
+    bwd_bytes = weight_bytes + e * (m * n + m * k + (m * k + 2 * r * (k + n) if lora else 0))
+    if mode == FORWARD:
+        return fwd_flops, fwd_bytes
+    if mode == FORWARD_BACKWARD:
+        return fwd_flops + bwd_flops, fwd_bytes + bwd_bytes
+    return bwd_flops, bwd_bytes

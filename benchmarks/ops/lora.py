@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider
-from .common import case_tensors, compiled, missing_import, rotating_inputs, trainable, upstream_grad
+from ..spec import FORWARD, Built, Case, OpBench, Provider
+from .common import (case_tensors, compiled, lora_layer_work, missing_import, rotating_inputs, trainable,
+                     upstream_grad)
 
 SCALING = 2.0
 
@@ -99,20 +100,9 @@ def _peft(case: Case) -> Built:
 
 
 def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:
-    """Ideal (flops, bytes): each tensor read or written once."""
-    m, k, n, r = shape["tokens"], shape["K"], shape["N"], shape["r"]
-    e = torch.empty((), dtype=dtype).element_size()
-    lora = provider != "base"
-    fwd_flops = 2 * m * n * k + (2 * m * r * (k + n) if lora else 0)
-    fwd_bytes = e * (m * k + n * k + m * n + (r * (k + n) if lora else 0))
-    # backward: dx = dy W (+ dh A); dh = s dy B; dA = dhᵀ x; dB = dyᵀ h
-    bwd_flops = 2 * m * n * k + (4 * m * r * (k + n) if lora else 0)
-    bwd_bytes = e * (m * n + n * k + m * k + (m * k + 2 * r * (k + n) if lora else 0))
-    if mode == FORWARD:
-        return fwd_flops, fwd_bytes
-    if mode == FORWARD_BACKWARD:
-        return fwd_flops + bwd_flops, fwd_bytes + bwd_bytes
-    return bwd_flops, bwd_bytes
+    """Ideal (flops, bytes) with a dense base weight."""
+    weight_bytes = shape["N"] * shape["K"] * torch.empty((), dtype=dtype).element_size()
+    return lora_layer_work(shape, mode, provider, dtype, weight_bytes)
 
 
 OP = OpBench(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider
-from .common import case_tensors, missing_import, rotating_inputs, trainable, upstream_grad
+from ..spec import FORWARD, Built, Case, OpBench, Provider
+from .common import case_tensors, lora_layer_work, missing_import, rotating_inputs, trainable, upstream_grad
 from .nf4 import BLOCKSIZE, bnb_linear4bit, nf4_weight
 
 SCALING = 2.0
@@ -86,20 +86,9 @@ def _peft_bnb(case: Case) -> Built:
 
 
 def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:
-    """Ideal (flops, bytes): packed weight and every other tensor touched once per pass."""
-    m, k, n, r = shape["tokens"], shape["K"], shape["N"], shape["r"]
-    e = torch.empty((), dtype=dtype).element_size()
-    lora = provider != "base"
-    weight_bytes = n * k // 2 + 4 * (n * k // BLOCKSIZE)
-    fwd_flops = 2 * m * n * k + (2 * m * r * (k + n) if lora else 0)
-    fwd_bytes = weight_bytes + e * (m * k + m * n + (r * (k + n) if lora else 0))
-    bwd_flops = 2 * m * n * k + (4 * m * r * (k + n) if lora else 0)
-    bwd_bytes = weight_bytes + e * (m * n + m * k + (m * k + 2 * r * (k + n) if lora else 0))
-    if mode == FORWARD:
-        return fwd_flops, fwd_bytes
-    if mode == FORWARD_BACKWARD:
-        return fwd_flops + bwd_flops, fwd_bytes + bwd_bytes
-    return bwd_flops, bwd_bytes
+    """Ideal (flops, bytes) with the packed NF4 weight (4 bits + an fp32 scale per block) as the base."""
+    n, k = shape["N"], shape["K"]
+    return lora_layer_work(shape, mode, provider, dtype, n * k // 2 + 4 * (n * k // BLOCKSIZE))
 
 
 OP = OpBench(

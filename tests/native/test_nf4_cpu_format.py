@@ -4,20 +4,13 @@ import logging
 import pytest
 import torch
 
-from fastpeft import _native
 from fastpeft.quant import nf4_cpu
 from fastpeft.quant.nf4 import VALID_BLOCKSIZES, NF4Weight, signed_dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every C++ output starts as NaN (0xA5 for bytes), so unwritten elements fail the comparisons."""
-    _native.load_cpu()
-    before = torch.ops.fastpeft_native.set_output_poison(True)
-    yield
-    torch.ops.fastpeft_native.set_output_poison(before)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def _assert_same_weight(a: NF4Weight, b: NF4Weight):

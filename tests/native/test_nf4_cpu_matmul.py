@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpeft import _native
 from fastpeft.quant import nf4_cpu
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
@@ -18,12 +17,7 @@ from numerics import assert_close_to_ref
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    _native.load_cpu()
-    before = torch.ops.fastpeft_native.set_output_poison(True)
-    yield
-    torch.ops.fastpeft_native.set_output_poison(before)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def _weight(n, k, blocksize=64, double_quant=False):
