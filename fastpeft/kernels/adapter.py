@@ -1,0 +1,229 @@
+"""Triton bottleneck-adapter kernels: plain launchers (no autograd) and their AOT launches.
+
+``fastpeft.ops.adapter`` validates inputs and calls ``adapter_forward`` /
+``adapter_backward`` / ``dropout_mask``; ``fastpeft.ops.adapter_cpu``
+implements the same contract with torch ops. The kernels are described in
+``_adapter_kernels``.
+
+Forward: one launch. Each program keeps its rows' bottleneck
+``z = act(x W_dᵀ + b_d)`` on chip and writes ``y`` tile by tile; when there
+are fewer row blocks than ``TARGET_PROGRAMS`` the output columns are split
+over extra programs that recompute ``pre`` (``_column_groups``). ``pre`` is
+stored (fp32 ``[M, b]``) only when backward will need it.
+Backward (each launch only when its outputs are needed):
+  1. rows kernel: ``da`` (fp32 ``[M, b]``), ``dx = da W_d``, and per-row-block
+     fp32 partials of ``db_u`` and ``dscale``, reading ``dy`` once for all;
+  2. reduce kernel for ``dW_u = (s∘g)ᵀ act(pre)`` and for ``dW_d = daᵀ x``:
+     fp32 partials per row range, summed by torch in a fixed order.
+  ``db_d = Σ da`` and the partial sums are torch reductions: deterministic,
+  no atomics anywhere.
+
+Limits: the bottleneck size ``b`` must be at most ``MAX_BOTTLENECK`` (256) on
+this path (it is held in registers); larger ``b`` raises a ValueError that
+names the CPU path (``FASTPEFT_BACKEND=cpu``) as the alternative.
+
+Numerics: fp32 accumulation; fp32 operands follow ``_common.dot_precision``
+(exact "ieee" unless the user allowed TF32 for torch matmuls); fp16/bf16
+operands multiply on tensor cores. ``z``, ``s·g`` and ``da`` are rounded to
+the input dtype before their GEMMs, as torch does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..ops.activations import activation_id
+from . import _common
+from ._adapter_kernels import (_adapter_backward_rows_kernel, _adapter_forward_kernel, _adapter_keep_kernel,
+                               _adapter_reduce_kernel)
+from ._common import LaunchConfig, cdiv, dot_precision, dropout_args, interpreter_upcast, split_seed
+from .aot_spec import launch_label, module_specs
+
+check_kernel_dtype = _common.check_kernel_dtype
+
+MAX_BOTTLENECK = 256
+TARGET_PROGRAMS = 132  # about one wave on an H100; more column groups below this many row blocks
+_MIN_SPLIT_ROWS = 512  # a reduce split keeps at least this many rows
+MASK_BLOCK = (32, 64)
+
+
+def bottleneck_block(b: int) -> int:
+    """``BLOCK_B``: b padded to a power of two (at least 16, the smallest dot size)."""
+    if b > MAX_BOTTLENECK:
+        raise ValueError(f"down_weight: the Triton adapter kernels take bottleneck sizes up to {MAX_BOTTLENECK}, "
+                         f"got {b}; use the CPU path (FASTPEFT_BACKEND=cpu) or a larger reduction factor")
+    return max(16, triton.next_power_of_2(b))
+
+
+# Launch configs by BLOCK_B: (forward, backward rows, reduce). ``block_n`` of the reduce config is BLOCK_R.
+_CONFIGS = {
+    16: (LaunchConfig("b16", 64, 64, 64, 4, 3), LaunchConfig("b16", 64, 64, 0, 4, 2),
+         LaunchConfig("b16", 64, 16, 64, 4, 2)),
+    32: (LaunchConfig("b32", 64, 64, 64, 4, 3), LaunchConfig("b32", 64, 64, 0, 4, 2),
+         LaunchConfig("b32", 64, 32, 64, 4, 2)),
+    64: (LaunchConfig("b64", 64, 64, 64, 4, 3), LaunchConfig("b64", 64, 64, 0, 4, 2),
+         LaunchConfig("b64", 64, 64, 64, 4, 2)),
+    128: (LaunchConfig("b128", 64, 64, 32, 8, 2), LaunchConfig("b128", 64, 64, 0, 8, 2),
+          LaunchConfig("b128", 64, 128, 32, 8, 2)),
+    256: (LaunchConfig("b256", 32, 64, 32, 8, 2), LaunchConfig("b256", 32, 32, 0, 8, 2),
+          LaunchConfig("b256", 64, 128, 32, 8, 2)),
+}
+
+
+def configs(b: int) -> tuple[LaunchConfig, LaunchConfig, LaunchConfig]:
+    """(forward, backward rows, reduce) launch configs for bottleneck size ``b``."""
+    return _CONFIGS[bottleneck_block(b)]
+
+
+def _column_groups(row_blocks: int, col_tiles: int) -> int:
+    return max(1, min(col_tiles, TARGET_PROGRAMS // max(row_blocks, 1)))
+
+
+def _scale_args(scaling: float, scale: Optional[Tensor], fallback: Tensor) -> dict:
+    """Kernel arguments for the scale: the float (mode 0), a 0-dim tensor (1) or a per-channel one (2)."""
+    if scale is None:
+        return dict(scale_ptr=fallback, scale=float(scaling), SCALE=0)
+    return dict(scale_ptr=scale.contiguous(), scale=1.0, SCALE=1 if scale.dim() == 0 else 2)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=interpreter_upcast(dtype))
+
+
+def adapter_forward(x2d: Tensor, down_weight: Tensor, up_weight: Tensor, down_bias: Optional[Tensor],
+                    up_bias: Optional[Tensor], residual2d: Optional[Tensor], scaling: float, scale: Optional[Tensor],
+                    act: str, dropout_p: float, seed: int, store_pre: bool):
+    """Returns ``(y [M, H] contiguous in x's dtype, pre [M, b] fp32 or None unless store_pre)``.
+
+    ``x2d``, ``residual2d`` and the weights may have any strides; ``scale``
+    (``[]`` or ``[H]``, x's dtype) replaces the float ``scaling`` when given.
+    """
+    m, h = x2d.shape
+    b = down_weight.shape[0]
+    config = configs(b)[0]
+    y = torch.empty((m, h), dtype=x2d.dtype, device=x2d.device)
+    pre = torch.empty((m, b), dtype=torch.float32, device=x2d.device) if store_pre else None
+    if m == 0 or h == 0:
+        return y, pre
+    row_blocks = cdiv(m, config.block_m)
+    groups = _column_groups(row_blocks, cdiv(h, config.block_n))
+    residual = residual2d if residual2d is not None else y
+    scale_args = _scale_args(scaling, scale, y)
+    _adapter_forward_kernel[(row_blocks, groups)](
+        x2d, down_weight, down_bias if down_bias is not None else y, up_weight,
+        up_bias if up_bias is not None else y, residual, scale_args["scale_ptr"], y, pre if pre is not None else y,
+        m, h, b, groups * config.block_n,
+        x2d.stride(0), x2d.stride(1), down_weight.stride(0), down_weight.stride(1),
+        up_weight.stride(0), up_weight.stride(1), residual.stride(0), residual.stride(1),
+        scale_args["scale"], **dropout_args(dropout_p, seed), ACT=activation_id(act),
+        HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_RESIDUAL=residual2d is not None,
+        SCALE=scale_args["SCALE"], STORE_PRE=pre is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_B=bottleneck_block(b),
+        **_dot_args(x2d.dtype), **config.launch_options(),
+    )
+    return y, pre
+
+
+def _reduce_splits(m: int, programs: int) -> int:
+    """Row ranges of the M-reduction: enough programs to fill a large GPU, each range >= _MIN_SPLIT_ROWS rows."""
+    return max(1, min(TARGET_PROGRAMS // max(programs, 1), m // _MIN_SPLIT_ROWS))
+
+
+def _reduce(src: Tensor, h: Tensor, activate: bool, act: str, dropout_p: float, seed: int) -> Tensor:
+    """fp32 ``[P, R] = Σ_m drop(src)[m, P] h'[m, R]`` (``h' = act(h)`` when ``activate``), no scalar factors."""
+    m, p_len = src.shape
+    r = h.shape[1]
+    config = configs(r)[2]
+    block_r = min(config.block_n, bottleneck_block(r))
+    grid_pr = (cdiv(p_len, config.block_m), cdiv(r, block_r))
+    splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
+    rows_per_split = cdiv(cdiv(m, splits), config.block_k) * config.block_k
+    splits = cdiv(m, rows_per_split)
+    partial = torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
+    drop = dropout_args(dropout_p, seed)
+    _adapter_reduce_kernel[grid_pr + (splits,)](
+        src, h, partial, m, p_len, r, rows_per_split,
+        src.stride(0), src.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+        drop["p"], drop["seed_lo"], drop["seed_hi"], ACT=activation_id(act), ACTIVATE_H=activate,
+        DROPOUT=drop["DROPOUT"], BLOCK_P=config.block_m, BLOCK_M=config.block_k, BLOCK_R=block_r,
+        **_dot_args(src.dtype), **config.launch_options(),
+    )
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def adapter_backward(dy: Tensor, x2d: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Optional[Tensor],
+                     pre: Tensor, scaling: float, scale: Optional[Tensor], act: str, dropout_p: float, seed: int,
+                     need_dx: bool, need_down_weight: bool, need_up_weight: bool, need_down_bias: bool,
+                     need_up_bias: bool, need_scale: bool):
+    """Returns ``(dx, d_down_weight, d_up_weight, d_down_bias, d_up_bias, d_scale)``; ``None`` where not asked.
+
+    ``pre`` is the fp32 ``[M, b]`` tensor ``adapter_forward`` stored; ``dy``
+    and ``x2d`` may have any strides. Gradients have the dtype (and shape) of
+    their inputs; ``d_scale`` only when ``scale`` is given.
+    """
+    m, h = x2d.shape
+    b = down_weight.shape[0]
+    _, rows_config, _ = configs(b)
+    pre = pre.contiguous()
+    need_da = need_dx or need_down_weight or need_down_bias
+    need_scale = need_scale and scale is not None
+    dx = d_down_weight = d_up_weight = d_down_bias = d_up_bias = d_scale = None
+    dtype, device = dy.dtype, dy.device
+    if m == 0:  # nothing to reduce over: zero weight gradients
+        return (torch.empty_like(x2d) if need_dx else None,
+                torch.zeros_like(down_weight) if need_down_weight else None,
+                torch.zeros_like(up_weight) if need_up_weight else None,
+                torch.zeros(b, dtype=dtype, device=device) if need_down_bias else None,
+                torch.zeros(h, dtype=dtype, device=device) if need_up_bias else None,
+                torch.zeros_like(scale) if need_scale else None)
+    scale_args = _scale_args(scaling, scale, dy)
+    if need_da or need_up_bias or need_scale:
+        row_blocks = cdiv(m, rows_config.block_m)
+        da = torch.empty((m, b), dtype=torch.float32, device=device) if need_da else None
+        dx = torch.empty((m, h), dtype=dtype, device=device) if need_dx else None
+        dbu_part = torch.empty((row_blocks, h), dtype=torch.float32, device=device) if need_up_bias else None
+        dscale_part = torch.empty((row_blocks, h), dtype=torch.float32, device=device) if need_scale else None
+        _adapter_backward_rows_kernel[(row_blocks,)](
+            dy, pre, up_weight, up_bias if up_bias is not None else dy, down_weight, scale_args["scale_ptr"],
+            da if da is not None else pre, dx if dx is not None else dy,
+            dscale_part if dscale_part is not None else pre, dbu_part if dbu_part is not None else pre,
+            m, h, b, dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
+            down_weight.stride(0), down_weight.stride(1),
+            scale_args["scale"], **dropout_args(dropout_p, seed), ACT=activation_id(act),
+            HAS_UP_BIAS=up_bias is not None, SCALE=scale_args["SCALE"], NEED_DA=need_da, NEED_DX=need_dx,
+            NEED_DSCALE=need_scale, NEED_DBU=need_up_bias,
+            BLOCK_M=rows_config.block_m, BLOCK_N=rows_config.block_n, BLOCK_B=bottleneck_block(b),
+            **_dot_args(dtype), **rows_config.launch_options(),
+        )
+        if need_up_bias:
+            d_up_bias = dbu_part.sum(0).to(dtype)
+        if need_scale:
+            per_channel = dscale_part.sum(0)
+            d_scale = (per_channel if scale.dim() == 1 else per_channel.sum()).to(scale.dtype)
+        if need_down_bias:
+            d_down_bias = da.sum(0).to(down_weight.dtype)
+        if need_down_weight:
+            d_down_weight = _reduce(x2d, da, False, act, 0.0, 0).t().to(down_weight.dtype)
+    if need_up_weight:
+        g_z = _reduce(dy, pre, True, act, dropout_p, seed)  # Σ keep ∘ dy ⊗ act(pre), without s/(1-p)
+        factor = (scale.float()[:, None] if scale is not None and scale.dim() == 1
+                  else scale.float() if scale is not None else scaling)
+        d_up_weight = g_z.mul_(factor).mul_(1.0 / (1.0 - dropout_p)).to(up_weight.dtype)
+    return dx, d_down_weight, d_up_weight, d_down_bias, d_up_bias, d_scale
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
+    """Bool keep-mask ``[M, H]`` (True = kept) exactly as the kernels apply it to the adapter output."""
+    m, h = (int(s) for s in shape)
+    out = torch.empty((m, h), dtype=torch.int8, device=device)
+    if m == 0 or h == 0:
+        return out.bool()
+    seed_lo, seed_hi = split_seed(seed)
+    block_m, block_n = MASK_BLOCK
+    _adapter_keep_kernel[(cdiv(m, block_m), cdiv(h, block_n))](out, m, h, float(dropout_p), seed_lo, seed_hi,
+                                                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                                                               num_stages=1)
+    return out.bool()
