@@ -36,8 +36,8 @@ import triton.language as tl
 
 from ._common import mma
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _row_stats(lse_ptr, delta_ptr, row_base, rows, Sq):
     """LSE in base-2 units (+inf for padding rows and rows without a visible key) and Δ of ``rows``."""
     in_m = rows < Sq
     lse = tl.load(lse_ptr + row_base + rows, mask=in_m, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(delta_ptr + row_base + rows, mask=in_m, other=0.0)
     return lse, delta
 

@@ -264,7 +264,7 @@ def aot_launches() -> None:
                 for sq in (s, 1):
                     q = rand(b, hq, sq, d)
                     cfg = forward_config(sq, dtype, head_block(d))
-                    with launch_label(f"{t},d{d},{tag},{cfg.name}", is_gemm=is_gemm):
+                    with launch_label(f"{t},d{d},{tag},sq{sq},{cfg.name}", is_gemm=is_gemm):
                         out, lse = prefix_attention_forward(q, k, v, *prefix, m, causal, None)
                 q = rand(b, hq, s, d)
                 out, lse = torch.empty_like(q), torch.zeros(b, hq, s)

@@ -89,10 +89,11 @@ def _(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, sca
 
 
 # --------------------------------------------------------------------------- autograd
+PREFIX_ATTENTION_INPUTS = ("q", "k", "v", "prefix_k", "prefix_v", "key_padding_mask", "causal", "scale")
+
+
 class PrefixAttentionFunction(torch.autograd.Function):
     """Autograd for ``prefix_attention``; inputs are already validated. Returns ``(out, lse)``."""
-
-    INPUTS = ("q", "k", "v", "prefix_k", "prefix_v", "key_padding_mask", "causal", "scale")
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
@@ -105,14 +106,14 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
-        need = needs(ctx, PrefixAttentionFunction.INPUTS)
+        need = needs(ctx, PREFIX_ATTENTION_INPUTS)
         need_kv = need["k"] or need["v"]
         need_prefix = prefix_k is not None and (need["prefix_k"] or need["prefix_v"])
         if not (need["q"] or need_kv or need_prefix):
-            return gradients(PrefixAttentionFunction.INPUTS)
+            return gradients(PREFIX_ATTENTION_INPUTS)
         dq, dk, dv, dpk, dpv = _backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
                                          ctx.causal, ctx.scale, need["q"], need_kv, need_prefix)
-        return gradients(PrefixAttentionFunction.INPUTS,
+        return gradients(PREFIX_ATTENTION_INPUTS,
                          q=dq if need["q"] else None, k=dk if need["k"] else None, v=dv if need["v"] else None,
                          prefix_k=dpk if need["prefix_k"] else None, prefix_v=dpv if need["prefix_v"] else None)
 
