@@ -1,15 +1,14 @@
 """fastpeft: fused kernels for parameter-efficient fine-tuning.
 
-Layers (DESIGN.md §2): ``fastpeft.kernels`` (Triton) and ``csrc`` (C++/CUDA)
-hold the kernels, ``fastpeft.ops`` the autograd ops, ``fastpeft.nn`` thin
-modules; the names below swap modules of an existing model in one call and
-move adapters to and from the HF PEFT format. ``fastpeft.integrations.peft``
-(imported on demand) makes fastpeft a backend of HF PEFT.
+Layers (``docs/architecture.md``): ``fastpeft.kernels`` (Triton) and ``csrc``
+(C++/CUDA) hold the kernels, ``fastpeft.ops`` the autograd ops,
+``fastpeft.nn`` thin modules; ``fastpeft.injection`` swaps modules of an
+existing model in one call; ``fastpeft.integrations.peft`` moves adapters to
+and from the HF PEFT format and makes fastpeft a backend of HF PEFT.
 """
 from . import nn, ops
-from .injection import apply_lora, lora_parameters, merge_lora, replace_modules, unmerge_lora
-from .peft_io import load_lora, save_lora
-from .qlora_injection import apply_qlora
+from .injection import apply_lora, apply_qlora, lora_parameters, merge_lora, replace_modules, unmerge_lora
+from .integrations.peft.format import load_lora, save_lora
 from .quant import NF4Weight
 
 __version__ = "0.1.0"

@@ -42,6 +42,8 @@ def check_dim(name: str, actual: int, expected: int, what: str) -> None:
 
 
 def check_probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a real number in [0, 1), got {type(p).__name__}")
     p = float(p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
@@ -69,3 +71,17 @@ def check_lora_adapter(x: torch.Tensor, lora_A, lora_B, bias, out_features: int,
     check_dim("lora_B", lora_B.shape[1], r, "dim 1 (rank r, from lora_A)")
     if bias is not None:
         check_dim("bias", bias.shape[0], out_features, "length (out_features)")
+
+
+def check_scaling(name: str, scaling) -> float:
+    """A finite real number (int or float, not bool or str) as float."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        if isinstance(scaling, torch.Tensor) and scaling.numel() == 1 and not scaling.requires_grad \
+                and not scaling.is_complex():
+            scaling = scaling.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if scaling != scaling or scaling in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {scaling}")
+    return scaling

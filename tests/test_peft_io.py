@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fastpeft.injection import apply_lora, lora_parameters, merge_lora
 from fastpeft.nn import LoRALinear
-from fastpeft.peft_io import load_lora, save_lora
+from fastpeft.integrations.peft.format import load_lora, save_lora
 # Whole-model fp32 outputs differ from the float64 reference by a few ulp for both
 # sides; their ratio is noise, so model-level checks add a floor of ~16 fp32 ulp
 # (a real bug, e.g. a wrong scaling, is off by 1e-2 or more).
@@ -296,7 +296,7 @@ def test_load_rank_mismatch_with_existing_layers(tmp_path):
 
 
 def test_qlora_model_saves_and_loads_peft_format(tmp_path):
-    from fastpeft.qlora_injection import apply_qlora
+    from fastpeft.injection.qlora import apply_qlora
 
     peft_model, directory = _peft_saved(tmp_path, tiny_llama, r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"])
     qmodel = apply_qlora(tiny_llama(), ["q_proj", "o_proj"], r=3, lora_alpha=5)

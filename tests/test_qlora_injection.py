@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastpeft.nn.nf4 import QLoRALinear
-from fastpeft.qlora_injection import apply_qlora, qlora_modules
+from fastpeft.nn import QLoRALinear
+from fastpeft.injection.qlora import apply_qlora, qlora_modules
 from models import tiny_llama, token_ids
 from numerics import assert_close_to_ref
 

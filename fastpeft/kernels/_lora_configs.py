@@ -1,7 +1,7 @@
 """Launch configurations of the LoRA kernels, chosen by shape (no autotuning).
 
-Each kernel has a short explicit list; ``fastpeft.kernels.lora.aot_specs``
-compiles every entry for sm_80 and sm_90 so the kernel report can check
+Each kernel has a short explicit list; ``fastpeft.kernels.lora.aot_launches``
+launches every entry for sm_80 and sm_90 so the kernel report can check
 registers, spills, shared memory and tensor-core use of exactly what the
 launchers run. Half-precision inputs (fp16/bf16) use tensor-core tiles; fp32
 inputs use smaller tiles because an exact (``ieee``) fp32 ``tl.dot`` runs on
@@ -9,9 +9,9 @@ the FMA units and holds its operands in registers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from ._common import LaunchConfig
 
 # Rank chunk: the rank r is processed in chunks of this many columns. r <= 16
 # takes one 16-wide chunk (16 is the smallest tensor-core K), larger r 64-wide
@@ -19,63 +19,41 @@ import torch
 RANK_BLOCKS = (16, 64)
 # Rank chunk of the fused GEMM's LoRA term (an accumulator initialiser, looped over r).
 GEMM_RANK_BLOCK = 16
-GROUP_M = 8
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    """Fused GEMM ``acc = lora term; acc += src @ mat``: an output tile [block_m, block_n], loop step block_k."""
-
-    name: str
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class SkinnyConfig:
-    """Rank-output kernels ([rows, r] or [cols, r]): tile [block_a, block_rank], loop step block_b."""
-
-    name: str
-    block_a: int
-    block_b: int
-    num_warps: int
-    num_stages: int
-
-
+# Rank-output kernels ([rows, r] or [cols, r]) use block_m for the rows/cols tile and block_k for
+# the loop step; block_n is unused (0).
 _GEMM_HALF = (
-    GemmConfig("gemm_m16", 16, 64, 64, 4, 4),
-    GemmConfig("gemm_m64", 64, 128, 64, 4, 4),
-    GemmConfig("gemm_m128", 128, 128, 64, 8, 3),
+    LaunchConfig("gemm_m16", 16, 64, 64, 4, 4),
+    LaunchConfig("gemm_m64", 64, 128, 64, 4, 4),
+    LaunchConfig("gemm_m128", 128, 128, 64, 8, 3),
 )
 _GEMM_FP32 = (
-    GemmConfig("gemm32_m16", 16, 64, 32, 4, 3),
-    GemmConfig("gemm32_m64", 64, 64, 32, 4, 3),
+    LaunchConfig("gemm32_m16", 16, 64, 32, 4, 3),
+    LaunchConfig("gemm32_m64", 64, 64, 32, 4, 3),
 )
 # dx with dropout: the Philox mask over the whole output tile needs more
 # registers, so these tiles are spread over more warps (no spills, see the report).
 _GEMM_HALF_DROPOUT = (
-    GemmConfig("gemm_m16_drop", 16, 64, 64, 4, 4),
-    GemmConfig("gemm_m64_drop", 64, 128, 64, 8, 4),
+    LaunchConfig("gemm_m16_drop", 16, 64, 64, 4, 4),
+    LaunchConfig("gemm_m64_drop", 64, 128, 64, 8, 4),
 )
 _GEMM_FP32_DROPOUT = (
-    GemmConfig("gemm32_m16_drop", 16, 64, 32, 4, 3),
-    GemmConfig("gemm32_m64_drop", 64, 64, 32, 8, 3),
+    LaunchConfig("gemm32_m16_drop", 16, 64, 32, 4, 3),
+    LaunchConfig("gemm32_m64_drop", 64, 64, 32, 8, 3),
 )
-# Shrink: h = src @ mat over rows of src; block_a rows, block_b = loop step over the long dim.
+# Shrink: h = src @ mat over rows of src; block_m rows, block_k = loop step over the long dim.
 _SHRINK_HALF = (
-    SkinnyConfig("shrink_m16", 16, 64, 4, 3),
-    SkinnyConfig("shrink_m64", 64, 64, 4, 3),
+    LaunchConfig("shrink_m16", 16, 0, 64, 4, 3),
+    LaunchConfig("shrink_m64", 64, 0, 64, 4, 3),
 )
 _SHRINK_FP32 = (
-    SkinnyConfig("shrink32_m16", 16, 64, 4, 3),
-    SkinnyConfig("shrink32_m64", 64, 16, 8, 3),
+    LaunchConfig("shrink32_m16", 16, 0, 64, 4, 3),
+    LaunchConfig("shrink32_m64", 64, 0, 16, 8, 3),
 )
-# Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_a cols, block_b = loop step over M.
-_REDUCE_HALF = (SkinnyConfig("reduce", 64, 64, 8, 3),)
-_REDUCE_FP32 = (SkinnyConfig("reduce32", 64, 32, 8, 3),)
+# Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_m cols, block_k = loop step over M.
+_REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 8, 3),)
+_REDUCE_FP32 = (LaunchConfig("reduce32", 64, 0, 32, 8, 3),)
 
 MASK_BLOCK = (32, 64)  # dropout_mask kernel tile [rows, cols]
 
@@ -84,21 +62,21 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def gemm_configs(dtype: torch.dtype, dropout: bool = False) -> tuple[GemmConfig, ...]:
+def gemm_configs(dtype: torch.dtype, dropout: bool = False) -> tuple[LaunchConfig, ...]:
     if dropout:
         return _GEMM_HALF_DROPOUT if _is_half(dtype) else _GEMM_FP32_DROPOUT
     return _GEMM_HALF if _is_half(dtype) else _GEMM_FP32
 
 
-def shrink_configs(dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
+def shrink_configs(dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     return _SHRINK_HALF if _is_half(dtype) else _SHRINK_FP32
 
 
-def reduce_configs(dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
+def reduce_configs(dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     return _REDUCE_HALF if _is_half(dtype) else _REDUCE_FP32
 
 
-def pick_gemm(m: int, dtype: torch.dtype, dropout: bool = False) -> GemmConfig:
+def pick_gemm(m: int, dtype: torch.dtype, dropout: bool = False) -> LaunchConfig:
     """Smallest row tile that covers M (decode-sized M), else the largest tile."""
     configs = gemm_configs(dtype, dropout)
     for config in configs:
@@ -107,12 +85,12 @@ def pick_gemm(m: int, dtype: torch.dtype, dropout: bool = False) -> GemmConfig:
     return configs[-1]
 
 
-def pick_shrink(m: int, dtype: torch.dtype) -> SkinnyConfig:
+def pick_shrink(m: int, dtype: torch.dtype) -> LaunchConfig:
     configs = shrink_configs(dtype)
-    return configs[0] if m <= configs[0].block_a else configs[-1]
+    return configs[0] if m <= configs[0].block_m else configs[-1]
 
 
-def pick_reduce(dtype: torch.dtype) -> SkinnyConfig:
+def pick_reduce(dtype: torch.dtype) -> LaunchConfig:
     return reduce_configs(dtype)[0]
 
 

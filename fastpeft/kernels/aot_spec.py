@@ -1,32 +1,48 @@
-"""What the ahead-of-time kernel report compiles (DESIGN.md §3).
+"""What the ahead-of-time kernel report compiles: the launches the launchers really make.
 
-Every module of Triton kernels exposes ``aot_specs() -> list[KernelSpec]``,
-one entry per (kernel, launch config) its launchers can pick, and is listed in
-``KERNEL_MODULES``. ``fastpeft.tools.kernel_report`` compiles each entry for
-sm_80 and sm_90 without a GPU and reads registers, spills, shared memory and
-tensor-core instructions from the cubin.
+See ``docs/architecture.md`` ("The static GPU gate"). The Triton JIT compiles
+one variant per set of constexprs *and* per specialisation of the other
+arguments: an integer equal to 1 becomes a constant, pointers and integers
+divisible by 16 carry a divisibility hint (which decides vector widths and
+pipelining). A hand-written spec easily differs from what runs, so no spec is
+written by hand:
+
+- every public module of ``fastpeft.kernels`` defines ``aot_launches()``,
+  which calls its own launchers on realistic CPU tensors (contiguous, the
+  benchmark shapes, every rank class and every feature flag), labelling each
+  group of calls with ``launch_label``;
+- ``record_specs(aot_launches)`` runs it with Triton's launch replaced by a
+  recorder and turns each launch into a ``KernelSpec`` through Triton's own
+  binder (the code ``JITFunction.run`` uses), so the report compiles exactly
+  the variant a GPU would;
+- ``kernel_modules()`` finds the modules, so a new kernel module is in the
+  report without being listed anywhere.
+
+Recording runs no kernel: it needs neither a GPU nor the interpreter, but it
+must run in a process without ``TRITON_INTERPRET=1`` (``@triton.jit`` then
+makes the ``JITFunction`` objects the recorder needs).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-KERNEL_MODULES = (
-    "fastpeft.kernels.lora",
-    "fastpeft.kernels.nf4",
-)
+_ARCH_FOR_BINDING = 90  # specialisation does not depend on the arch; any CUDA target binds
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel in one launch configuration, as ``triton.compile`` needs it.
+    """One kernel variant as ``triton.compile`` needs it, plus how the report judges it.
 
-    ``signature`` maps every argument name to its Triton type ("*fp16", "*fp32",
-    "i32", "fp32", ... or "constexpr"); ``constexprs`` gives the constexpr
-    values. ``is_gemm`` marks kernels whose inner loop is a ``tl.dot`` and must
-    use tensor-core instructions. ``attrs`` passes ``ASTSource`` attributes,
-    e.g. ``{(arg_index,): [["tt.divisibility", 16]]}`` for the alignment the
-    JIT would see on real tensors.
+    ``signature`` maps every argument name to its Triton type ("*fp16", "i32",
+    "constexpr", ...); ``constexprs`` the constant values by argument name;
+    ``attrs`` the ``ASTSource`` attributes by argument path (divisibility
+    hints). ``is_gemm`` marks kernels whose inner loop is a ``tl.dot`` on
+    tensor-core precisions: those must contain tensor-core instructions.
     """
 
     name: str
@@ -37,3 +53,125 @@ class KernelSpec:
     num_stages: int = 3
     is_gemm: bool = True
     attrs: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        """What makes two specs the same compiled variant."""
+        return (self.fn.__name__, tuple(sorted(self.signature.items())),
+                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
+                tuple(sorted((k, str(v)) for k, v in self.attrs.items())), self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class RecordedLaunch:
+    fn: Any
+    args: tuple
+    kwargs: dict
+    label: str
+    is_gemm: bool
+
+
+_LABEL: list[tuple[str, bool]] = [("", True)]
+
+
+@contextlib.contextmanager
+def launch_label(label: str, is_gemm: bool):
+    """Names the launches made inside the block (``<kernel>[<label>]``) and says whether they are GEMMs."""
+    _LABEL.append((label, bool(is_gemm)))
+    try:
+        yield
+    finally:
+        _LABEL.pop()
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside the block, ``kernel[grid](...)`` records a ``RecordedLaunch`` instead of running."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[RecordedLaunch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        label, is_gemm = _LABEL[-1]
+        launches.append(RecordedLaunch(self, args, kwargs, label, is_gemm))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+@functools.lru_cache(maxsize=None)
+def _backend():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", _ARCH_FOR_BINDING, 32))
+
+
+def spec_of_launch(launch: RecordedLaunch) -> KernelSpec:
+    """The variant Triton's JIT would compile for this launch (its binder and argument packing)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, backend = launch.fn, _backend()
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, dict(launch.kwargs), bound_args,
+                                                          specialization, options)
+    by_name = {fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    name = f"{fn.__name__.lstrip('_').removesuffix('_kernel')}[{launch.label}]"
+    return KernelSpec(name, fn, dict(signature), by_name, options.num_warps, options.num_stages,
+                      launch.is_gemm, dict(attrs))
+
+
+def record_specs(aot_launches: Callable[[], None]) -> list[KernelSpec]:
+    """The distinct variants ``aot_launches()`` launches, in first-launch order.
+
+    Two launches of one variant give one spec (the first label wins); a label
+    reused by different variants gets ``#2``, ``#3`` ... appended.
+    """
+    with recording() as launches:
+        aot_launches()
+    specs, keys, names = [], set(), {}
+    for launch in launches:
+        spec = spec_of_launch(launch)
+        if spec.key() in keys:
+            continue
+        keys.add(spec.key())
+        count = names[spec.name] = names.get(spec.name, 0) + 1
+        if count > 1:
+            spec = KernelSpec(f"{spec.name}#{count}", spec.fn, spec.signature, spec.constexprs, spec.num_warps,
+                              spec.num_stages, spec.is_gemm, spec.attrs)
+        specs.append(spec)
+    return specs
+
+
+def kernel_modules() -> tuple[str, ...]:
+    """Every public module of ``fastpeft.kernels`` (each defines ``aot_launches``)."""
+    from .. import kernels
+
+    return tuple(f"{kernels.__name__}.{info.name}" for info in pkgutil.iter_modules(kernels.__path__)
+                 if not info.name.startswith("_") and info.name != "aot_spec")
+
+
+@functools.lru_cache(maxsize=None)
+def module_specs(module: str) -> tuple[KernelSpec, ...]:
+    """``record_specs`` of ``module``'s ``aot_launches``, less the variants of modules before it.
+
+    Modules reuse each other's launchers (QLoRA runs LoRA's shrink kernel): a
+    variant is reported once, by the first module in ``kernel_modules()``
+    order that launches it. Cached per process.
+    """
+    earlier = set()
+    for other in kernel_modules():
+        if other == module:
+            break
+        earlier.update(spec.key() for spec in module_specs(other))
+    specs = record_specs(importlib.import_module(module).aot_launches)
+    return tuple(spec for spec in specs if spec.key() not in earlier)
+
+
+def all_spec_keys() -> set:
+    """The keys of every variant of every kernel module."""
+    return {spec.key() for module in kernel_modules() for spec in module_specs(module)}

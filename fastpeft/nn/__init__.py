@@ -1,9 +1,13 @@
-"""Thin ``nn.Module`` wrappers around the fastpeft ops (DESIGN.md §2).
+"""Thin ``nn.Module`` wrappers around the fastpeft ops (see ``docs/architecture.md``).
 
 Modules hold parameters, initialisation, merge/unmerge and repr; the maths is
-done by ``fastpeft.ops``.
+done by ``fastpeft.ops``. Every module with trainable PEFT parameters follows
+the protocol of ``fastpeft.nn.base.PeftLayer``. One file per op, as in
+``fastpeft.ops``.
 """
-from .lora import LoRALinear
-from .nf4 import NF4Linear, QLoRALinear
+from .base import PEFT_LAYER_KINDS, PeftLayer, peft_layers
+from .lora import LoraLayer, LoRALinear
+from .nf4 import NF4Linear
+from .qlora import QLoRALinear
 
-__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear"]
+__all__ = ["LoRALinear", "LoraLayer", "NF4Linear", "PEFT_LAYER_KINDS", "PeftLayer", "QLoRALinear", "peft_layers"]

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import lora_linear
+from ..ops.lora import lora_linear
+from .base import PeftLayer
 
 InitLoraWeights = Union[bool, str]
 
@@ -113,12 +114,71 @@ def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights
     _check_init(init_lora_weights)
 
 
+def check_lora_dtype(lora_dtype) -> None:
+    """TypeError unless ``lora_dtype`` is None or a floating torch dtype."""
+    if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+        raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-class LoRALinear(nn.Module):
+class LoraLayer(PeftLayer):
+    """What every LoRA-kind layer shares: the ``lora_A``/``lora_B`` pair, its hyperparameters and init.
+
+    Subclasses (``LoRALinear``, ``fastpeft.nn.qlora.QLoRALinear``) call
+    ``_init_lora`` from their constructor and implement ``forward``, ``merge``
+    and ``unmerge``. ``lora_A``/``lora_B`` are bias-free ``nn.Linear`` holders
+    named as in HF PEFT; they are never called.
+    """
+
+    peft_kind = "lora"
+    mergeable = True
+    abstract_peft_layer = True
+
+    def _init_lora(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
+                   use_rslora: bool, init_lora_weights: InitLoraWeights, device, dtype: torch.dtype) -> None:
+        self.r = _check_rank(r)
+        self.lora_alpha = _check_alpha(lora_alpha)
+        self.lora_dropout = _check_dropout(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        init_lora_weights = _check_init(init_lora_weights)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        self._merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
+        """PEFT's init (see ``init_lora_pair``); ``False`` leaves both random (a non-zero update: for tests)."""
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
+
+    def peft_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def lora_weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in x's dtype: a differentiable cast when they differ, so grads land in the parameters."""
+        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        if lora_A.dtype != x.dtype:
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        return lora_A, lora_B
+
+    @torch.no_grad()
+    def delta_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """``scaling · B A`` as ``[out, in]``, computed in at least float32, returned in ``dtype``."""
+        compute = torch.promote_types(dtype, torch.float32)
+        return ((self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"merged={self._merged}")
+
+
+class LoRALinear(LoraLayer):
     """A frozen ``nn.Linear`` / ``Conv1D`` with a trainable LoRA update.
 
     Build it with ``LoRALinear.from_linear(base, ...)``; the base layer is kept
@@ -142,28 +202,15 @@ class LoRALinear(nn.Module):
                 f"fan_in_fan_out={fan_in_fan_out} does not match base_layer {type(base_layer).__name__} "
                 "(True exactly for Conv1D, whose weight is stored [in, out]); leave it None to auto-detect"
             )
-        if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
-            raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
-
-        self.r = _check_rank(r)
-        self.lora_alpha = _check_alpha(lora_alpha)
-        self.lora_dropout = _check_dropout(lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        check_lora_dtype(lora_dtype)
+        validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        init_lora_weights = _check_init(init_lora_weights)
-
         weight = base_layer.weight
         out_features, in_features = (weight.shape[1], weight.shape[0]) if conv1d else weight.shape
-        self.in_features, self.out_features = int(in_features), int(out_features)
-
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
-        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, **factory)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, **factory)
-        self._merged = False
-        self.reset_lora_parameters(init_lora_weights)
+        self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                        weight.device, lora_dtype or weight.dtype)
 
     @classmethod
     def from_linear(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -175,15 +222,6 @@ class LoRALinear(nn.Module):
         return cls(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                    init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype)
 
-    def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
-        """PEFT's init (see ``init_lora_pair``); ``False`` leaves both random (a non-zero update: for tests)."""
-        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
-
-    @property
-    def merged(self) -> bool:
-        """True while the LoRA update is folded into the base weight."""
-        return self._merged
-
     def _base_weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
@@ -191,9 +229,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return F.linear(x, self._base_weight_out_in(), self.base_layer.bias)
-        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
-        if lora_A.dtype != x.dtype:
-            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_A, lora_B = self.lora_weights_for(x)
         return lora_linear(x, self._base_weight_out_in(), lora_A, lora_B, self.scaling,
                            bias=self.base_layer.bias, dropout_p=self.lora_dropout, training=self.training)
 
@@ -201,12 +237,8 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` laid out like the base weight (``[in, out]`` for Conv1D),
         computed in at least float32 and returned in the base weight's dtype."""
-        weight = self.base_layer.weight
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        delta = (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling
-        if self.fan_in_fan_out:
-            delta = delta.t()
-        return delta.to(weight.dtype)
+        delta = self.delta_weight_out_in(self.base_layer.weight.dtype)
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -225,6 +257,4 @@ class LoRALinear(nn.Module):
         self._merged = False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self._merged}")
+        return f"{super().extra_repr()}, fan_in_fan_out={self.fan_in_fan_out}"

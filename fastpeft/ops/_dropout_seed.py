@@ -12,7 +12,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-SEED_LIMIT = 2**62
+SEED_LIMIT = 2**62  # the kernels join two 31-bit halves into one 62-bit Philox key
+
+
+def check_seed(name: str, seed) -> int:
+    """An int in ``[0, 2**62)``, else a ValueError/TypeError naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**62), got {seed}")
+    return seed
 
 
 def draw_seed(dropout_p: float) -> Optional[Tensor]:

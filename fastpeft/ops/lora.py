@@ -1,14 +1,15 @@
 """LoRA linear: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as an autograd op.
 
-Layers (DESIGN.md §2): ``lora_linear`` (functional API, validates) ->
+Layers (``docs/architecture.md``): ``lora_linear`` (functional API, validates) ->
 ``LoRALinearFunction`` (autograd) -> the ``fastpeft::lora_linear_forward`` /
 ``fastpeft::lora_linear_backward`` custom ops (with fake implementations, so
-``torch.compile(fullgraph=True)`` traces them) -> Triton kernels or the CPU
-path, chosen by ``fastpeft._backend.select_backend``.
+``torch.compile(fullgraph=True)`` traces them) -> ``fastpeft.kernels.lora``
+(Triton) or ``fastpeft.ops.lora_cpu``, picked by ``_dispatch.implementation``.
 
 Gradients are computed only for inputs that need them: no ``dW`` for a frozen
 weight, no ``dx`` when x needs none. A trainable weight or bias (full
-fine-tuning) gets a correct gradient from plain torch GEMMs.
+fine-tuning) gets a correct gradient from plain torch GEMMs. The backward is
+not itself differentiable: a double backward raises.
 
 Dropout follows HF PEFT: the mask is applied to x before ``A`` only, kept
 elements are scaled by ``1/(1-p)``. The mask is never stored: each call draws
@@ -22,30 +23,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.autograd.function import once_differentiable
+
 from .._backend import Backend, select_backend
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
-                           check_tensor)
+                           check_scaling, check_tensor)
 from . import lora_cpu
-from ._dispatch import custom_op_with_eager_path
-from ._dropout_seed import draw_seed, seed_value
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _implementation(device: torch.device, dtype: torch.dtype):
-    backend = select_backend(device)
-    if backend is Backend.TRITON:
-        if dtype not in _TRITON_DTYPES:
-            raise TypeError(f"the Triton LoRA kernels take float32, float16 or bfloat16 inputs, not {dtype}")
-        from ..kernels import lora as triton_lora
-
-        return triton_lora
-    return lora_cpu
+from ._autograd import gradients, needs
+from ._dispatch import custom_op_with_eager_path, implementation, not_computed
+from ._dropout_seed import check_seed, draw_seed, seed_value
 
 
 def _forward_impl(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    impl = _implementation(x2d.device, x2d.dtype)
+    impl = implementation("lora", x2d.device, x2d.dtype)
     return impl.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed))
 
 
@@ -62,11 +53,10 @@ def _(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def _backward_impl(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                    scaling: float, dropout_p: float, seed: Optional[Tensor],
                    need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _implementation(dy.device, dy.dtype)
+    impl = implementation("lora", dy.device, dy.dtype)
     grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed),
                                need_dx, need_dA, need_dB)
-    # Custom ops cannot return None: an empty tensor stands for "not computed".
-    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+    return not_computed(grads, dy)
 
 
 _backward_op, _backward = custom_op_with_eager_path("fastpeft::lora_linear_backward", _backward_impl)
@@ -80,8 +70,13 @@ def _(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, nee
     return maybe(need_dx, x2d), maybe(need_dA, lora_A), maybe(need_dB, lora_B)
 
 
+# The forward arguments of LoRALinearFunction, named once for its backward.
+LORA_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_p", "seed")
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for ``lora_linear``; inputs are already validated."""
+
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -93,22 +88,22 @@ class LoRALinearFunction(torch.autograd.Function):
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+        need = needs(ctx, LORA_INPUTS)
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx = dW = db = dA = dB = None
-        if need_dx or need_dA or need_dB:
+        grads = {}
+        if need["x"] or need["lora_A"] or need["lora_B"]:
             dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
-                                      need_dx, need_dA, need_dB)
-            dx = dx.view(ctx.x_shape) if need_dx else None
-            dA = dA if need_dA else None
-            dB = dB if need_dB else None
-        if need_dW:
-            dW = torch.mm(dy2d.t(), x2d)
-        if need_db and ctx.has_bias:
-            db = dy2d.sum(0)
-        return dx, dW, db, dA, dB, None, None, None
+                                   need["x"], need["lora_A"], need["lora_B"])
+            grads.update(x=dx.view(ctx.x_shape) if need["x"] else None, lora_A=dA if need["lora_A"] else None,
+                         lora_B=dB if need["lora_B"] else None)
+        if need["weight"]:
+            grads["weight"] = torch.mm(dy2d.t(), x2d)
+        if need["bias"] and ctx.has_bias:
+            grads["bias"] = dy2d.sum(0)
+        return gradients(LORA_INPUTS, **grads)
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -121,11 +116,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Returns ``[..., N]`` in x's dtype.
     """
     _validate(x, weight, lora_A, lora_B, bias)
+    scaling = check_scaling("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _validate(x, weight, lora_A, lora_B, bias) -> None:
@@ -140,6 +136,8 @@ def _validate(x, weight, lora_A, lora_B, bias) -> None:
 
 def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     """The boolean keep-mask the selected backend applies for ``seed`` (for tests and debugging)."""
+    dropout_p = check_probability("dropout_p", dropout_p)
+    seed = check_seed("seed", seed)
     device = torch.device(device)
     if select_backend(device) is Backend.TRITON:
         from ..kernels import lora as triton_lora

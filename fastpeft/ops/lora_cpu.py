@@ -1,13 +1,19 @@
 """LoRA linear on the CPU path: torch ops arranged for the fewest passes.
 
-Same contract as the Triton launchers in ``fastpeft.kernels.lora`` (see
-``lora_forward`` / ``lora_backward`` there), so ``fastpeft.ops.lora`` can pick
-either. Also runs on CUDA tensors when ``FASTPEFT_BACKEND=cpu`` forces it.
+Dispatch contract (``docs/architecture.md``): the same functions as the Triton
+launchers in ``fastpeft.kernels.lora`` (``lora_forward``, ``lora_backward``,
+``dropout_mask``), so ``fastpeft.ops.lora`` can pick either. Also runs on
+CUDA tensors when ``FASTPEFT_BACKEND=cpu`` forces it.
 
-Forward: ``y = addmm(b, x, Wᵀ)`` then one in-place ``addmm_`` adds ``h Bᵀ``
-with ``h = s · drop(x) Aᵀ``; no temporary of size ``M x N`` besides ``y``.
-Backward: ``dx = dy W`` with ``dh A`` added in place (masked when dropout is
-on); ``dB = dyᵀ h`` reuses the saved ``h``; frozen tensors get no gradient.
+Forward: ``y = addmm(b, x, Wᵀ)`` then one in-place ``addmm_`` adds
+``s · h Bᵀ`` with ``h = drop(x) Aᵀ / (1-p)`` (saved); the scaling is the
+``addmm_``'s ``alpha``, applied in its accumulator, so ``s · h`` is never
+rounded to fp16/bf16 on its own (where it could overflow). No temporary of
+size ``M x N`` besides ``y``.
+Backward: ``dx = dy W`` with ``s · dh A`` added in place (masked when dropout
+is on) for ``dh = dy B``; ``dB = s · dyᵀ h`` reuses the saved ``h``; frozen
+tensors get no gradient. ``lora_backward_with_base`` is the same around any
+frozen base (QLoRA's NF4 base in ``fastpeft.ops.qlora_cpu``).
 
 Dropout mask: not stored. It is regenerated in backward from the integer seed
 with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
@@ -18,7 +24,7 @@ import torch
 
 
 def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved ``h = s · drop(x) Aᵀ``: fp32, or fp64 for fp64 inputs."""
+    """dtype of the saved ``h = drop(x) Aᵀ / (1-p)``: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
@@ -47,10 +53,9 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: f
 
 
 def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-    """``y += h Bᵀ`` in place for any base output ``y``; returns ``h = s · drop(x) Aᵀ``."""
-    h = torch.mm(apply_dropout(x2d, dropout_p, seed), lora_A.t())
-    h = h.to(lora_h_dtype(x2d.dtype)).mul_(scaling)
-    y.addmm_(h.to(y.dtype), lora_B.t())
+    """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
+    h = torch.mm(apply_dropout(x2d, dropout_p, seed), lora_A.t()).to(lora_h_dtype(x2d.dtype))
+    y.addmm_(h.to(y.dtype), lora_B.t(), alpha=scaling)
     return h
 
 
@@ -69,16 +74,15 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
     """
     dx = dA = dB = None
     if need_dB:
-        dB = torch.mm(dy.t(), h.to(dy.dtype))
+        dB = torch.mm(dy.t(), h.to(dy.dtype)).mul_(scaling)
     if need_dx or need_dA:
         dh = torch.mm(dy, lora_B)
-        dh.mul_(scaling)
         if need_dA:
-            dA = torch.mm(dh.t(), apply_dropout(x2d, dropout_p, seed))
+            dA = torch.mm(dh.t(), apply_dropout(x2d, dropout_p, seed)).mul_(scaling)
         if need_dx:
             dx = base_input_grad(dy)
             if dropout_p == 0.0:
-                dx.addmm_(dh, lora_A)
+                dx.addmm_(dh, lora_A, alpha=scaling)
             else:
-                dx.add_(apply_dropout(torch.mm(dh, lora_A), dropout_p, seed))
+                dx.add_(apply_dropout(torch.mm(dh, lora_A), dropout_p, seed), alpha=scaling)
     return dx, dA, dB

@@ -1,18 +1,13 @@
 """NF4 linear: ``y = x · dequant(W)ᵀ (+ bias)`` with a frozen NF4 weight, as an autograd op.
 
-Layers (DESIGN.md §2): ``nf4_linear`` (functional API, validates) ->
+Layers (``docs/architecture.md``): ``nf4_linear`` (functional API, validates) ->
 ``NF4LinearFunction`` (autograd: grads for x and bias, never for the frozen
 weight) -> the ``fastpeft::nf4_linear_forward`` / ``fastpeft::nf4_linear_input_grad``
-custom ops (fake implementations for ``torch.compile``) -> the backend picked
-by ``fastpeft._backend.select_backend``:
-
-- Triton (CUDA tensors, or CPU tensors under the interpreter):
-  ``fastpeft.kernels.nf4`` fused dequant-matmul kernels;
-- CPU: the native fused kernels of ``fastpeft.quant.nf4_cpu`` when the native
-  extension builds on this machine; otherwise (no compiler, or float64 inputs,
-  which the native kernels do not take) an explicit dequantize-then-matmul in
-  torch (``cpu_path_uses_native`` says which one runs). The CPU path is chosen,
-  never reached by falling back from a failing Triton/CUDA kernel.
+custom ops (fake implementations for ``torch.compile``) ->
+``fastpeft.kernels.nf4`` (Triton fused dequant-matmul) or
+``fastpeft.ops.nf4_cpu`` (native C++ kernels, or dequantize-then-matmul),
+picked by ``_dispatch.implementation``; never reached by falling back from a
+failing kernel.
 
 Custom ops take tensors, not ``NF4Weight``: the packed bytes, the fp32 block
 scales (``absmax_float()``, double quantization already resolved), the
@@ -20,81 +15,24 @@ codebook, and ``(out_features, in_features, blocksize)``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_dim, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
-from ._dispatch import custom_op_with_eager_path
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# --------------------------------------------------------------------------- CPU path
-@functools.lru_cache(maxsize=None)
-def _native_cpu():
-    """``fastpeft.quant.nf4_cpu`` if its native extension loads here, else None."""
-    try:
-        from .. import _native
-        from ..quant import nf4_cpu
-    except ImportError:
-        return None
-    return nf4_cpu if _native.available() else None
-
-
-def cpu_path_uses_native(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the CPU path runs the native fused kernels for inputs of ``dtype`` (builds them on first call)."""
-    native = _native_cpu()
-    return native is not None and dtype in native.ACTIVATION_DTYPES
-
-
-def _weight_view(packed, absmax, code, n, k, blocksize, dtype) -> NF4Weight:
-    # absmax is already fp32, so the container has no double-quant state to resolve.
-    return NF4Weight(packed, (n, k), dtype if dtype in _TRITON_DTYPES else torch.float32, blocksize,
-                     absmax, code=code)
-
-
-def _dequantized(packed, absmax, code, n, k, blocksize, dtype) -> Tensor:
-    return _weight_view(packed, absmax, code, n, k, blocksize, dtype).dequantize(dtype)
-
-
-def cpu_nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias=None) -> Tensor:
-    """CPU path of ``x2d · dequant(W)ᵀ (+ bias)``."""
-    if x2d.device.type == "cpu" and cpu_path_uses_native(x2d.dtype):
-        return _native_cpu().nf4_matmul_packed(x2d, packed, absmax, n, k, blocksize, bias)
-    w = _dequantized(packed, absmax, code, n, k, blocksize, x2d.dtype)
-    return torch.nn.functional.linear(x2d, w, bias)
-
-
-def cpu_nf4_matmul_transposed(dy2d, packed, absmax, code, n, k, blocksize) -> Tensor:
-    """CPU path of ``dy2d · dequant(W)``."""
-    if dy2d.device.type == "cpu" and cpu_path_uses_native(dy2d.dtype):
-        return _native_cpu().nf4_matmul_transposed_packed(dy2d, packed, absmax, n, k, blocksize)
-    return torch.mm(dy2d, _dequantized(packed, absmax, code, n, k, blocksize, dy2d.dtype))
-
-
-def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when the Triton kernels run for these inputs (raises on a dtype they do not take)."""
-    if select_backend(device) is not Backend.TRITON:
-        return False
-    if dtype not in _TRITON_DTYPES:
-        raise TypeError(f"the Triton NF4 kernels take float32, float16 or bfloat16 inputs, not {dtype}")
-    return True
+from ._autograd import gradients, needs
+from ._dispatch import custom_op_with_eager_path, implementation
+from .nf4_cpu import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
 
 
 # --------------------------------------------------------------------------- custom ops
 def _forward_impl(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
                   in_features: int, blocksize: int, bias: Optional[Tensor]) -> Tensor:
-    if use_triton(x2d.device, x2d.dtype):
-        from ..kernels import nf4 as triton_nf4
-
-        return triton_nf4.nf4_matmul(x2d, packed.reshape(-1), absmax, code, out_features, in_features,
-                                     blocksize, bias=bias)
-    return cpu_nf4_matmul(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
+    impl = implementation("nf4", x2d.device, x2d.dtype)
+    return impl.nf4_forward(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
 
 
 _forward_op, _forward = custom_op_with_eager_path("fastpeft::nf4_linear_forward", _forward_impl)
@@ -107,12 +45,8 @@ def _(x2d, packed, absmax, code, out_features, in_features, blocksize, bias):
 
 def _input_grad_impl(dy2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
                      in_features: int, blocksize: int) -> Tensor:
-    if use_triton(dy2d.device, dy2d.dtype):
-        from ..kernels import nf4 as triton_nf4
-
-        return triton_nf4.nf4_matmul_transposed(dy2d, packed.reshape(-1), absmax, code, out_features,
-                                                in_features, blocksize)
-    return cpu_nf4_matmul_transposed(dy2d, packed, absmax, code, out_features, in_features, blocksize)
+    impl = implementation("nf4", dy2d.device, dy2d.dtype)
+    return impl.nf4_input_grad(dy2d, packed, absmax, code, out_features, in_features, blocksize)
 
 
 _input_grad_op, _input_grad = custom_op_with_eager_path("fastpeft::nf4_linear_input_grad", _input_grad_impl)
@@ -124,8 +58,13 @@ def _(dy2d, packed, absmax, code, out_features, in_features, blocksize):
 
 
 # --------------------------------------------------------------------------- autograd
+# The forward arguments of NF4LinearFunction, named once for its backward.
+NF4_INPUTS = ("x", "packed", "absmax", "code", "out_features", "in_features", "blocksize", "bias")
+
+
 class NF4LinearFunction(torch.autograd.Function):
     """Autograd for ``nf4_linear``; inputs are already validated. The weight gets no gradient."""
+
 
     @staticmethod
     def forward(ctx, x, packed, absmax, code, out_features, in_features, blocksize, bias):
@@ -137,17 +76,19 @@ class NF4LinearFunction(torch.autograd.Function):
         return y2d.view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         packed, absmax, code = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
+        need = needs(ctx, NF4_INPUTS)
         dy2d = dy.reshape(-1, out_features)
-        dx = db = None
-        if ctx.needs_input_grad[0]:
+        grads = {}
+        if need["x"]:
             dx = _input_grad(dy2d, packed, absmax, code, out_features, in_features, blocksize)
-            dx = dx.view(ctx.x_shape)
-        if ctx.needs_input_grad[7] and ctx.has_bias:
-            db = dy2d.sum(0)
-        return dx, None, None, None, None, None, None, db
+            grads["x"] = dx.view(ctx.x_shape)
+        if need["bias"] and ctx.has_bias:
+            grads["bias"] = dy2d.sum(0)
+        return gradients(NF4_INPUTS, **grads)
 
 
 def nf4_linear(x: Tensor, w_nf4: NF4Weight, bias: Optional[Tensor] = None) -> Tensor:

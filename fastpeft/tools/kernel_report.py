@@ -2,8 +2,10 @@
 
 ``python -m fastpeft.tools.kernel_report [--arch 80 90] [--json PATH] [--check]``
 
-For each ``KernelSpec`` of each module in ``fastpeft.kernels.aot_spec.KERNEL_MODULES``
-and each arch, ``triton.compile`` produces PTX and a cubin. From them:
+For each ``KernelSpec`` of each kernel module (``fastpeft.kernels.aot_spec``:
+every public module of ``fastpeft.kernels``, each spec recorded from a launch
+its launchers really make) and each arch, ``triton.compile`` produces PTX and
+a cubin. From them:
 
 - registers, stack and static shared memory: ``cuobjdump -res-usage`` of the
   cubin (triton 3.8 only fills ``n_regs``/``n_spills`` when it loads the cubin
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -138,27 +139,30 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
     """Compile spec ``index`` of ``module`` for ``arch`` (runs in a worker process)."""
+    from fastpeft.kernels.aot_spec import module_specs
+
     module, index, arch = job
-    spec = importlib.import_module(module).aot_specs()[index]
-    return dataclasses.asdict(compile_spec(spec, arch, module))
+    return dataclasses.asdict(compile_spec(module_specs(module)[index], arch, module))
 
 
 def _jobs(arches, modules) -> list[tuple[str, int, int]]:
+    from fastpeft.kernels.aot_spec import module_specs
+
     jobs = []
     for module in modules:
-        count = len(importlib.import_module(module).aot_specs())
+        count = len(module_specs(module))
         jobs += [(module, index, arch) for index in range(count) for arch in arches]
     return jobs
 
 
 def _default_modules() -> tuple[str, ...]:
-    from fastpeft.kernels.aot_spec import KERNEL_MODULES
+    from fastpeft.kernels.aot_spec import kernel_modules
 
-    return tuple(KERNEL_MODULES)
+    return kernel_modules()
 
 
 def compile_report(arches=(80, 90), modules=None, workers=None) -> list[KernelReportRow]:
-    """One row per (kernel config, arch) of every ``aot_specs()`` in ``modules`` (default: KERNEL_MODULES)."""
+    """One row per (kernel variant, arch) of every module in ``modules`` (default: all kernel modules)."""
     arches = tuple(int(a) for a in arches)
     for arch in arches:
         if arch not in SHARED_LIMIT:
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT),
                         help="SM versions")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    parser.add_argument("--modules", nargs="+", help="kernel modules (default: aot_spec.KERNEL_MODULES)")
+    parser.add_argument("--modules", nargs="+", help="kernel modules (default: every public module of fastpeft.kernels)")
     parser.add_argument("--workers", type=int, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any row fails the gate")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout")

@@ -18,7 +18,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import fastpeft.integrations.peft as backend
+import fastpeft.integrations.peft.backend as backend
 from fastpeft.integrations.peft import (FastLoraLinear, FusedLoraTarget, fastpeft_lora_config, load_fastpeft_adapter,
                                         register_fastpeft)
 from fastpeft.ops import lora_dropout_mask

@@ -100,12 +100,12 @@ def test_matmul_default_configs(dtype, m, with_bias):
 
 
 CONFIGS = {
-    "gemv_bm1": K.MatmulConfig(BM=1, BN=16, BK=64),
-    "gemv_bm4_bk128": K.MatmulConfig(BM=4, BN=8, BK=128),   # BK > blocksize: per-element absmax
-    "gemv_bm16": K.MatmulConfig(BM=16, BN=16, BK=32),
-    "dot_small": K.MatmulConfig(BM=32, BN=16, BK=32, GROUP_M=2),
-    "dot_bk128": K.MatmulConfig(BM=16, BN=32, BK=128, GROUP_M=3),  # K=192: ragged K/BK
-    "dot_bm64": K.MatmulConfig(BM=64, BN=64, BK=64),
+    "gemv_bm1": K.LaunchConfig("test", 1, 16, 64),
+    "gemv_bm4_bk128": K.LaunchConfig("test", 4, 8, 128),   # BK > blocksize: per-element absmax
+    "gemv_bm16": K.LaunchConfig("test", 16, 16, 32),
+    "dot_small": K.LaunchConfig("test", 32, 16, 32, group_m=2),
+    "dot_bk128": K.LaunchConfig("test", 16, 32, 128, group_m=3),  # K=192: ragged K/BK
+    "dot_bm64": K.LaunchConfig("test", 64, 64, 64),
 }
 
 
@@ -114,7 +114,7 @@ CONFIGS = {
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_matmul_every_config(name, dtype, double_quant):
     cfg = CONFIGS[name]
-    m = 3 if cfg.BM <= K.GEMV_MAX_M else 37
+    m = 3 if cfg.block_m <= K.GEMV_MAX_M else 37
     n, k, bs = 45, 192, 64
     packed, absmax, code, state = quantize(n, k, bs, double_quant)
     w32 = bnb_dequant(packed, state, torch.float32)
@@ -166,7 +166,7 @@ def test_matmul_transposed_ragged_k_tiles():
     packed, absmax, code, state = quantize(n, k, bs)
     w32 = bnb_dequant(packed, state, torch.float32)
     dy = torch.randn(17, n)
-    cfg = K.MatmulConfig(BM=16, BN=16, BK=128)  # K/BK = 1.5, BK > blocksize
+    cfg = K.LaunchConfig("test", 16, 16, 128)  # K/BK = 1.5, BK > blocksize
     dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, config=cfg, out=poisoned((17, k), dy.dtype))
     assert_close_to_ref(dx, dy.double() @ w32.double(), dy @ w32, tiny=1e-7)
 
@@ -192,23 +192,6 @@ def test_launcher_guards():
         K.nf4_matmul(x, packed, absmax, code, 8, 128, 64, out=torch.empty(2, 9))
 
 
-def test_aot_specs_are_complete():
-    specs = K.aot_specs()
-    names = [s.name for s in specs]
-    assert len(names) == len(set(names))
-    kernels = {s.fn for s in specs}
-    assert kernels == {K._nf4_matmul_kernel, K._nf4_gemv_kernel, K._nf4_matmul_t_kernel, K._nf4_dequant_kernel}
-    for spec in specs:
-        arg_names = spec.fn.arg_names
-        assert list(spec.signature) == list(arg_names), spec.name
-        constexpr_args = {a for a, t in spec.signature.items() if t == "constexpr"}
-        assert constexpr_args == set(spec.constexprs), spec.name
-        if spec.fn is K._nf4_gemv_kernel or spec.fn is K._nf4_dequant_kernel:
-            assert not spec.is_gemm
-    for bm in K._GEMV:
-        assert any(s.fn is K._nf4_gemv_kernel and s.constexprs["BM"] == bm for s in specs)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matmul_transposed_lora_dropout_uses_lora_kernel_mask(dtype):
     from fastpeft.kernels.lora import dropout_mask
@@ -220,7 +203,7 @@ def test_matmul_transposed_lora_dropout_uses_lora_kernel_mask(dtype):
     dh = torch.randn(m, r)
     lora_A = torch.randn(r, k).to(dtype)
     dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
-                                 dropout_p=p, seed=seed, out=poisoned((m, k), dtype))
+                                 lora_scale=1 / (1 - p), dropout_p=p, seed=seed, out=poisoned((m, k), dtype))
     keep = dropout_mask((m, k), p, seed, "cpu")
     assert 0.5 < keep.float().mean() < 0.9
     lora64 = (dh.to(dtype).double() @ lora_A.double()) * keep / (1 - p)
@@ -229,7 +212,7 @@ def test_matmul_transposed_lora_dropout_uses_lora_kernel_mask(dtype):
     assert_close_to_ref(dx, ref, dy @ w32.to(dtype) + lora_t)
     # A different seed gives a different mask, so the result must move.
     dx2 = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
-                                  dropout_p=p, seed=seed + 1)
+                                  lora_scale=1 / (1 - p), dropout_p=p, seed=seed + 1)
     assert not torch.allclose(dx, dx2)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastpeft.nn.nf4 import NF4Linear, QLoRALinear
+from fastpeft.nn import NF4Linear, QLoRALinear
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
@@ -177,11 +177,11 @@ def test_qlora_peft_init():
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_qlora_merge_returns_dense_linear(double_quant):
+def test_qlora_to_dense_linear_returns_merged_dense_linear(double_quant):
     lin = dense_linear()
     layer = QLoRALinear.from_linear(lin, r=4, init_lora_weights=False, double_quant=double_quant)
     packed_before = layer.base_layer.weight.clone()
-    merged = layer.merge()
+    merged = layer.to_dense_linear()
     assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
     expected = layer.base_layer.dequantize(torch.float64) + layer.scaling * (
         layer.lora_B.weight.double() @ layer.lora_A.weight.double())
@@ -192,6 +192,23 @@ def test_qlora_merge_returns_dense_linear(double_quant):
     ref = x.double() @ expected.T + lin.bias.double()
     assert_close_to_ref(merged(x), ref, layer(x))
     assert merged.weight.requires_grad and merged.bias.requires_grad is True
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_merge_and_unmerge_in_place_are_exact(double_quant):
+    lin = dense_linear()
+    layer = QLoRALinear.from_linear(lin, r=4, init_lora_weights=False, double_quant=double_quant).eval()
+    packed_before = layer.base_layer.weight.clone()
+    x = torch.randn(6, 128)
+    before = layer(x)
+    expected = layer.base_layer.dequantize(torch.float64) + layer.scaling * (
+        layer.lora_B.weight.double() @ layer.lora_A.weight.double())
+    layer.merge()
+    assert layer.merged
+    assert_close_to_ref(layer(x), x.double() @ expected.T + lin.bias.double(), before)
+    layer.unmerge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, packed_before)
+    assert torch.equal(layer(x), before)
 
 
 def test_qlora_dropout_changes_training_output_only():

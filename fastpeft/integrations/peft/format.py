@@ -30,8 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .injection import check_lora_targets, mark_only_lora_trainable, matches_target, replace_modules
-from .nn.lora import LoRALinear, is_lora_target, lora_scaling
+from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
+from ...injection.targets import matches_target, replace_modules
+from ...nn.lora import LoRALinear, is_lora_target, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,7 +55,7 @@ _LOADABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: Optional[str] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the LoRA layers of ``model``.
 
-    LoRA layers are those of ``adapter_layers`` (``LoRALinear``, ``QLoRALinear``).
+    LoRA layers are those of the "lora" kind (``fastpeft.nn.base``) (``LoRALinear``, ``QLoRALinear``).
     The LoRA tensors are saved in their own dtype. Raises ValueError when the
     model has no LoRA layer, one is merged, or dropout or rsLoRA differ between
     layers (a PEFT config has one value for each).
@@ -63,7 +64,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
-    layers = adapter_layers(model)
+    layers = lora_modules(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save; call fastpeft.apply_lora first")
     for name, layer in layers:
@@ -131,7 +132,7 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     targets = config["target_modules"]
     if isinstance(targets, str) and targets == "all-linear":
         raise ValueError(f"{CONFIG_NAME}: target_modules 'all-linear' is not supported; list the module names")
-    existing = dict(adapter_layers(model))
+    existing = dict(lora_modules(model))
     if existing:
         if lora_dtype is not None:
             raise ValueError("lora_dtype applies only when load_lora creates the LoRA layers; "
@@ -170,23 +171,6 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     replace_modules(model, _exact_names_regex(names), lambda name, module: built[name])
     mark_only_lora_trainable(model)
     return model
-
-
-def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every LoRA-carrying layer: ``LoRALinear`` and look-alikes (``QLoRALinear``).
-
-    A look-alike has ``lora_A``/``lora_B`` submodules holding ``.weight`` and
-    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``scaling`` attributes.
-    """
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) or (
-            all(isinstance(getattr(m, k, None), nn.Module) and hasattr(getattr(m, k), "weight")
-                for k in ("lora_A", "lora_B"))
-            and all(hasattr(m, k) for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "scaling"))
-        ):
-            found.append((name, m))
-    return found
 
 
 def _check_module_sets(model_names, file_names, what: str) -> None:

@@ -43,8 +43,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..nn.lora import conv1d_class
-from ..ops import lora_linear
+from ...nn.lora import conv1d_class
+from ...ops import lora_linear
 
 
 class _FusedLoraTargetMeta(type):

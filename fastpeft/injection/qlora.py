@@ -3,7 +3,7 @@
 Each targeted ``nn.Linear`` is quantized to NF4 (bytes equal to bitsandbytes')
 and gets a LoRA update; a targeted bitsandbytes ``Linear4bit`` (nf4) is wrapped
 without re-quantizing. Target matching is PEFT's, through
-``fastpeft.injection.replace_modules``. Every other parameter is frozen, so
+``fastpeft.injection.targets.replace_modules``. Every other parameter is frozen, so
 only ``lora_A.weight`` / ``lora_B.weight`` train (PEFT's ``bias="none"``).
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .injection import TargetModules, find_target_modules, replace_modules
-from .nn.lora import validate_lora_hyperparameters
-from .nn.nf4 import InitLoraWeights, QLoRALinear
-from .quant.nf4 import check_blocksize
+from ..nn.lora import InitLoraWeights, validate_lora_hyperparameters
+from ..nn.qlora import QLoRALinear
+from ..quant.nf4 import check_blocksize
+from .lora import mark_only_lora_trainable
+from .targets import TargetModules, find_target_modules, replace_modules
 
 
 def _is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -67,11 +68,7 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
         return QLoRALinear.from_linear(module, blocksize=blocksize, double_quant=double_quant, **lora)
 
     replace_modules(model, target_modules, make)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, m in qlora_modules(model):
-        m.lora_A.weight.requires_grad_(True)
-        m.lora_B.weight.requires_grad_(True)
+    mark_only_lora_trainable(model)
     return model
 
 

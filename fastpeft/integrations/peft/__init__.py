@@ -1,0 +1,23 @@
+"""HF PEFT interop, in one place.
+
+- ``format``: save and load LoRA adapters in PEFT's directory format
+  (``fastpeft.save_lora`` / ``fastpeft.load_lora``); needs only safetensors.
+- ``backend``: fastpeft as a backend of HF PEFT (``fastpeft_lora_config``,
+  ``load_fastpeft_adapter``, ...); importing it imports ``peft``, so its names
+  are loaded on first access.
+"""
+from .format import load_lora, read_lora_config, save_lora
+
+_BACKEND_NAMES = ("FastLoraLinear", "FusedLoraTarget", "fastpeft_lora_config", "load_fastpeft_adapter",
+                  "register_fastpeft")
+
+
+def __getattr__(name):
+    if name in _BACKEND_NAMES or name in ("backend", "lora_linear"):
+        from . import backend
+
+        return backend if name == "backend" else getattr(backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["load_lora", "read_lora_config", "save_lora", *_BACKEND_NAMES]

@@ -1,0 +1,143 @@
+"""The shared Triton layer: what every fastpeft kernel module uses the same way.
+
+See ``docs/architecture.md`` ("Kernels"). In one place:
+
+- **dtypes**: ``TRITON_DTYPE`` maps the torch dtypes the kernels take to Triton
+  type names; ``check_kernel_dtype`` raises for any other.
+- **precision policy** (``dot_precision``): fp16/bf16 operands multiply on
+  tensor cores and accumulate in fp32; fp32 operands follow torch's own
+  setting for CUDA matmuls (``torch.backends.cuda.matmul.fp32_precision`` /
+  ``allow_tf32``): exact ``"ieee"`` by default, ``"tf32"`` when the user
+  allowed TF32 for torch's matmuls too. Every ``tl.dot`` goes through ``mma``,
+  which also applies the interpreter's bf16 work-around (``interpreter_upcast``).
+- **dropout**: the keep-mask of element ``(row, col)`` of a row-major
+  ``[rows, row_len]`` operand is ``tl.rand(key, row * row_len + col) >= p``
+  (Philox), with the 62-bit key passed as two 31-bit halves (``split_seed``,
+  ``dropout_args``), never stored; forward, backward and every op that
+  shares an input draw the same mask for one seed.
+- **tile order**: ``grouped_tile`` maps a 1-D program id onto (row tile,
+  column tile) in groups of ``GROUP_M`` row tiles, so a group shares its
+  column tiles of the right operand in L2.
+- **launch configs**: ``LaunchConfig``, one type for every kernel (tile sizes
+  ``block_m``/``block_n``/``block_k``, warps, stages, group size).
+
+Naming convention in kernels: a pointer argument is ``<name>_ptr``; its strides
+are ``stride_<name><dim>`` (e.g. ``stride_xm``, ``stride_xk``); tile sizes are
+the constexprs ``BLOCK_M``/``BLOCK_N``/``BLOCK_K`` (``BLOCK_R`` for a rank);
+feature flags are ``HAS_<THING>`` / ``DROPOUT``; the dot precision is the
+constexpr ``DOT_PRECISION``, the interpreter work-around ``UPCAST``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreter_enabled
+
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNEL_DTYPES = tuple(TRITON_DTYPE)
+SEED_LIMIT = 2**62  # fastpeft.ops draws dropout seeds in [0, SEED_LIMIT)
+SEED_ARGS = ["seed_lo", "seed_hi"]  # never specialised: every seed shares one compiled kernel
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_kernel_dtype(what: str, dtype: torch.dtype) -> None:
+    """TypeError unless the Triton kernels take ``dtype``."""
+    if dtype not in TRITON_DTYPE:
+        raise TypeError(f"the Triton {what} kernels take float32, float16 or bfloat16 inputs, not {dtype}")
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether the user allowed TF32 for torch's fp32 CUDA matmuls (the setting fastpeft follows)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None and precision != "none":
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for operands of ``dtype`` (see the module docstring)."""
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
+        return "ieee"
+    return "tf32"
+
+
+def runs_on_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
+    """Whether a ``tl.dot`` on ``dtype`` operands at ``precision`` compiles to tensor-core instructions."""
+    return dtype != torch.float32 or precision != "ieee"
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """True when ``mma`` must multiply in fp32: the Triton interpreter's bf16 ``tl.dot`` is wrong."""
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """The two 31-bit halves a kernel joins into its 62-bit Philox key."""
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**62), got {seed}")
+    return seed & 0x7FFFFFFF, seed >> 31
+
+
+def dropout_args(dropout_p: float, seed: int) -> dict:
+    """Keyword arguments ``p, seed_lo, seed_hi, DROPOUT`` of a kernel that applies a dropout mask."""
+    seed_lo, seed_hi = split_seed(seed) if dropout_p > 0.0 else (0, 0)
+    return dict(p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, DROPOUT=dropout_p > 0.0)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of one kernel launch.
+
+    ``block_m``/``block_n`` are the output tile, ``block_k`` the step of the
+    reduction loop; a kernel that has no third dimension ignores ``block_n``.
+    ``name`` labels the config in the kernel report.
+    """
+
+    name: str
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def launch_options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@triton.jit
+def keep_mask(seed_lo, seed_hi, rows, cols, row_len, p):
+    """Dropout keep-mask (True = kept) of elements ``(rows[:, None], cols[None, :])``."""
+    key = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+    offsets = rows[:, None].to(tl.int64) * row_len + cols[None, :]
+    return tl.rand(key, offsets) >= p
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` at the policy's precision (fp32 accumulate)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in the grouped (L2-friendly) order."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
