@@ -58,24 +58,26 @@ def bottleneck_block(b: int) -> int:
     return max(16, triton.next_power_of_2(b))
 
 
-# Launch configs by BLOCK_B: (forward, backward rows, reduce). ``block_n`` of the reduce config is BLOCK_R.
-_CONFIGS = {
-    16: (LaunchConfig("b16", 64, 64, 64, 4, 3), LaunchConfig("b16", 64, 64, 0, 4, 2),
-         LaunchConfig("b16", 64, 16, 64, 4, 2)),
-    32: (LaunchConfig("b32", 64, 64, 64, 4, 3), LaunchConfig("b32", 64, 64, 0, 4, 2),
-         LaunchConfig("b32", 64, 32, 64, 4, 2)),
-    64: (LaunchConfig("b64", 64, 64, 64, 4, 3), LaunchConfig("b64", 64, 64, 0, 4, 2),
-         LaunchConfig("b64", 64, 64, 64, 4, 2)),
-    128: (LaunchConfig("b128", 64, 64, 32, 8, 2), LaunchConfig("b128", 64, 64, 0, 8, 2),
-          LaunchConfig("b128", 64, 128, 32, 8, 2)),
-    256: (LaunchConfig("b256", 32, 64, 32, 8, 2), LaunchConfig("b256", 32, 32, 0, 8, 2),
-          LaunchConfig("b256", 64, 128, 32, 8, 2)),
-}
+# Launch configs by (BLOCK_B, fp32 operands): (forward, backward rows, reduce); ``block_n`` of the reduce config
+# is its BLOCK_R, ``block_k`` its row step. fp32 "ieee" dots run on FMA units and hold whole tiles in
+# registers, so their tiles are smaller. Chosen for 0 spills in the kernel report at every activation.
+def _config_table(block_b: int, fp32: bool) -> tuple[LaunchConfig, LaunchConfig, LaunchConfig]:
+    name = f"b{block_b}" + ("-fp32" if fp32 else "")
+    warps = 4 if block_b <= 64 else 8
+    if fp32:
+        forward = LaunchConfig(name, 32, 64, 32, warps, 2)
+        rows = LaunchConfig(name, 16, 32, 0, warps, 1 if block_b <= 64 else 2)
+    else:
+        forward = LaunchConfig(name, 32 if block_b == 256 else 64, 64, 64 if block_b <= 64 else 32, warps,
+                               3 if block_b <= 64 else 2)
+        rows = LaunchConfig(name, 32 if block_b == 256 else 64, 32, 0, 8, 2)
+    reduce = LaunchConfig(name, 64, min(block_b, 128), 32, warps, 1 if fp32 else 2)
+    return forward, rows, reduce
 
 
-def configs(b: int) -> tuple[LaunchConfig, LaunchConfig, LaunchConfig]:
-    """(forward, backward rows, reduce) launch configs for bottleneck size ``b``."""
-    return _CONFIGS[bottleneck_block(b)]
+def configs(b: int, dtype: torch.dtype) -> tuple[LaunchConfig, LaunchConfig, LaunchConfig]:
+    """(forward, backward rows, reduce) launch configs for bottleneck size ``b`` and operand dtype."""
+    return _config_table(bottleneck_block(b), dtype == torch.float32 and dot_precision(dtype) == "ieee")
 
 
 def _column_groups(row_blocks: int, col_tiles: int) -> int:
@@ -103,7 +105,7 @@ def adapter_forward(x2d: Tensor, down_weight: Tensor, up_weight: Tensor, down_bi
     """
     m, h = x2d.shape
     b = down_weight.shape[0]
-    config = configs(b)[0]
+    config = configs(b, x2d.dtype)[0]
     y = torch.empty((m, h), dtype=x2d.dtype, device=x2d.device)
     pre = torch.empty((m, b), dtype=torch.float32, device=x2d.device) if store_pre else None
     if m == 0 or h == 0:
@@ -136,7 +138,7 @@ def _reduce(src: Tensor, h: Tensor, activate: bool, act: str, dropout_p: float, 
     """fp32 ``[P, R] = Σ_m drop(src)[m, P] h'[m, R]`` (``h' = act(h)`` when ``activate``), no scalar factors."""
     m, p_len = src.shape
     r = h.shape[1]
-    config = configs(r)[2]
+    config = configs(r, src.dtype)[2]
     block_r = min(config.block_n, bottleneck_block(r))
     grid_pr = (cdiv(p_len, config.block_m), cdiv(r, block_r))
     splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
@@ -147,7 +149,7 @@ def _reduce(src: Tensor, h: Tensor, activate: bool, act: str, dropout_p: float, 
     _adapter_reduce_kernel[grid_pr + (splits,)](
         src, h, partial, m, p_len, r, rows_per_split,
         src.stride(0), src.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-        drop["p"], drop["seed_lo"], drop["seed_hi"], ACT=activation_id(act), ACTIVATE_H=activate,
+        drop["p"], drop["seed_lo"], drop["seed_hi"], ACT=activation_id(act) if activate else 0, ACTIVATE_H=activate,
         DROPOUT=drop["DROPOUT"], BLOCK_P=config.block_m, BLOCK_M=config.block_k, BLOCK_R=block_r,
         **_dot_args(src.dtype), **config.launch_options(),
     )
@@ -166,7 +168,7 @@ def adapter_backward(dy: Tensor, x2d: Tensor, down_weight: Tensor, up_weight: Te
     """
     m, h = x2d.shape
     b = down_weight.shape[0]
-    _, rows_config, _ = configs(b)
+    _, rows_config, _ = configs(b, dy.dtype)
     pre = pre.contiguous()
     need_da = need_dx or need_down_weight or need_down_bias
     need_scale = need_scale and scale is not None
@@ -227,3 +229,54 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
                                                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
                                                                num_stages=1)
     return out.bool()
+
+
+# --- the static GPU gate -----------------------------------------------------------------------------------
+
+AOT_HIDDEN = (768, 4096)
+AOT_BOTTLENECK = (48, 64, 256)
+AOT_TOKENS = 512
+
+
+def aot_launches() -> None:
+    """Every launch variant of this module on benchmark-sized CPU tensors (recorded, never run).
+
+    Per dtype, hidden size and bottleneck class: the inference forward, the
+    training forward (pre stored, biases, residual, per-channel scale,
+    dropout), the full backward with a 0-dim scale and dropout, and the
+    backward of a frozen-x middle layer with a float scale; the training
+    forward and full backward once per other activation (fp16, one shape). fp32 dots are exact
+    ("ieee", FMA units), so only fp16/bf16 groups are marked as GEMMs.
+    """
+    for dtype in _common.KERNEL_DTYPES:
+        name = _common.TRITON_DTYPE[dtype]
+        is_gemm = _common.runs_on_tensor_cores(dtype, dot_precision(dtype))
+        for h in AOT_HIDDEN:
+            for b in AOT_BOTTLENECK:
+                with launch_label(f"{name},H{h},{configs(b, dtype)[0].name}", is_gemm=is_gemm):
+                    _aot_layer(h, b, dtype, "relu")
+        with launch_label(f"{name},mask", is_gemm=False):
+            dropout_mask((AOT_TOKENS, AOT_HIDDEN[0]), 0.1, 1, "cpu")
+    for act in ("gelu", "gelu_new", "quick_gelu", "silu", "tanh", "sigmoid", "leakyrelu", "linear", "mish",
+                "relu6"):
+        with launch_label(f"fp16,{act}", is_gemm=True):
+            _aot_layer(AOT_HIDDEN[0], 64, torch.float16, act, every_variant=False)
+
+
+def _aot_layer(h: int, b: int, dtype: torch.dtype, act: str, every_variant: bool = True) -> None:
+    m = AOT_TOKENS
+
+    def rand(*shape):
+        return torch.empty(shape, dtype=dtype)
+
+    x, dy, residual = rand(m, h), rand(m, h), rand(m, h)
+    down_w, up_w, down_b, up_b, channel = rand(b, h), rand(h, b), rand(b), rand(h), rand(h)
+    _, pre = adapter_forward(x, down_w, up_w, down_b, up_b, residual, 1.0, channel, act, 0.1, 1, True)
+    adapter_backward(dy, x, down_w, up_w, up_b, pre, 1.0, rand(), act, 0.1, 1, *[True] * 6)
+    if every_variant:
+        adapter_forward(x, down_w, up_w, None, None, residual, 2.0, None, act, 0.0, 0, False)
+        adapter_backward(dy, x, down_w, up_w, None, pre, 4.0, None, act, 0.0, 0, False, True, True, True, True, False)
+
+
+def aot_specs():
+    return list(module_specs(__name__))
