@@ -35,6 +35,13 @@ float block_absmax(const T* x, std::int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
+// max |x| ignoring NaN (fmax), 0 for an all-NaN block: bitsandbytes' 8-bit blockwise quantizer
+float block_absmax_ignoring_nan(const float* x, std::int64_t n) {
+  float m = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) m = std::fmax(m, std::fabs(x[i]));
+  return m;
+}
+
 }  // namespace
 
 template <typename T>
@@ -86,7 +93,9 @@ void dynamic_quantize(const float* values, std::int64_t n, std::int64_t blocksiz
   for (std::int64_t b = 0; b < nblocks; ++b) {
     const std::int64_t start = b * blocksize;
     const std::int64_t len = std::min(blocksize, n - start);
-    const float amax = block_absmax(values + start, len);
+    // Non-finite input is defined as in bitsandbytes: NaN is left out of the absmax and stores code 0;
+    // an infinite absmax scales every finite value to 0 (and inf itself to NaN, code 0).
+    const float amax = block_absmax_ignoring_nan(values + start, len);
     absmax[b] = amax;
     if (amax == 0.0f) {
       std::fill(out + start, out + start + len, std::uint8_t{0});

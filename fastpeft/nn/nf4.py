@@ -19,6 +19,15 @@ from ..quant.nf4 import NF4Weight
 
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place write counter (``copy_`` etc. bump it); inference tensors have none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _rebuild_after_load(module: "NF4Linear", incompatible_keys) -> None:
+    module._rebuild_nf4_weight()
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is NF4-quantized; ``bias`` (optional) is a parameter.
 
@@ -55,7 +64,7 @@ class NF4Linear(nn.Module):
         self.bias = bias
         self._cache: tuple = (None, None)
         self._rebuild_nf4_weight()
-        self.register_load_state_dict_post_hook(lambda module, _: module._rebuild_nf4_weight())
+        self.register_load_state_dict_post_hook(_rebuild_after_load)  # a module-level function: picklable
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False) -> "NF4Linear":
@@ -74,9 +83,12 @@ class NF4Linear(nn.Module):
         return cls(weight, getattr(linear4bit, "bias", None))
 
     def _buffers_and_key(self):
+        """The quantization buffers and a key that changes when any is replaced or written in place."""
         buffers = (self.weight, self.weight_absmax, self.weight_code,
-                   getattr(self, "weight_nested_absmax", None), getattr(self, "weight_nested_code", None))
-        return buffers, tuple(None if t is None else (t.data_ptr(), t.device, t.dtype) for t in buffers)
+                   getattr(self, "weight_nested_absmax", None), getattr(self, "weight_nested_code", None),
+                   getattr(self, "weight_nested_offset", None))
+        return buffers[:5], tuple(None if t is None else (t.data_ptr(), t.device, t.dtype, _version(t))
+                                  for t in buffers)
 
     def _rebuild_nf4_weight(self) -> None:
         (packed, absmax, code, nested_absmax, nested_code), key = self._buffers_and_key()
@@ -92,7 +104,9 @@ class NF4Linear(nn.Module):
 
         Built eagerly (construction, ``.to()``, ``load_state_dict``) and reused,
         so that ``torch.compile`` sees a ready object; outside compilation a
-        buffer replaced by assignment is noticed and the view rebuilt.
+        buffer replaced by assignment or written in place (``copy_``: its
+        version counter moves) is noticed and the view rebuilt, so the fp32
+        block scales decoded from double quantization are never stale.
         """
         if not torch.compiler.is_compiling() and self._cache[0] != self._buffers_and_key()[1]:
             self._rebuild_nf4_weight()

@@ -2,7 +2,7 @@
 
 This module is the format: the codebook, the pure-torch reference quantizer and
 dequantizer (vectorised, any device), and ``NF4Weight``, the container every
-NF4 kernel in fastpeft reads (Triton, CUDA C++, CPU C++). Facts in DESIGN.md §5:
+NF4 kernel in fastpeft reads (Triton, CUDA C++, CPU C++). Facts (``docs/architecture.md``, "NF4 format"):
 
 - a weight of ``numel`` elements is flattened row-major and cut into blocks of
   ``blocksize`` consecutive elements, each scaled by its fp32 ``absmax``;
@@ -77,6 +77,28 @@ def check_blocksize(blocksize, name: str = "blocksize") -> int:
     return blocksize
 
 
+def check_double_quant(double_quant, name: str = "double_quant") -> bool:
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"{name} must be a bool, got {type(double_quant).__name__} {double_quant!r}")
+    return double_quant
+
+
+def double_quant_offset(absmax: Tensor) -> Tensor:
+    """The mean block scale that double quantization subtracts (torch's mean, as bitsandbytes).
+
+    A NaN or infinite weight makes its block scale non-finite and the mean with it;
+    bitsandbytes then stores a NaN offset, so every block of the weight dequantizes
+    to NaN. Refused here instead, naming the cause.
+    """
+    offset = absmax.mean()
+    if not torch.isfinite(offset):
+        bad = int((~torch.isfinite(absmax)).sum())
+        raise ValueError(f"weight has NaN or infinite values ({bad} of {absmax.numel()} blocks): double "
+                         "quantization of the block scales would make every block NaN; quantize with "
+                         "double_quant=False (only the affected blocks are non-finite) or clean the weight")
+    return offset
+
+
 def num_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 
@@ -147,15 +169,21 @@ def quantize_dynamic_reference(values: Tensor, code: Tensor, blocksize: int = NE
     ``dynamic_lookup_table`` (round half up) and looked up there, so the result
     is the nearest code up to the grid's resolution. A block whose absmax is 0
     stores index 0 everywhere.
+
+    Non-finite values, as bitsandbytes' CPU quantizer: the absmax ignores NaN
+    (0 for an all-NaN block), a NaN stores index 0, and an infinite absmax
+    scales every finite value to 0 (inf itself becomes NaN: index 0).
     """
     flat = values.reshape(-1).float()
     n = flat.numel()
     nb = num_blocks(n, blocksize)
     padded = torch.cat([flat, flat.new_zeros(nb * blocksize - n)]).view(nb, blocksize)
-    absmax = padded.abs().amax(dim=1)  # zero padding never exceeds a real |x|
+    magnitude = padded.abs()
+    absmax = torch.where(magnitude.isnan(), 0.0, magnitude).amax(dim=1)  # zero padding never exceeds a real |x|
     inv = 1.0 / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     normed = (padded * inv.unsqueeze(1)).clamp(-1.0, 1.0)
-    grid_index = ((normed + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).long().clamp(0, _LUT_SIZE - 1)
+    grid_index = ((normed + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5)
+    grid_index = torch.where(grid_index.isnan(), 0.0, grid_index).long().clamp(0, _LUT_SIZE - 1)
     indices = dynamic_lookup_table(code)[grid_index]
     indices = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(indices), indices)
     return indices.reshape(-1)[:n].to(torch.uint8), absmax
@@ -263,10 +291,11 @@ class NF4Weight:
         if weight.dim() == 0 or weight.numel() == 0:
             raise ValueError(f"weight must be a non-empty tensor with at least one dimension, got shape {tuple(weight.shape)}")
         check_blocksize(blocksize)
+        check_double_quant(double_quant)
         packed, absmax = quantize_nf4_reference(weight.detach(), blocksize)
         if not double_quant:
             return cls(packed, weight.shape, weight.dtype, blocksize, absmax)
-        offset = absmax.mean()
+        offset = double_quant_offset(absmax)
         nested_code = signed_dynamic_map(absmax.device)
         qabsmax, nested_absmax = quantize_dynamic_reference(absmax - offset, nested_code)
         return cls(packed, weight.shape, weight.dtype, blocksize, qabsmax,
@@ -295,7 +324,7 @@ class NF4Weight:
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "weight") -> "NF4Weight":
-        """Read the entries a bitsandbytes ``Linear4bit`` saves under ``prefix`` (DESIGN.md §5)."""
+        """Read the entries a bitsandbytes ``Linear4bit`` saves under ``prefix`` (``docs/architecture.md``)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_keys = [k for k in state_dict if k.startswith(prefix + ".quant_state.bitsandbytes__")]
@@ -306,7 +335,7 @@ class NF4Weight:
         kind = state_keys[0].rsplit("__", 1)[1]
         if kind != "nf4":
             raise ValueError(f"state_dict entry {state_keys[0]!r} holds quant_type {kind!r}; only 'nf4' is supported")
-        meta = json.loads(bytes(state_dict[state_keys[0]].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        meta = _read_quant_state_blob(state_keys[0], state_dict[state_keys[0]])
         if meta.get("quant_type") != "nf4":
             raise ValueError(f"quant_state quant_type is {meta.get('quant_type')!r}; only 'nf4' is supported")
 
@@ -324,11 +353,13 @@ class NF4Weight:
         if "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict:
             if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
                 raise ValueError(f"nested_blocksize {meta['nested_blocksize']} is not supported (only {NESTED_BLOCKSIZE})")
-            if "nested_offset" not in meta:
-                raise ValueError("quant_state has nested tensors but no nested_offset")
+            offset = meta.get("nested_offset")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+                raise ValueError(f"state_dict entry {state_keys[0]!r}: nested tensors need a numeric nested_offset, "
+                                 f"got {offset!r}")
             return cls(packed, meta["shape"], dtype, meta["blocksize"], need("absmax"),
                        nested_absmax=need("nested_absmax").float(), nested_code=need("nested_quant_map").float(),
-                       offset=float(meta["nested_offset"]), code=code)
+                       offset=float(offset), code=code)
         return cls(packed, meta["shape"], dtype, meta["blocksize"], need("absmax"), code=code)
 
     # -- views --------------------------------------------------------------
@@ -388,6 +419,26 @@ class NF4Weight:
         dq = ", double_quant" if self.double_quant else ""
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{dq}, "
                 f"device={self.device})")
+
+
+_QUANT_STATE_KEYS = ("quant_type", "blocksize", "dtype", "shape")
+
+
+def _read_quant_state_blob(key: str, blob) -> dict:
+    """The JSON dict bitsandbytes stores as uint8 bytes under ``key``; ValueError naming ``key`` if corrupted."""
+    if not isinstance(blob, Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"state_dict entry {key!r} must be a 1-D uint8 tensor (bitsandbytes' JSON quant state), "
+                         f"got {getattr(blob, 'dtype', type(blob).__name__)}")
+    try:
+        meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"state_dict entry {key!r} is not a valid bitsandbytes quant state (JSON): {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"state_dict entry {key!r} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in _QUANT_STATE_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"state_dict entry {key!r} lacks {missing}")
+    return meta
 
 
 def _check_shape(shape) -> torch.Size:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .nf4 import NESTED_BLOCKSIZE, NF4Weight, check_blocksize, signed_dynamic_map
+from .nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_quant, double_quant_offset,
+                  signed_dynamic_map)
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -102,10 +103,11 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) ->
     if weight.dim() == 0 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty tensor with at least one dimension, got shape {tuple(weight.shape)}")
     check_blocksize(blocksize)
+    check_double_quant(double_quant)
     packed, absmax = _native.op("nf4_quantize")(weight.detach(), blocksize)
     if not double_quant:
         return NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
-    offset = absmax.mean()  # torch's mean, as bitsandbytes
+    offset = double_quant_offset(absmax)
     code2 = signed_dynamic_map()
     qabsmax, nested_absmax = _native.op("dynamic_quantize")(absmax - offset, code2, NESTED_BLOCKSIZE)
     return NF4Weight(packed, weight.shape, weight.dtype, blocksize, qabsmax,

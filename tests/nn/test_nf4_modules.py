@@ -271,3 +271,46 @@ def test_load_state_dict_refreshes_quantized_weight(double_quant):
     dst.load_state_dict(src.state_dict())
     assert torch.equal(dst(x), src(x))
     assert torch.equal(dst.base_layer.dequantize(), src.base_layer.dequantize())
+
+
+@pytest.mark.parametrize("buffer", ["weight_absmax", "weight_nested_absmax", "weight_nested_offset", "weight"])
+def test_in_place_copy_into_buffers_is_seen_by_forward(buffer):
+    src = NF4Linear.from_linear(dense_linear(), double_quant=True)
+    dst = NF4Linear.from_linear(dense_linear(), double_quant=True)
+    x = torch.randn(3, 128)
+    before = dst(x)  # decodes and caches dst's fp32 block scales
+    with torch.no_grad():
+        getattr(dst, buffer).copy_(getattr(src, buffer))
+    expected = _fresh_layer_from_buffers(dst)(x)
+    assert not torch.equal(expected, before)
+    assert torch.equal(dst(x), expected)
+
+
+def _fresh_layer_from_buffers(layer):
+    """A new NF4Linear on copies of ``layer``'s current buffers: no cache of ``layer`` can reach it."""
+    w = NF4Weight(layer.weight.clone(), (layer.out_features, layer.in_features), layer.weight_dtype,
+                  layer.blocksize, layer.weight_absmax.clone(), nested_absmax=layer.weight_nested_absmax.clone(),
+                  nested_code=layer.weight_nested_code.clone(), offset=float(layer.weight_nested_offset),
+                  code=layer.weight_code.clone())
+    return NF4Linear(w, layer.bias)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_model_with_nf4_layers_pickles(double_quant, tmp_path):
+    import io
+    import pickle
+
+    model = nn.Sequential(QLoRALinear.from_linear(dense_linear(n=64), r=4, init_lora_weights=False,
+                                                  double_quant=double_quant),
+                          nn.ReLU(), NF4Linear.from_linear(dense_linear(64, 40), double_quant=double_quant))
+    x = torch.randn(3, 128)
+    expected = model(x)
+    clone = pickle.loads(pickle.dumps(model))
+    assert torch.equal(clone(x), expected)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a user's whole-model save (fastpeft itself never pickles weights)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), expected)
+    loaded[2].load_state_dict(model[2].state_dict())  # the load hook survives the round trip
+    assert torch.equal(loaded(x), expected)

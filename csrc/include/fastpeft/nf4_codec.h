@@ -1,7 +1,7 @@
 // NF4 element arithmetic shared by the CPU (C++) and CUDA kernels.
 //
 // Everything here is the scalar definition of the bitsandbytes-compatible NF4
-// format (DESIGN.md §5): code table, encoding by fp32 midpoints with strict
+// format (docs/architecture.md, "NF4 format"): code table, encoding by fp32 midpoints with strict
 // `>`, nibble order (element 2j is the high nibble of byte j), one-multiply
 // decode, and the double-quantized block scale. The CPU build tests these
 // functions directly, so the GPU kernels run arithmetic that is checked here.
@@ -113,7 +113,10 @@ FASTPEFT_HD float nested_scale(float code2_value, float group_absmax, float offs
 // ---------------------------------------------------------------------------
 constexpr int kDynamicGridSize = 65536;
 
+// A NaN (a NaN value, inf / inf, or anything over an absmax of 0) maps to grid point 0, i.e. code 0, as in
+// bitsandbytes' CPU quantizer; casting NaN to int would be undefined behaviour.
 FASTPEFT_HD int dynamic_grid_index(float normed) {
+  if (normed != normed) return 0;
   const float v = clamp_unit(normed);
   return static_cast<int>(mul_add_unfused((v + 1.0f) * 0.5f, static_cast<float>(kDynamicGridSize - 1), 0.5f));
 }
