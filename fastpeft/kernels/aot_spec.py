@@ -88,6 +88,12 @@ def recording():
     """Inside the block, ``kernel[grid](...)`` records a ``RecordedLaunch`` instead of running."""
     from triton.runtime.jit import JITFunction
 
+    from .._backend import triton_interpreter_enabled
+
+    if triton_interpreter_enabled():
+        raise RuntimeError("AOT specs are recorded from JIT launches: run this in a process without "
+                           "TRITON_INTERPRET=1 (fastpeft.tools.kernel_report does so by itself)")
+
     launches: list[RecordedLaunch] = []
     original = JITFunction.run
 

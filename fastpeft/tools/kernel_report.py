@@ -16,7 +16,12 @@ a cubin. From them:
 - shared memory: ``metadata.shared`` (the dynamic shared memory the launch
   asks for) plus the static shared memory of the cubin;
 - tensor-core instructions: ``cuobjdump -sass`` of the cubin, looking for
-  ``HGMMA`` (sm_90 wgmma) and ``HMMA`` (mma.sync).
+  ``HGMMA`` (sm_90 wgmma) and ``HMMA`` (mma.sync);
+- global loads: the widest global load in the SASS (``LDG.E.128`` -> 128
+  bits; ``LDGSTS``, the ``cp.async`` copy into shared memory, counts too) and
+  the number of asynchronous copies (``LDGSTS`` and sm_90's TMA ``UTMALDG``):
+  narrow, synchronous loads are what a vectorisation or pipelining regression
+  looks like.
 
 The compile must not go through the Triton interpreter. When this process has
 ``TRITON_INTERPRET=1`` (as the test suite does), ``compile_report`` runs the
@@ -59,6 +64,8 @@ class KernelReportRow:
     shared_bytes: int
     hmma: int
     hgmma: int
+    load_bits: int
+    async_copies: int
     compile_s: float
 
     @property
@@ -107,8 +114,19 @@ def _ptxas_spills(ptx: str, fp_fusion: bool) -> tuple[int, int]:
     return int(spills.group(1)), int(spills.group(2))
 
 
-def _cubin_usage(cubin: bytes) -> tuple[int, int, int, int, int]:
-    """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count) of the cubin itself."""
+_LOAD = re.compile(r"\b(LDG|LDGSTS)\.E(?:\.[A-Z_]+)*?(?:\.(U8|S8|U16|S16|64|128))?(?:\.[A-Z_]+)*\s")
+_LOAD_BITS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128, None: 32}
+
+
+def _load_widths(sass: str) -> tuple[int, int]:
+    """(widest global load in bits, number of asynchronous copies) of the SASS text."""
+    widths = [_LOAD_BITS[m.group(2)] for m in _LOAD.finditer(sass)]
+    asynchronous = len(re.findall(r"\bLDGSTS\.", sass)) + len(re.findall(r"\bUTMALDG\b", sass))
+    return (max(widths) if widths else 0), asynchronous
+
+
+def _cubin_usage(cubin: bytes) -> tuple:
+    """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count, load bits, async copies)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -116,7 +134,7 @@ def _cubin_usage(cubin: bytes) -> tuple[int, int, int, int, int]:
                               text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
     return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]),
-            len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)))
+            len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)), *_load_widths(text))
 
 
 def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
@@ -129,12 +147,12 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
     source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    registers, stack, static_shared, hmma, hgmma = _cubin_usage(kernel.asm["cubin"])
+    registers, stack, static_shared, hmma, hgmma, load_bits, async_copies = _cubin_usage(kernel.asm["cubin"])
     # Spills live in the stack frame: without one there is nothing to count.
     spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion) if stack else (0, 0)
     return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
                            spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
-                           round(time.perf_counter() - start, 3))
+                           load_bits, async_copies, round(time.perf_counter() - start, 3))
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
@@ -193,12 +211,14 @@ def _report_in_child(arches, modules, workers) -> list[KernelReportRow]:
 
 
 def format_table(rows: list[KernelReportRow]) -> str:
-    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "tensor core", "compile s", "gate")
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "tensor core", "loads",
+              "compile s", "gate")
     lines = [header]
     for r in rows:
         lines.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spills),
                       str(r.shared_bytes), f"{r.tensor_core} ({r.hgmma or r.hmma})" if r.tensor_core != "none"
-                      else "none", f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
+                      else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
+                      f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 

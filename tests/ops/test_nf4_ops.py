@@ -7,14 +7,11 @@ import pytest
 import torch
 
 import bitsandbytes.functional as bnbF
-from fastpeft._backend import triton_interpreter_enabled
 from fastpeft.ops.nf4 import nf4_linear
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
 BACKENDS = ["cpu", "triton"]
-BF16_INTERP = pytest.mark.skipif(triton_interpreter_enabled(),
-                                 reason="Triton interpreter: bf16 casts truncate, bf16 tl.dot wrong")
 
 
 def make_weight(n, k, blocksize=64, double_quant=False, dtype=torch.float32):
@@ -68,7 +65,6 @@ def test_non_contiguous_input_and_no_bias(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@BF16_INTERP
 def test_bf16_triton(backend):
     w = make_weight(40, 128)
     x = torch.randn(7, 128, dtype=torch.bfloat16)

@@ -1,81 +1,83 @@
-"""The ahead-of-time kernel report as a gate for the LoRA kernels (sm_80 and sm_90, no GPU needed).
+"""The ahead-of-time kernel report as a gate for every Triton kernel (sm_80 and sm_90, no GPU needed).
 
-Every LoRA kernel config must compile without spills, within 255 registers and
-the arch's shared-memory limit, and every GEMM-shaped kernel must contain
-tensor-core instructions (HMMA, or HGMMA on sm_90). The suite runs with
-TRITON_INTERPRET=1, so ``compile_report`` compiles in a child process without
-it; the triton cache makes a second run cheap.
+Every variant the launchers run (``fastpeft.kernels.aot_spec``) must compile
+without spills, within 255 registers and the arch's shared-memory limit, and
+every GEMM-shaped variant must contain tensor-core instructions (HMMA, or
+HGMMA on sm_90). The report also says how wide the global loads are and
+whether operands arrive by asynchronous copies.
 """
 import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from fastpeft.kernels import lora
-from fastpeft.tools.kernel_report import SHARED_LIMIT, KernelReportRow, compile_report, format_table
+from fastpeft.kernels.aot_spec import kernel_modules
+from fastpeft.tools.kernel_report import SHARED_LIMIT, KernelReportRow, _load_widths, compile_report
 
 pytestmark = pytest.mark.slow
 
 ARCHES = (80, 90)
+NO_INTERPRETER = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-@pytest.fixture(scope="module")
-def lora_rows():
-    start = time.perf_counter()
-    rows = compile_report(ARCHES, modules=["fastpeft.kernels.lora"])
-    print(f"\n{format_table(rows)}\nLoRA kernel report: {len(rows)} compiles in {time.perf_counter() - start:.1f} s")
-    return rows
+def _rows(rows, module):
+    return [r for r in rows if r.module == f"fastpeft.kernels.{module}"]
 
 
-def test_every_spec_is_compiled_for_every_arch(lora_rows):
-    names = [spec.name for spec in lora.aot_specs()]
-    assert sorted((r.name, r.arch) for r in lora_rows) == sorted((n, a) for n in names for a in ARCHES)
+def test_every_kernel_module_is_reported_for_every_arch(report_rows):
+    assert {r.module for r in report_rows} == set(kernel_modules())
+    for module in kernel_modules():
+        names = {r.name for r in report_rows if r.module == module}
+        assert names, f"{module} reports no kernel"
+        for arch in ARCHES:
+            assert sorted(r.name for r in report_rows if r.module == module and r.arch == arch) == sorted(names)
 
 
-def test_no_spills_and_registers_within_limit(lora_rows):
-    bad = [f"{r.name} sm_{r.arch}: {r.registers} regs, {r.spills} B spilled" for r in lora_rows
-           if r.spills or r.registers > 255]
+def test_every_variant_passes_the_gate(report_rows):
+    bad = [f"{r.name} sm_{r.arch}: {', '.join(r.problems())}" for r in report_rows if r.problems()]
     assert not bad, "\n".join(bad)
-    assert all(r.registers > 0 for r in lora_rows)
+    assert all(r.registers > 0 for r in report_rows)
+    assert not any(r.hgmma for r in report_rows if r.arch == 80), "HGMMA cannot exist on sm_80"
 
 
-def test_shared_memory_within_arch_limit(lora_rows):
-    assert SHARED_LIMIT == {80: 163 * 1024, 90: 227 * 1024}
-    bad = [f"{r.name} sm_{r.arch}: {r.shared_bytes} B" for r in lora_rows if r.shared_bytes > SHARED_LIMIT[r.arch]]
-    assert not bad, "\n".join(bad)
-    # pipelined GEMMs stage their operand tiles in shared memory
-    assert all(r.shared_bytes > 0 for r in lora_rows if r.is_gemm)
-
-
-def test_gemm_kernels_use_tensor_cores(lora_rows):
-    gemms = [r for r in lora_rows if r.is_gemm]
-    assert gemms, "no GEMM-shaped specs"
-    bad = [f"{r.name} sm_{r.arch}" for r in gemms if r.tensor_core == "none"]
-    assert not bad, "no tensor-core instructions in:\n" + "\n".join(bad)
-    assert not any(r.hgmma for r in lora_rows if r.arch == 80), "HGMMA cannot exist on sm_80"
-    # wgmma is used on sm_90 where a warp group owns >= 64 rows (the large GEMM tiles)
-    assert any(r.hgmma for r in gemms if r.arch == 90 and "gemm_m128" in r.name)
-
-
-def test_half_precision_specs_are_gemms_and_fp32_ieee_specs_are_not(lora_rows):
-    for r in lora_rows:
-        if "fp16" in r.name or "bf16" in r.name:
+def test_half_precision_lora_variants_are_gemms_and_default_fp32_ones_are_not(report_rows):
+    lora = _rows(report_rows, "lora")
+    for r in lora:
+        if "mask" in r.name:
+            assert not r.is_gemm
+        elif "fp16" in r.name or "bf16" in r.name:
             assert r.is_gemm, r.name
-        if "fp32" in r.name and not lora.ALLOW_TF32:
+        else:  # fp32 follows torch's default: exact "ieee" dots on the FMA units
             assert not r.is_gemm, r.name
+
+
+def test_large_tiles_use_wgmma_and_async_copies_on_sm90(report_rows):
+    for module, name in (("lora", "lora_fused_gemm[fp16,r16,m2048,fwd]"), ("nf4", "nf4_matmul[bf16,m2048,fwd]")):
+        row = next(r for r in _rows(report_rows, module) if r.name == name and r.arch == 90)
+        assert row.hgmma > 0, f"{name}: no wgmma"
+        assert row.load_bits == 128 and row.async_copies > 0, f"{name}: {row.load_bits}-bit loads, " \
+                                                              f"{row.async_copies} async copies"
+
+
+def test_nf4_rows_describe_the_variant_that_runs(report_rows):
+    """The NF4 variants carry Triton's divisibility hints (as at run time): 128-bit pipelined operand loads."""
+    nf4 = [r for r in _rows(report_rows, "nf4") if r.is_gemm]
+    assert nf4
+    assert all(r.load_bits == 128 and r.async_copies > 0 for r in nf4), [
+        (r.name, r.arch, r.load_bits, r.async_copies) for r in nf4 if r.load_bits != 128 or not r.async_copies]
 
 
 def _row(**changes):
     base = dict(module="m", name="k", arch=80, num_warps=4, num_stages=3, is_gemm=True, registers=128,
                 spill_store_bytes=0, spill_load_bytes=0, stack_bytes=0, shared_bytes=1024, hmma=8, hgmma=0,
-                compile_s=0.1)
+                load_bits=128, async_copies=4, compile_s=0.1)
     return KernelReportRow(**{**base, **changes})
 
 
 def test_gate_flags_each_problem():
+    assert SHARED_LIMIT == {80: 163 * 1024, 90: 227 * 1024}
     assert _row().problems() == []
     assert _row(spill_store_bytes=8).problems()[0].startswith("spills")
     assert _row(registers=256).problems() == ["256 registers"]
@@ -86,23 +88,31 @@ def test_gate_flags_each_problem():
     assert _row(hgmma=4, hmma=0, arch=90).tensor_core == "HGMMA"
 
 
+def test_load_widths_are_read_from_sass():
+    sass = ("LDG.E.128 R4, desc[UR6][R2.64] ;\nLDG.E.U16 R9, desc[UR6][R4.64] ;\n"
+            "LDGSTS.E.BYPASS.128 [R3], desc[UR8][R6.64] ;\nLDGDEPBAR ;\nLDG.E R1, desc[UR4][R2.64] ;\n")
+    assert _load_widths(sass) == (128, 1)
+    assert _load_widths("LDG.E.U8 R1, desc[UR4][R2.64] ;\nLDG.E.U16 R1, desc[UR4][R2.64] ;\n") == (16, 0)
+    assert _load_widths("UTMALDG.2D [UR8], [UR4] ;\n") == (0, 1)
+
+
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="arches"):
         compile_report((75,))
 
 
-def test_cli_writes_json_and_check_exit_code(tmp_path, lora_rows):
+def test_cli_writes_json_and_check_exit_code(tmp_path, report_rows):
     """The command line (cubins come from the triton cache the fixture filled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "fastpeft.tools.kernel_report", "--arch", "80", "--check",
-                           "--modules", "fastpeft.kernels.lora", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                           "--modules", "fastpeft.kernels.nf4", "--json", str(out)],
+                          env=NO_INTERPRETER, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "lora_fused_gemm[fp16,fwd,gemm_m128]" in done.stdout and "sm_80" in done.stdout
+    assert "nf4_matmul[fp16,m256,fwd]" in done.stdout and "sm_80" in done.stdout
     data = json.loads(out.read_text())
     assert {r["arch"] for r in data["rows"]} == {80}
-    assert len(data["rows"]) == len(lora.aot_specs())
+    assert sorted(r["name"] for r in data["rows"]) == sorted(
+        r.name for r in _rows(report_rows, "nf4") if r.arch == 80)
 
 
 def test_report_detects_spills_in_a_config_known_to_spill():
@@ -111,13 +121,13 @@ def test_report_detects_spills_in_a_config_known_to_spill():
         "import dataclasses\n"
         "from fastpeft.kernels import lora\n"
         "from fastpeft.tools.kernel_report import compile_spec\n"
-        "spec = next(s for s in lora.aot_specs() if s.name == 'lora_fused_gemm[fp16,fwd,gemm_m128]')\n"
+        "spec = next(s for s in lora.aot_specs() if s.name == 'lora_fused_gemm[fp16,r16,m2048,fwd]')\n"
         "spec = dataclasses.replace(spec, constexprs={**spec.constexprs, 'DROPOUT': True})\n"
         "row = compile_spec(spec, 90)\n"
         "print(row.spills, row.registers, row.stack_bytes)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], env=NO_INTERPRETER, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     spills, registers, stack = map(int, done.stdout.split())
     assert spills > 0 and stack > 0 and registers == 255
@@ -131,7 +141,7 @@ def test_dropout_code_compiles_away_when_off():
         "from triton.backends.compiler import GPUTarget\n"
         "from triton.compiler import ASTSource\n"
         "for spec in lora.aot_specs():\n"
-        "    if spec.name not in ('lora_shrink[fp16,x,shrink_m64,r16]', 'lora_reduce[fp16,dA,reduce,r16]'):\n"
+        "    if spec.name not in ('lora_shrink[fp16,r16,m64,fwd]', 'lora_reduce[fp16,r16,m1,bwd_dropout]'):\n"
         "        continue\n"
         "    for drop in (True, False):\n"
         "        src = ASTSource(spec.fn, spec.signature, dict(spec.constexprs, DROPOUT=drop), spec.attrs)\n"
@@ -140,8 +150,8 @@ def test_dropout_code_compiles_away_when_off():
         "        found = any(s in ptx.lower() for s in ('-766435501', '3528531795', '0xd2511f53'))\n"
         "        print(spec.name, drop, found)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], env=NO_INTERPRETER, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.rsplit(" ", 2) for line in done.stdout.splitlines()]
     assert len(lines) == 4
