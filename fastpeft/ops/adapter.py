@@ -93,20 +93,23 @@ def _(dy, x2d, down_weight, up_weight, up_bias, pre, scaling, scale, act, dropou
             maybe(need_scale and scale is not None, scale if scale is not None else dy))
 
 
+# Module constants, not class attributes: torch.compile cannot read a Function's class attributes in backward.
+_INPUTS = ("x", "down_weight", "up_weight", "down_bias", "up_bias", "residual", "scale", "scaling", "act",
+           "dropout_p", "seed", "store_pre")
+_GRADIENTS = ("x", "down_weight", "up_weight", "down_bias", "up_bias", "scale")  # from the backward custom op
+
+
 class BottleneckAdapterFunction(torch.autograd.Function):
     """Autograd for ``bottleneck_adapter``; inputs are already validated (``scale`` is ``[]``/``[H]`` or None)."""
 
-    INPUTS = ("x", "down_weight", "up_weight", "down_bias", "up_bias", "residual", "scale", "scaling", "act",
-              "dropout_p", "seed")
-    GRADIENTS = ("x", "down_weight", "up_weight", "down_bias", "up_bias", "scale")  # from the backward custom op
+    INPUTS = _INPUTS
 
     @staticmethod
-    def forward(ctx, x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, act, dropout_p, seed):
+    def forward(ctx, x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, act, dropout_p, seed,
+                store_pre):
         hidden = x.shape[-1]
         x2d = x.reshape(-1, hidden)
         residual2d = residual.reshape(-1, hidden) if residual is not None else None
-        need = needs(ctx, BottleneckAdapterFunction.INPUTS)
-        store_pre = any(need[name] for name in BottleneckAdapterFunction.GRADIENTS)
         y2d, pre = _forward(x2d, down_weight, up_weight, down_bias, up_bias, residual2d, scaling, scale, act,
                             dropout_p, seed, store_pre)
         if store_pre:
@@ -116,8 +119,8 @@ class BottleneckAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        need = needs(ctx, BottleneckAdapterFunction.INPUTS)
-        names = BottleneckAdapterFunction.GRADIENTS
+        need = needs(ctx, _INPUTS)
+        names = _GRADIENTS
         flags = [need[name] for name in names]
         grads = {}
         if any(flags):
@@ -130,7 +133,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
                 grads["x"] = grads["x"].view(ctx.x_shape)
         if need["residual"]:
             grads["residual"] = dy
-        return gradients(BottleneckAdapterFunction.INPUTS, **grads)
+        return gradients(_INPUTS, **grads)
 
 
 def bottleneck_adapter(x: Tensor, down_weight: Tensor, up_weight: Tensor, down_bias: Optional[Tensor] = None,
@@ -155,8 +158,16 @@ def bottleneck_adapter(x: Tensor, down_weight: Tensor, up_weight: Tensor, down_b
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
-    return BottleneckAdapterFunction.apply(x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling,
-                                           activation.lower(), dropout_p, seed)
+    tensors = (x, down_weight, up_weight, down_bias, up_bias, residual, scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        store_pre = any(t is not None and t.requires_grad for t in tensors[:5] + (scale,))
+        return BottleneckAdapterFunction.apply(*tensors, scaling, activation.lower(), dropout_p, seed, store_pre)
+    # Inference: no autograd node, no saved pre-activation.
+    hidden = x.shape[-1]
+    y2d, _ = _forward(x.reshape(-1, hidden), down_weight, up_weight, down_bias, up_bias,
+                      residual.reshape(-1, hidden) if residual is not None else None, scaling, scale,
+                      activation.lower(), dropout_p, seed, False)
+    return y2d.view(x.shape)
 
 
 def _validate(x, down_weight, up_weight, down_bias, up_bias, residual) -> int:

@@ -2,9 +2,9 @@
 
 Every output and gradient is compared with the same math in float64 and with
 plain torch in the input dtype (tests/numerics.py). The reference is written
-here from AdapterHub's ``Adapter.forward`` (down, activation from transformers'
-``ACT2FN`` / ``F.leaky_relu``, up, scale, dropout, residual) and differentiated
-by torch autograd, so neither the activation table nor the backward formulas
+here from AdapterHub's ``Adapter.forward`` (down, the activation AdapterHub
+builds, see tests/adapter_reference.py, up, scale, dropout, residual) and
+differentiated by torch autograd, so neither the activation table nor the backward formulas
 of the code under test enter it. Dropout references are built from
 ``dropout_mask``, so a forward/backward/mask disagreement fails. Every tensor
 the launchers allocate with ``torch.empty`` is NaN/-1-poisoned first.
@@ -13,9 +13,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
+from adapter_reference import reference_activation
 from fastpeft.kernels import adapter as tl_adapter
 from numerics import assert_close_to_ref
 
@@ -34,14 +33,6 @@ def poisoned_empty(monkeypatch):
         return out.fill_(float("nan") if out.is_floating_point() else -1)
 
     monkeypatch.setattr(torch, "empty", empty)
-
-
-def reference_activation(name):
-    if name == "leakyrelu":
-        return F.leaky_relu
-    if name == "identity":
-        return lambda t: t
-    return ACT2FN[name]
 
 
 def make(m, h, b, dtype, layout="contiguous", scale="float"):
