@@ -1,13 +1,28 @@
 """The ops the suite benchmarks: one module per op, each exposing ``OP`` (an ``OpBench``).
 
-To add an op (Adapter, prefix attention...): write ``benchmarks/ops/<name>.py``
-declaring its shapes, inputs, providers and work, and add its name here.
+To add an op, write ``benchmarks/ops/<name>.py`` declaring its shapes,
+inputs, providers and work: it is found here by its file name (every module
+of this package but ``common``), so there is no list to keep.
+``tests/benchmarks/test_benchmark_suite.py`` checks that every public op of
+``fastpeft.ops`` has one.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-OP_MODULES = ("lora", "nf4", "qlora")
+_SHARED = {"common"}
+# Suite order: the existing ops first, then any other in file-name order.
+_FIRST = ("lora", "nf4", "qlora")
+
+
+def _discover() -> tuple[str, ...]:
+    names = sorted(info.name for info in pkgutil.iter_modules(__path__)
+                   if not info.name.startswith("_") and info.name not in _SHARED)
+    return tuple(n for n in _FIRST if n in names) + tuple(n for n in names if n not in _FIRST)
+
+
+OP_MODULES = _discover()
 
 
 def load_ops(names=None) -> list:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import cli  # noqa: E402
 from benchmarks.harness import summarize  # noqa: E402
-from benchmarks.ops import load_ops  # noqa: E402
+from benchmarks.ops import OP_MODULES, load_ops  # noqa: E402
 from benchmarks.runner import ERROR, NOT_AVAILABLE, OK, shapes_for  # noqa: E402
 from benchmarks.spec import Provider  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_quick_suite_writes_csv_json_summary_and_plots(tmp_path):
         chosen = [p for p in op.providers if p.name in providers]
         expected += len(shapes_for(op, "cpu", "quick")) * len(op.modes) * len(chosen)
     assert len(rows) == expected
-    assert {r["op"] for r in rows} == {"lora", "nf4", "qlora"}
+    assert {r["op"] for r in rows} == set(OP_MODULES)
     for r in rows:
         assert r["status"] in (OK, NOT_AVAILABLE), r
         if r["status"] == OK:

@@ -1,0 +1,103 @@
+"""Every list that must name every op or layer kind is complete.
+
+The registries are derived (kernel modules from ``fastpeft.kernels``,
+benchmark ops from ``benchmarks/ops``, PEFT-layer kinds from ``PeftLayer``
+subclasses); these tests check that what they find is what exists, so an op
+added without its kernel module, CPU module, benchmark or layer protocol fails
+here.
+"""
+import importlib
+import inspect
+import pkgutil
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+from fastpeft import kernels, ops
+from fastpeft.nn.base import PEFT_LAYER_KINDS, PeftLayer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.ops import OP_MODULES  # noqa: E402
+
+
+def op_names() -> list[str]:
+    """The ops: modules of ``fastpeft.ops`` that define an autograd Function."""
+    names = []
+    for info in pkgutil.iter_modules(ops.__path__):
+        if info.name.startswith("_") or info.name.endswith("_cpu"):
+            continue
+        module = importlib.import_module(f"fastpeft.ops.{info.name}")
+        if any(inspect.isclass(v) and issubclass(v, torch.autograd.Function) and v.__module__ == module.__name__
+               for v in vars(module).values()):
+            names.append(info.name)
+    return sorted(names)
+
+
+def test_the_known_ops_are_found():
+    assert {"lora", "nf4", "qlora"} <= set(op_names())
+
+
+def dispatched_functions(op: str) -> set[str]:
+    """What ``fastpeft.ops.<op>`` calls on the module ``implementation(...)`` returns (``impl.<name>(``)."""
+    source = inspect.getsource(importlib.import_module(f"fastpeft.ops.{op}"))
+    return set(re.findall(r"\bimpl\.(\w+)\(", source))
+
+
+@pytest.mark.parametrize("op", op_names())
+def test_every_op_has_both_implementations_with_the_same_functions(op):
+    """The dispatch contract: kernels.<op> and ops.<op>_cpu have every function the op dispatches to."""
+    cpu = importlib.import_module(f"fastpeft.ops.{op}_cpu")
+    triton_module = importlib.import_module(f"fastpeft.kernels.{op}")
+    assert callable(triton_module.check_kernel_dtype) and callable(triton_module.aot_launches)
+    op_functions = dispatched_functions(op)
+    assert op_functions, f"fastpeft.ops.{op} dispatches nothing through implementation()"
+    for name in op_functions:
+        assert callable(getattr(cpu, name, None)), f"fastpeft.ops.{op}_cpu lacks {name}"
+        assert callable(getattr(triton_module, name, None)), f"fastpeft.kernels.{op} lacks {name}"
+        cpu_params = list(inspect.signature(getattr(cpu, name)).parameters)
+        triton_params = list(inspect.signature(getattr(triton_module, name)).parameters)
+        assert cpu_params == triton_params, f"{name}: {cpu_params} != {triton_params}"
+
+
+@pytest.mark.parametrize("op", op_names())
+def test_every_op_is_benchmarked(op):
+    assert op in OP_MODULES, f"no benchmarks/ops/{op}.py"
+
+
+def test_every_kernel_module_is_an_op_or_serves_one():
+    from fastpeft.kernels.aot_spec import kernel_modules
+
+    assert {m.rsplit(".", 1)[1] for m in kernel_modules()} == set(op_names())
+
+
+def _peft_layer_classes():
+    found = set()
+    for info in pkgutil.iter_modules(fastpeft.nn.__path__):
+        module = importlib.import_module(f"fastpeft.nn.{info.name}")
+        found |= {v for v in vars(module).values() if inspect.isclass(v) and issubclass(v, PeftLayer)
+                  and v is not PeftLayer and not v.__dict__.get("abstract_peft_layer", False)}
+    return found
+
+
+def test_every_peft_layer_class_is_registered_under_its_kind():
+    classes = _peft_layer_classes()  # imports every module of fastpeft.nn first
+    registered = {cls for classes in PEFT_LAYER_KINDS.values() for cls in classes}
+    assert classes <= registered
+    assert {fastpeft.nn.LoRALinear, fastpeft.nn.QLoRALinear} <= set(PEFT_LAYER_KINDS["lora"])
+
+
+def test_every_module_with_trainable_adapter_parameters_is_a_peft_layer():
+    """No nn.Module of fastpeft.nn holds lora_/adapter parameters outside the protocol."""
+    for info in pkgutil.iter_modules(fastpeft.nn.__path__):
+        module = importlib.import_module(f"fastpeft.nn.{info.name}")
+        for value in vars(module).values():
+            if inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
+                if any(word in value.__name__.lower() for word in ("lora", "adapter", "prefix", "prompt")):
+                    assert issubclass(value, PeftLayer), value
