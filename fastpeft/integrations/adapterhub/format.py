@@ -1,0 +1,240 @@
+"""Read and write bottleneck adapters and AdapterFusion layers in AdapterHub ``adapters`` 1.3's directory format.
+
+An adapter directory (``model.save_adapter(path, name)`` in AdapterHub) holds
+- ``adapter_config.json``: ``{"config": <BnConfig fields>, "hidden_size",
+  "model_class", "model_name", "model_type", "name", "version"}``;
+- ``adapter.safetensors`` (``use_safetensors=True``) or ``pytorch_adapter.bin``
+  (a torch state dict; read here with ``torch.load(weights_only=True)``):
+  the adapter's entries of the model's state dict, e.g.
+  ``encoder.layer.0.output.adapters.<name>.adapter_down.0.weight`` (BERT),
+  ``model.layers.0.output_adapters.adapters.<name>.adapter_up.bias`` (Llama).
+A fusion directory holds ``adapter_fusion_config.json`` (``"adapter_names"``
+too) and ``model_adapter_fusion.safetensors`` (or
+``pytorch_model_adapter_fusion.bin``) with ``...adapter_fusion_layer.<a,b>.query.weight``...
+
+Keys are relative to the model AdapterHub saved from, with or without a head
+(``bert.`` / ``model.`` / ``transformer.`` prefix); both load. fastpeft's
+adapted models carry the same module paths (``fastpeft.injection.adapter``),
+so names map one to one. ``save_adapter`` writes safetensors only (no
+pickle): AdapterHub reads it with ``model.load_adapter(path, use_safetensors=True)``
+(and ``load_adapter_fusion(path, use_safetensors=True)``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ...injection.adapter import (AdapterLayer, adapter_layers, apply_adapter, apply_adapter_fusion,
+                                  architecture_of, base_model_of, hidden_size_of, new_bottleneck_adapter,
+                                  planned_adapter_locations, set_active_adapter)
+from ...nn.adapter_config import BnConfig, resolve_bn_config
+from ...nn.adapter_fusion import AdapterFusion, resolve_fusion_config
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+FUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
+FUSION_PICKLE_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
+# What AdapterHub writes as "version"; a config without it gets AdapterHub's legacy activation renaming.
+ADAPTERHUB_VERSION = "adapters.1.3.0"
+_LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no {os.path.basename(path)} in {os.path.dirname(path)!r}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError(f"{path}: not an AdapterHub config (no 'config' object)")
+    return data
+
+
+def _read_weights(directory: str, safe_name: str, pickle_name: str) -> dict[str, torch.Tensor]:
+    safe = os.path.join(directory, safe_name)
+    if os.path.isfile(safe):
+        return load_file(safe, device="cpu")
+    legacy = os.path.join(directory, pickle_name)
+    if os.path.isfile(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{legacy}: not a dict of tensors")
+        return state
+    raise FileNotFoundError(f"path: neither {safe_name} nor {pickle_name} in {directory!r}")
+
+
+def _check_model_matches(model: nn.Module, meta: dict, path: str) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta.get("model_type") not in (None, model_type):
+        raise ValueError(f"{path} was saved from a {meta['model_type']!r} model; this model is {model_type!r}")
+    hidden = hidden_size_of(model)
+    if meta.get("hidden_size") not in (None, hidden):
+        raise ValueError(f"{path} was saved for hidden_size {meta['hidden_size']}; this model has {hidden}")
+
+
+def _base_relative(model: nn.Module, state: dict) -> dict:
+    """Keys relative to the base model: strip the head model's base prefix (``bert.``, ``model.``...) when present."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and all(k.startswith(prefix + ".") for k in state):
+        return {k[len(prefix) + 1:]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _key_prefix(model: nn.Module) -> str:
+    """What prefixes base-model-relative keys in ``model.state_dict()``."""
+    base = base_model_of(model)
+    if base is model:
+        return ""
+    for name, module in model.named_children():
+        if module is base:
+            return name + "."
+    return ""
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[BnConfig, dict]:
+    """``(BnConfig, metadata)`` of an AdapterHub adapter directory (legacy activation names renamed as AdapterHub)."""
+    meta = _read_json(os.path.join(os.fspath(path), CONFIG_NAME))
+    config = dict(meta["config"])
+    if "version" not in meta and config.get("non_linearity") in _LEGACY_ACTIVATION_RENAME:
+        config["non_linearity"] = _LEGACY_ACTIVATION_RENAME[config["non_linearity"]]
+    return resolve_bn_config(config), meta
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, load_as: Optional[str] = None) -> str:
+    """Load an AdapterHub adapter directory into ``model`` (in place): apply it, load its weights, freeze the base.
+
+    Returns the adapter's name (``load_as``, or the saved name). Only the
+    loaded adapter's parameters require grad afterwards, and it is active.
+    Every check (config, model type, hidden size, the exact set of weight names
+    and shapes) runs before the model is changed.
+    """
+    path = os.fspath(path)
+    cfg, meta = read_adapter_config(path)
+    saved_name = meta.get("name")
+    if not isinstance(saved_name, str) or not saved_name:
+        raise ValueError(f"{path}/{CONFIG_NAME}: no adapter 'name'")
+    name = load_as or saved_name
+    _check_model_matches(model, meta, path)
+    state = _base_relative(model, _read_weights(path, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME))
+    marker = f".adapters.{saved_name}."
+    expected = {}
+    hidden = hidden_size_of(model)
+    for layer_idx, _, location in planned_adapter_locations(model, cfg):
+        template = new_bottleneck_adapter(cfg, hidden, layer_idx).state_dict()
+        for k, v in template.items():
+            expected[f"{location}{marker}{k}"] = v.shape
+    _check_keys(state, expected, path)
+    apply_adapter(model, cfg, name=name)
+    renamed = {k.replace(marker, f".adapters.{name}."): v for k, v in state.items()}
+    _load_into_base(model, renamed)
+    return name
+
+
+def _check_keys(state: dict, expected: dict, path: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weight names do not match the adapter's config: missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{' ...' if len(unexpected) > 4 else ''}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
+
+
+def _load_into_base(model: nn.Module, state: dict) -> None:
+    base = base_model_of(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            module_path, _, param_name = key.rpartition(".")
+            target = base.get_submodule(module_path)
+            current = getattr(target, param_name)
+            current.copy_(value.to(device=current.device, dtype=current.dtype))
+
+
+def _adapter_state(model: nn.Module, marker: str) -> dict[str, torch.Tensor]:
+    # Separate copies: safetensors refuses tensors that share memory (ln_before registers one LayerNorm twice).
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items() if marker in k}
+
+
+def _write(directory: str, config_name: str, weights_name: str, meta: dict, state: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, config_name), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    save_file(state, os.path.join(directory, weights_name))
+
+
+def _meta(model: nn.Module, name: str, config: dict, **extra) -> dict:
+    model_config = getattr(model, "config", None)
+    return {"config": config, "hidden_size": hidden_size_of(model), "model_class": type(model).__name__,
+            "model_name": getattr(model_config, "name_or_path", "") or "",
+            "model_type": getattr(model_config, "model_type", None), "name": name,
+            "version": ADAPTERHUB_VERSION, **extra}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+    """Write adapter ``name`` of ``model`` as an AdapterHub directory (``adapter_config.json`` + ``adapter.safetensors``).
+
+    Keys are relative to ``model`` as given, as AdapterHub's would be for the
+    same model class.
+    """
+    architecture_of(model)
+    configs = [layer.adapter_configs[name] for _, layer in adapter_layers(model) if name in layer.adapters]
+    if not configs:
+        raise ValueError(f"name: the model has no adapter called {name!r}")
+    state = _adapter_state(model, f".adapters.{name}.")
+    _write(os.fspath(path), CONFIG_NAME, WEIGHTS_NAME, _meta(model, name, configs[0].to_dict()), state)
+
+
+def _fusion_layers(model: nn.Module, fusion_name: str) -> list[AdapterLayer]:
+    return [layer for _, layer in adapter_layers(model) if fusion_name in layer.adapter_fusion_layer]
+
+
+def save_adapter_fusion(model: nn.Module, path: str | os.PathLike, name: str) -> None:
+    """Write fusion ``name`` (e.g. ``"a,b"``) as AdapterHub's ``adapter_fusion_config.json`` + safetensors."""
+    architecture_of(model)
+    layers = _fusion_layers(model, name)
+    if not layers:
+        raise ValueError(f"name: the model has no AdapterFusion called {name!r}")
+    fusion: AdapterFusion = layers[0].adapter_fusion_layer[name]
+    meta = _meta(model, name, fusion.config.to_dict(), adapter_names=list(layers[0].fusion_members[name]))
+    state = _adapter_state(model, f".adapter_fusion_layer.{name}.")
+    _write(os.fspath(path), FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, meta, state)
+
+
+def load_adapter_fusion(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load an AdapterHub fusion directory into ``model``, whose fused adapters must be loaded already.
+
+    Returns the fusion's name; it becomes active and only it trains.
+    """
+    path = os.fspath(path)
+    meta = _read_json(os.path.join(path, FUSION_CONFIG_NAME))
+    cfg = resolve_fusion_config(meta["config"])
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}/{FUSION_CONFIG_NAME}: no fusion 'name'")
+    adapter_names = meta.get("adapter_names") or name.split(",")
+    _check_model_matches(model, meta, path)
+    state = _base_relative(model, _read_weights(path, FUSION_WEIGHTS_NAME, FUSION_PICKLE_WEIGHTS_NAME))
+    marker = f".adapter_fusion_layer.{name}."
+    hidden = hidden_size_of(model)
+    template = AdapterFusion(hidden, cfg).state_dict()
+    base = base_model_of(model)
+    locations = []
+    for layer_path, layer in base.named_modules():
+        if isinstance(layer, AdapterLayer) and all(n in layer.adapters for n in adapter_names):
+            locations.append(layer_path)
+    if not locations:
+        raise ValueError(f"{path}: the model has no adapter location holding all of {adapter_names}")
+    expected = {f"{loc}{marker}{k}": v.shape for loc in locations for k, v in template.items()}
+    _check_keys(state, expected, path)
+    apply_adapter_fusion(model, adapter_names, cfg, name=name)
+    _load_into_base(model, state)
+    set_active_adapter(model, name)
+    return name
