@@ -1,6 +1,6 @@
 """Which implementation runs an op: the Triton kernels or the CPU path.
 
-Rule (DESIGN.md §3):
+Rule (docs/architecture.md, "Backends and dispatch"):
 - CUDA tensors run the Triton (or CUDA C++) kernels.
 - CPU tensors run the CPU path, unless ``TRITON_INTERPRET=1`` is set, in which
   case they run the real Triton kernels under the Triton interpreter.

@@ -1,4 +1,4 @@
-"""Error measures of DESIGN.md §4: relative error, and budgets relative to torch."""
+"""Error measures of docs/architecture.md ("Numerics and tests"): relative error, and budgets relative to torch."""
 from __future__ import annotations
 
 import torch

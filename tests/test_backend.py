@@ -1,4 +1,4 @@
-"""Backend selection rule of fastpeft._backend (DESIGN.md §3)."""
+"""Backend selection rule of fastpeft._backend (docs/architecture.md, "Backends and dispatch")."""
 import pytest
 import torch
 

@@ -1,8 +1,8 @@
 """Triton NF4 kernels (fastpeft.kernels.nf4) under the interpreter.
 
-Weights are quantized by bitsandbytes on CPU (the oracle of DESIGN.md §5).
+Weights are quantized by bitsandbytes on CPU (the oracle; docs/architecture.md, "NF4 and bitsandbytes").
 Dequantization must be bit-identical to bitsandbytes and to a test-local
-unpacking written from the DESIGN.md codebook; matmuls are measured against
+unpacking written from the documented codebook; matmuls are measured against
 ``x.double() @ W.double().T`` and must stay within a few times torch's error
 in the same dtype. Outputs are NaN-poisoned so unwritten elements fail.
 """
@@ -14,7 +14,7 @@ from fastpeft._backend import triton_interpreter_enabled
 from fastpeft.kernels import nf4 as K
 from numerics import assert_close_to_ref
 
-# DESIGN.md §5, exact fp32 values.
+# The NF4 codebook (docs/architecture.md, "NF4 and bitsandbytes"), exact fp32 values.
 NF4_CODEBOOK = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -45,7 +45,7 @@ def bnb_dequant(packed, state, dtype):
 
 
 def local_dequant_fp32(packed, absmax, n, k, blocksize):
-    """Unpack from DESIGN.md facts: element 2j = high nibble of byte j; fp32(code * absmax)."""
+    """Unpack from the documented format: element 2j = high nibble of byte j; fp32(code * absmax)."""
     b = packed.view(-1).to(torch.int64)
     nibbles = torch.stack([b >> 4, b & 0xF], dim=1).view(-1)
     codes = torch.tensor(NF4_CODEBOOK, dtype=torch.float32)[nibbles]
