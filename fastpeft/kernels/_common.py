@@ -20,6 +20,9 @@ See ``docs/architecture.md`` ("Kernels"). In one place:
   column tiles of the right operand in L2.
 - **launch configs**: ``LaunchConfig``, one type for every kernel (tile sizes
   ``block_m``/``block_n``/``block_k``, warps, stages, group size).
+- **device guard**: Triton launches on the *current* CUDA device, so every
+  public launcher runs inside ``on_device_of(tensor)`` (``@launcher``): a model
+  spread over several GPUs launches each kernel where its tensors live.
 
 Naming convention in kernels: a pointer argument is ``<name>_ptr``; its strides
 are ``stride_<name><dim>`` (e.g. ``stride_xm``, ``stride_xk``); tile sizes are
@@ -29,6 +32,8 @@ constexpr ``DOT_PRECISION``, the interpreter work-around ``UPCAST``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +46,25 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 KERNEL_DTYPES = tuple(TRITON_DTYPE)
 SEED_LIMIT = 2**62  # fastpeft.ops draws dropout seeds in [0, SEED_LIMIT)
 SEED_ARGS = ["seed_lo", "seed_hi"]  # never specialised: every seed shares one compiled kernel
+
+
+def on_device_of(where):
+    """A context in which CUDA launches go to the GPU of ``where`` (a tensor or a device); none for CPU."""
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launcher(fn):
+    """Runs the public launcher ``fn`` on the device of its first tensor argument."""
+    @functools.wraps(fn)
+    def on_tensor_device(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with on_device_of(first):
+            return fn(*args, **kwargs)
+
+    return on_tensor_device
 
 
 def cdiv(a: int, b: int) -> int:

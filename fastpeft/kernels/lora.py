@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from . import _lora_configs as cfg
-from ._common import (cdiv, check_kernel_dtype, dot_precision, dropout_args, interpreter_upcast,
-                      runs_on_tensor_cores, split_seed)
+from ._common import (cdiv, check_kernel_dtype, dot_precision, dropout_args, interpreter_upcast, launcher,
+                      on_device_of, runs_on_tensor_cores, split_seed)
 from ._lora_kernels import _dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel
 from .aot_spec import launch_label, module_specs
 
@@ -164,6 +164,7 @@ def lora_backward_with_base(dy: Tensor, x2d: Tensor, lora_A: Tensor, lora_B: Ten
     return dx, dA, dB
 
 
+@launcher
 def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """``x2d [M,K]`` (any strides), ``weight [N,K]``, ``bias [N]`` or None, ``lora_A [r,K]``, ``lora_B [N,r]``.
@@ -185,6 +186,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
     return lora_forward_with_base(x2d, lora_A, dropout_p, seed, base_plus_lora)
 
 
+@launcher
 def lora_backward(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                   scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool) -> tuple:
     """Returns ``(dx [M,K] in x's dtype | None, dA [r,K] | None, dB [N,r] | None)``; only the asked-for ones."""
@@ -208,8 +210,9 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     seed_lo, seed_hi = split_seed(seed)
     block_m, block_k = cfg.MASK_BLOCK
     grid = (cdiv(m, block_m), cdiv(k, block_k))
-    _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k,
-                               num_warps=4, num_stages=1)
+    with on_device_of(out):
+        _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k,
+                                   num_warps=4, num_stages=1)
     return out.bool()
 
 

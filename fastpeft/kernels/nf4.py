@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._common import (TRITON_DTYPE, LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast,
+from ._common import (TRITON_DTYPE, LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast, launcher,
                       runs_on_tensor_cores, split_seed)
 from ._nf4_kernels import _nf4_dequant_kernel, _nf4_gemv_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
 from .aot_spec import launch_label, module_specs
@@ -99,6 +99,7 @@ def _output(out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor, name:
     return out
 
 
+@launcher
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
                    blocksize: int, dtype: torch.dtype = torch.float32,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -116,6 +117,7 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     return out
 
 
+@launcher
 def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                n: int, k: int, blocksize: int, bias: Optional[torch.Tensor] = None,
                lora_h: Optional[torch.Tensor] = None, lora_B: Optional[torch.Tensor] = None,
@@ -157,6 +159,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     return y
 
 
+@launcher
 def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                           n: int, k: int, blocksize: int, lora_dh: Optional[torch.Tensor] = None,
                           lora_A: Optional[torch.Tensor] = None, lora_scale: float = 1.0,

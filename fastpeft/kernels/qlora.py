@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TRITON_DTYPE, check_kernel_dtype, dot_precision, runs_on_tensor_cores
+from ._common import TRITON_DTYPE, check_kernel_dtype, dot_precision, launcher, runs_on_tensor_cores
 from .aot_spec import launch_label, module_specs
 from .lora import lora_backward_with_base, lora_forward_with_base
 from . import nf4
@@ -22,6 +22,7 @@ from .nf4 import AOT_BLOCKSIZE, AOT_FEATURES, GEMV_MAX_M, aot_weight, nf4_matmul
 __all__ = ["check_kernel_dtype", "qlora_backward", "qlora_forward"]
 
 
+@launcher
 def qlora_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias, lora_A, lora_B,
                   scaling: float, dropout_p: float, seed: int):
     """Returns ``(y [M, n] in x's dtype, h [M, r] fp32)``; see the module docstring."""
@@ -32,6 +33,7 @@ def qlora_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bia
     return lora_forward_with_base(x2d, lora_A, dropout_p, seed, base_plus_lora)
 
 
+@launcher
 def qlora_backward(dy, x2d, packed, absmax, code, n: int, k: int, blocksize: int, lora_A, lora_B, h,
                    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool):
     """Returns ``(dx | None, dA | None, dB | None)``; only the asked-for ones are computed."""
