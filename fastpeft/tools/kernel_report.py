@@ -21,7 +21,12 @@ a cubin. From them:
   bits; ``LDGSTS``, the ``cp.async`` copy into shared memory, counts too) and
   the number of asynchronous copies (``LDGSTS`` and sm_90's TMA ``UTMALDG``):
   narrow, synchronous loads are what a vectorisation or pipelining regression
-  looks like.
+  looks like;
+- ``wgmma_async``: on sm_90, whether the wgmma main loop keeps a group in
+  flight (some ``WARPGROUP.DEPBAR.LE gsb0`` waits for a count above 0) rather
+  than waiting for every wgmma to finish;
+- ``ctas_per_sm``: resident CTAs per SM from registers (allocated per warp in
+  units of 256), shared memory (plus 1 KB reserved per CTA) and threads.
 
 The compile must not go through the Triton interpreter. When this process has
 ``TRITON_INTERPRET=1`` (as the test suite does), ``compile_report`` runs the
@@ -44,6 +49,11 @@ from pathlib import Path
 
 # Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Shared memory per SM (bytes), registers per SM, threads per SM, CTAs per SM: A100 / H100.
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+SM_REGISTERS = 65536
+SM_THREADS = 2048
+SM_CTAS = 32
 MAX_REGISTERS = 255
 
 
@@ -66,6 +76,7 @@ class KernelReportRow:
     hgmma: int
     load_bits: int
     async_copies: int
+    wgmma_async: bool
     compile_s: float
 
     @property
@@ -81,6 +92,15 @@ class KernelReportRow:
     def shared_limit(self) -> int:
         return SHARED_LIMIT[self.arch]
 
+    @property
+    def ctas_per_sm(self) -> int:
+        """Resident CTAs per SM allowed by registers, shared memory and threads."""
+        threads = 32 * self.num_warps
+        registers_per_warp = -(-self.registers * 32 // 256) * 256
+        by_registers = SM_REGISTERS // max(registers_per_warp * self.num_warps, 1)
+        by_shared = SM_SHARED[self.arch] // (self.shared_bytes + 1024)
+        return min(by_registers, by_shared, SM_THREADS // threads, SM_CTAS)
+
     def problems(self) -> list[str]:
         """What fails the gate: spills, > 255 registers, too much shared memory, a GEMM without tensor cores."""
         out = []
@@ -92,6 +112,10 @@ class KernelReportRow:
             out.append(f"shared {self.shared_bytes}B > {self.shared_limit}B")
         if self.is_gemm and self.tensor_core == "none":
             out.append("no tensor-core instructions")
+        if self.hgmma and not self.wgmma_async:
+            out.append("wgmma main loop waits for every wgmma")
+        if self.ctas_per_sm < 1:
+            out.append("does not fit on an SM")
         return out
 
 
@@ -125,8 +149,14 @@ def _load_widths(sass: str) -> tuple[int, int]:
     return (max(widths) if widths else 0), asynchronous
 
 
+def _wgmma_async(sass: str) -> bool:
+    """Some wgmma wait leaves a group in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x1`` or more)."""
+    return any(int(count, 16) > 0 for count in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", sass))
+
+
 def _cubin_usage(cubin: bytes) -> tuple:
-    """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count, load bits, async copies)."""
+    """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count, load bits, async copies,
+    wgmma kept in flight)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -134,7 +164,8 @@ def _cubin_usage(cubin: bytes) -> tuple:
                               text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
     return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]),
-            len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)), *_load_widths(text))
+            len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)), *_load_widths(text),
+            _wgmma_async(text))
 
 
 def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
@@ -147,12 +178,13 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
     source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    registers, stack, static_shared, hmma, hgmma, load_bits, async_copies = _cubin_usage(kernel.asm["cubin"])
+    registers, stack, static_shared, hmma, hgmma, load_bits, async_copies, wgmma_async = _cubin_usage(
+        kernel.asm["cubin"])
     # Spills live in the stack frame: without one there is nothing to count.
     spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion) if stack else (0, 0)
     return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
                            spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
-                           load_bits, async_copies, round(time.perf_counter() - start, 3))
+                           load_bits, async_copies, wgmma_async, round(time.perf_counter() - start, 3))
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
@@ -207,17 +239,24 @@ def _report_in_child(arches, modules, workers) -> list[KernelReportRow]:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"kernel report subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        return [KernelReportRow(**row) for row in json.loads(out.read_text())["rows"]]
+        return [row_from_json(row) for row in json.loads(out.read_text())["rows"]]
+
+
+def row_from_json(row: dict) -> KernelReportRow:
+    """A row written by ``--json`` (which adds derived columns such as ``ctas_per_sm``)."""
+    names = {f.name for f in dataclasses.fields(KernelReportRow)}
+    return KernelReportRow(**{k: v for k, v in row.items() if k in names})
 
 
 def format_table(rows: list[KernelReportRow]) -> str:
-    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "tensor core", "loads",
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "CTAs/SM", "tensor core", "loads",
               "compile s", "gate")
     lines = [header]
     for r in rows:
         lines.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spills),
-                      str(r.shared_bytes), f"{r.tensor_core} ({r.hgmma or r.hmma})" if r.tensor_core != "none"
-                      else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
+                      str(r.shared_bytes), str(r.ctas_per_sm),
+                      f"{r.tensor_core} ({r.hgmma or r.hmma}{', async' if r.wgmma_async else ''})"
+                      if r.tensor_core != "none" else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
                       f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
@@ -237,8 +276,9 @@ def main(argv=None) -> int:
     rows = compile_report(args.arch, args.modules, args.workers)
     wall = time.perf_counter() - start
     if args.json:
-        args.json.write_text(json.dumps({"wall_s": round(wall, 2), "rows": [dataclasses.asdict(r) for r in rows]},
-                                        indent=1))
+        args.json.write_text(json.dumps({"wall_s": round(wall, 2),
+                                         "rows": [dataclasses.asdict(r) | {"ctas_per_sm": r.ctas_per_sm}
+                                                  for r in rows]}, indent=1))
     if not args.quiet:
         print(format_table(rows))
         print(f"\n{len(rows)} compiles in {wall:.1f} s wall")

@@ -53,6 +53,12 @@ def test_half_precision_lora_variants_are_gemms_and_default_fp32_ones_are_not(re
             assert not r.is_gemm, r.name
 
 
+def test_every_sm90_wgmma_loop_stays_asynchronous(report_rows):
+    wgmma = [r for r in report_rows if r.hgmma]
+    assert wgmma
+    assert all(r.wgmma_async for r in wgmma), [r.name for r in wgmma if not r.wgmma_async]
+
+
 def test_large_tiles_use_wgmma_and_async_copies_on_sm90(report_rows):
     for module, name in (("lora", "lora_fused_gemm[fp16,r16,m2048,fwd]"), ("nf4", "nf4_matmul[bf16,m2048,fwd]")):
         row = next(r for r in _rows(report_rows, module) if r.name == name and r.arch == 90)
@@ -72,7 +78,7 @@ def test_nf4_rows_describe_the_variant_that_runs(report_rows):
 def _row(**changes):
     base = dict(module="m", name="k", arch=80, num_warps=4, num_stages=3, is_gemm=True, registers=128,
                 spill_store_bytes=0, spill_load_bytes=0, stack_bytes=0, shared_bytes=1024, hmma=8, hgmma=0,
-                load_bits=128, async_copies=4, compile_s=0.1)
+                load_bits=128, async_copies=4, wgmma_async=False, compile_s=0.1)
     return KernelReportRow(**{**base, **changes})
 
 
@@ -86,6 +92,28 @@ def test_gate_flags_each_problem():
     assert _row(hmma=0).problems() == ["no tensor-core instructions"]
     assert _row(hmma=0, is_gemm=False).problems() == []
     assert _row(hgmma=4, hmma=0, arch=90).tensor_core == "HGMMA"
+    assert _row(hgmma=4, hmma=0, arch=90, wgmma_async=False).problems() == ["wgmma main loop waits for every wgmma"]
+    assert _row(hgmma=4, hmma=0, arch=90, wgmma_async=True).problems() == []
+    assert _row(arch=90, shared_bytes=230 * 1024).problems()[-1] == "does not fit on an SM"
+
+
+def test_occupancy_estimate():
+    # 8 warps x 154 registers: 39424 of 65536 registers -> 1 CTA; 116 registers -> 2 CTAs.
+    assert _row(arch=90, num_warps=8, registers=154, shared_bytes=1024).ctas_per_sm == 1
+    assert _row(arch=90, num_warps=8, registers=116, shared_bytes=1024).ctas_per_sm == 2
+    # shared memory bound: 100 KB + 1 KB reserved per CTA of 228 KB on sm_90, of 164 KB on sm_80
+    assert _row(arch=90, num_warps=4, registers=64, shared_bytes=100 * 1024).ctas_per_sm == 2
+    assert _row(arch=80, num_warps=4, registers=64, shared_bytes=100 * 1024).ctas_per_sm == 1
+    # thread bound: 2048 threads per SM
+    assert _row(arch=90, num_warps=1, registers=16, shared_bytes=0).ctas_per_sm == 32
+    assert _row(arch=90, num_warps=16, registers=32, shared_bytes=0).ctas_per_sm == 4
+
+
+def test_wgmma_async_is_read_from_sass():
+    from fastpeft.tools.kernel_report import _wgmma_async
+
+    assert _wgmma_async("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x1 ;")
+    assert not _wgmma_async("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;")
 
 
 def test_load_widths_are_read_from_sass():
