@@ -98,8 +98,9 @@ def _reduce_splits(m: int, programs: int) -> int:
 def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
     """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R].
 
-    The kernel writes fp32 partials ``[splits, P, R]`` (one per row range); they
-    are summed in a fixed order and cast into ``out``.
+    With one row range the kernel writes ``out`` directly (one launch). With
+    several it writes fp32 partials ``[splits, P, R]`` (one per row range),
+    which are summed in a fixed order and cast into ``out``: deterministic.
     """
     m, p_len = src.shape
     r = hmat.shape[1]
@@ -109,15 +110,17 @@ def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p:
     splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
     rows_per_split = cdiv(cdiv(m, splits), config.block_k) * config.block_k
     splits = cdiv(m, rows_per_split)
-    partial = torch.empty((splits, p_len, r), dtype=torch.float32, device=src.device)
+    target = out.unsqueeze(0) if splits == 1 else torch.empty((splits, p_len, r), dtype=torch.float32,
+                                                                device=src.device)
     _lora_reduce_kernel[grid_pr + (splits,)](
-        src, hmat, partial, m, p_len, r, rows_per_split,
-        src.stride(0), src.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+        src, hmat, target, m, p_len, r, rows_per_split,
+        src.stride(0), src.stride(1), target.stride(0), target.stride(1), target.stride(2),
         float(scale), **dropout_args(dropout_p, seed),
         BLOCK_P=config.block_m, BLOCK_M=config.block_k, BLOCK_R=block_r, **_precision_args(src.dtype),
         **config.launch_options(),
     )
-    out.copy_(partial[0] if splits == 1 else partial.sum(0))
+    if splits > 1:
+        out.copy_(target.sum(0))
 
 
 def lora_forward_with_base(x2d: Tensor, lora_A: Tensor, dropout_p: float, seed: int,
