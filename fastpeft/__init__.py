@@ -7,7 +7,8 @@ existing model in one call; ``fastpeft.integrations.peft`` moves adapters to
 and from the HF PEFT format and makes fastpeft a backend of HF PEFT.
 """
 from . import nn, ops
-from .injection import apply_lora, apply_qlora, lora_parameters, merge_lora, replace_modules, unmerge_lora
+from .injection import (apply_lora, apply_qlora, lora_parameters, merge_lora, replace_modules, unload_lora,
+                        unmerge_lora)
 from .integrations.peft.format import load_lora, save_lora
 from .quant import NF4Weight
 
@@ -25,5 +26,6 @@ __all__ = [
     "ops",
     "replace_modules",
     "save_lora",
+    "unload_lora",
     "unmerge_lora",
 ]

@@ -6,7 +6,7 @@ model-level LoRA helpers, which also serve QLoRA layers), ``qlora``
 (``apply_qlora``).
 """
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
-                   merge_lora, unmerge_lora)
+                   merge_lora, unload_lora, unmerge_lora)
 from .qlora import apply_qlora
 from .targets import TargetModules, find_target_modules, matches_target, replace_modules
 
@@ -22,5 +22,6 @@ __all__ = [
     "matches_target",
     "merge_lora",
     "replace_modules",
+    "unload_lora",
     "unmerge_lora",
 ]

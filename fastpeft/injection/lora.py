@@ -14,7 +14,7 @@ from torch import nn
 
 from ..nn.base import peft_layers
 from ..nn.lora import InitLoraWeights, LoRALinear, is_lora_target, validate_lora_hyperparameters
-from .targets import TargetModules, find_target_modules, replace_modules
+from .targets import TargetModules, find_target_modules, replace_modules, set_submodule
 
 def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
                lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -73,11 +73,63 @@ def lora_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for _, m in lora_modules(model) for p in m.peft_parameters()]
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (inference without LoRA overhead)."""
-    for _, m in lora_modules(model):
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold every LoRA update into its base weight (inference without LoRA overhead); returns ``model``.
+
+    ``unload=False`` keeps the LoRA layers (merged; ``unmerge_lora`` undoes it).
+    ``unload=True`` also puts plain layers back, so the model has its original
+    architecture and ``save_pretrained`` / ``from_pretrained`` round-trip the
+    merged weights: a ``LoRALinear`` becomes its own base ``nn.Linear`` /
+    ``Conv1D`` holding ``W + s·BA``; a ``QLoRALinear`` becomes a dense
+    ``nn.Linear`` with ``dequant(W) + s·BA`` in the original weight's dtype
+    (``QLoRALinear.to_dense_linear``). The LoRA parameters are dropped.
+    """
+    if not isinstance(unload, bool):
+        raise TypeError(f"unload must be a bool, got {type(unload).__name__}")
+    layers = lora_modules(model)
+    if unload:
+        _check_not_root(layers)
+        _swap_back(model, [(name, layer, _merged_plain_layer(layer)) for name, layer in layers])
+        return model
+    for _, m in layers:
         m.merge()
     return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove every LoRA layer without merging: each goes back to its base layer; returns ``model``.
+
+    A ``LoRALinear`` gives back its base ``nn.Linear``/``Conv1D`` (unmerged
+    first if it was merged), a ``QLoRALinear`` its frozen ``NF4Linear``. For
+    serving with the update folded in, use ``merge_lora(model, unload=True)``.
+    """
+    layers = lora_modules(model)
+    _check_not_root(layers)
+    for _, layer in layers:
+        layer.unmerge()
+    _swap_back(model, [(name, layer, layer.base_layer) for name, layer in layers])
+    return model
+
+
+def _check_not_root(layers) -> None:
+    if any(name == "" for name, _ in layers):
+        raise ValueError("model itself is a LoRA layer and cannot replace itself; use its base_layer "
+                         "(after merge()) or to_dense_linear()")
+
+
+def _merged_plain_layer(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, LoRALinear):
+        layer.merge()
+        return layer.base_layer
+    if hasattr(layer, "to_dense_linear"):
+        return layer.to_dense_linear()
+    raise TypeError(f"{type(layer).__name__} cannot be merged and unloaded")
+
+
+def _swap_back(model: nn.Module, swaps) -> None:
+    """Put each replacement at its layer's place (deepest first: a LoRA layer inside another's base)."""
+    for name, _, replacement in sorted(swaps, key=lambda s: s[0].count("."), reverse=True):
+        set_submodule(model, name, replacement)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:

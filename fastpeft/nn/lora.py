@@ -16,11 +16,12 @@ weight stored ``[in, out]``, i.e. ``fan_in_fan_out``). For ``Conv1D`` the op
 receives ``weight.t()``, a transposed view: no copy is made (the CPU path
 multiplies by its transpose again, which is the contiguous original).
 
-Dtypes: the op needs one dtype for all operands. When the LoRA parameters have
-a different dtype from the input (e.g. fp32 adapters on a bf16 model), they
-are cast to the input's dtype for the call; the cast is differentiable, so the
-gradients still land in the fp32 parameters (in their dtype). The base weight
-must already have the input's dtype, as for a plain ``nn.Linear``.
+Dtypes: the op needs one dtype for all operands, the compute dtype: the
+autocast dtype inside ``torch.autocast`` (torch's rule for ``linear``), else
+the input's dtype. Parameters of another dtype (fp32 adapters on a bf16 model,
+bf16 activations into an fp32 layer) are cast to it for the call; the cast is
+differentiable, so gradients still land in the parameters, in their dtype.
+The output has the compute dtype.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops._autocast import autocast_dtype
 from ..ops.lora import lora_linear
 from .base import PeftLayer
 
@@ -125,6 +127,16 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a LoRA layer computes in for input x: autocast's for ``linear`` when active, else x's."""
+    return autocast_dtype(x) or x.dtype
+
+
+def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in ``dtype`` (a differentiable cast, so gradients reach ``t`` in its own dtype); None stays None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class LoraLayer(PeftLayer):
     """What every LoRA-kind layer shares: the ``lora_A``/``lora_B`` pair, its hyperparameters and init.
 
@@ -160,11 +172,9 @@ class LoraLayer(PeftLayer):
         return [self.lora_A.weight, self.lora_B.weight]
 
     def lora_weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` in x's dtype: a differentiable cast when they differ, so grads land in the parameters."""
-        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
-        if lora_A.dtype != x.dtype:
-            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        return lora_A, lora_B
+        """``(A, B)`` in the compute dtype for x (``compute_dtype``): a differentiable cast when needed."""
+        dtype = compute_dtype(x)
+        return cast_to(self.lora_A.weight, dtype), cast_to(self.lora_B.weight, dtype)
 
     @torch.no_grad()
     def delta_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -227,11 +237,13 @@ class LoRALinear(LoraLayer):
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        weight, bias = cast_to(self._base_weight_out_in(), dtype), cast_to(self.base_layer.bias, dtype)
         if self._merged:
-            return F.linear(x, self._base_weight_out_in(), self.base_layer.bias)
+            return F.linear(cast_to(x, dtype), weight, bias)
         lora_A, lora_B = self.lora_weights_for(x)
-        return lora_linear(x, self._base_weight_out_in(), lora_A, lora_B, self.scaling,
-                           bias=self.base_layer.bias, dropout_p=self.lora_dropout, training=self.training)
+        return lora_linear(x, weight, lora_A, lora_B, self.scaling,
+                           bias=bias, dropout_p=self.lora_dropout, training=self.training)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

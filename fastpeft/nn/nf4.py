@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops._autocast import autocast_dtype
 from ..ops.nf4 import nf4_linear
 from ..quant.nf4 import NF4Weight
 
@@ -132,10 +133,12 @@ class NF4Linear(nn.Module):
         return self.nf4_weight.dequantize(dtype)
 
     def bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The bias in x's dtype (a differentiable cast when they differ)."""
-        if self.bias is None or self.bias.dtype == x.dtype:
+        """The bias in the compute dtype for x: autocast's for ``linear`` when active, else x's
+        (a differentiable cast when they differ)."""
+        dtype = autocast_dtype(x) or x.dtype
+        if self.bias is None or self.bias.dtype == dtype:
             return self.bias
-        return self.bias.to(x.dtype)
+        return self.bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.nf4_weight, self.bias_for(x))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.qlora import qlora_linear
-from .lora import InitLoraWeights, LoraLayer, check_lora_dtype, validate_lora_hyperparameters
+from .lora import InitLoraWeights, LoraLayer, cast_to, check_lora_dtype, compute_dtype, validate_lora_hyperparameters
 from .nf4 import NF4Linear
 
 
@@ -63,7 +63,8 @@ class QLoRALinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
-            return F.linear(x, self._merged_weight.to(x.dtype), self.base_layer.bias_for(x))
+            dtype = compute_dtype(x)
+            return F.linear(cast_to(x, dtype), self._merged_weight.to(dtype), cast_to(self.base_layer.bias, dtype))
         lora_A, lora_B = self.lora_weights_for(x)
         return qlora_linear(x, self.base_layer.nf4_weight, lora_A, lora_B, self.scaling,
                             bias=self.base_layer.bias_for(x), dropout_p=self.lora_dropout, training=self.training)

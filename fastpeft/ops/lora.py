@@ -29,6 +29,7 @@ from .._backend import Backend, select_backend
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
                            check_scaling, check_tensor)
 from . import lora_cpu
+from ._autocast import autocast_inputs, autocast_off
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import check_seed, draw_seed, seed_value
@@ -90,6 +91,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
+            return LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         need = needs(ctx, LORA_INPUTS)
         dy2d = dy.reshape(-1, dy.shape[-1])
@@ -114,14 +120,21 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     ``bias [N]``; all on one device and of one floating dtype (fp32, fp16, bf16;
     fp64 on the CPU path). Dropout is applied only when ``training`` is true.
     Returns ``[..., N]`` in x's dtype.
+
+    Under ``torch.autocast`` the op casts like torch's ``linear``: x, weight,
+    bias and the LoRA pair run in the autocast dtype (gradients flow back to
+    each input in its own dtype); see ``fastpeft.ops._autocast`` for why the
+    cast is explicit at this entry.
     """
+    x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
     _validate(x, weight, lora_A, lora_B, bias)
     scaling = check_scaling("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    with autocast_off(x.device.type):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _validate(x, weight, lora_A, lora_B, bias) -> None:

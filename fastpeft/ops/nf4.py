@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .._validation import FLOAT_DTYPES, check_dim, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
+from ._autocast import autocast_inputs, autocast_off
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation
 from .nf4_cpu import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
@@ -78,6 +79,11 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
+            return NF4LinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         packed, absmax, code = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, NF4_INPUTS)
@@ -99,7 +105,11 @@ def nf4_linear(x: Tensor, w_nf4: NF4Weight, bias: Optional[Tensor] = None) -> Te
     (fp64 too on the CPU path); the weight is dequantized to x's dtype (bit-equal
     to bitsandbytes) and products accumulate in fp32. Returns ``[..., N]``.
     Gradients flow to x and bias; the NF4 weight is frozen.
+
+    Under ``torch.autocast`` x and bias are cast like torch's ``linear`` casts
+    its inputs (``fastpeft.ops._autocast``); the weight is dequantized to that dtype.
     """
+    x, bias = autocast_inputs(x, bias)
     validate_nf4_weight("w_nf4", w_nf4)
     n, k = w_nf4.shape
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -111,8 +121,9 @@ def nf4_linear(x: Tensor, w_nf4: NF4Weight, bias: Optional[Tensor] = None) -> Te
         check_dim("bias", bias.shape[0], n, "length (out_features)")
     check_same_device("x", x, w_nf4=w_nf4.packed, bias=bias)
     check_same_dtype("x", x, bias=bias)
-    return NF4LinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k,
-                                   w_nf4.blocksize, bias)
+    with autocast_off(x.device.type):
+        return NF4LinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k,
+                                       w_nf4.blocksize, bias)
 
 
 def validate_nf4_weight(name: str, w) -> None:

@@ -26,6 +26,7 @@ from .._validation import FLOAT_DTYPES, check_lora_adapter, check_probability, c
     check_tensor
 from ..quant.nf4 import NF4Weight
 from . import lora_cpu
+from ._autocast import autocast_inputs, autocast_off
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
@@ -99,6 +100,11 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
+            return QLoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2d, packed, absmax, code, lora_A, lora_B, h, seed = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, QLORA_INPUTS)
@@ -124,7 +130,12 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
     x, lora_A, lora_B and bias share one device and floating dtype (fp32, fp16,
     bf16; fp64 on the CPU path). Dropout is applied only when ``training``.
     Gradients flow to x, lora_A, lora_B and bias. Returns ``[..., N]``.
+
+    Under ``torch.autocast`` x, bias and the LoRA pair are cast like torch's
+    ``linear`` casts its inputs (``fastpeft.ops._autocast``); the NF4 weight is
+    dequantized to that dtype.
     """
+    x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
     validate_nf4_weight("w_nf4", w_nf4)
     n, k = w_nf4.shape
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -137,5 +148,6 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
-    return QLoRALinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize,
-                                     bias, lora_A, lora_B, scaling, dropout_p, seed)
+    with autocast_off(x.device.type):
+        return QLoRALinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize,
+                                         bias, lora_A, lora_B, scaling, dropout_p, seed)

@@ -238,10 +238,15 @@ def test_bad_base_layer(base):
         LoRALinear.from_linear(base)
 
 
-def test_input_dtype_mismatch_with_base_is_rejected():
-    layer = LoRALinear.from_linear(_base("linear"), r=R)
-    with pytest.raises(TypeError, match="dtype"):
-        layer(torch.randn(2, IN, dtype=torch.float64))
+def test_input_dtype_other_than_the_base_computes_in_the_input_dtype():
+    # Outside autocast the compute dtype is x's (tests/test_autocast.py covers bf16 and autocast).
+    layer = LoRALinear.from_linear(_base("linear"), r=R, init_lora_weights=False)
+    x = torch.randn(2, IN, dtype=torch.float64)
+    out = layer(x)
+    assert out.dtype == torch.float64
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    expected = x @ w.t() + b + layer.scaling * (x @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -45,6 +45,7 @@ from torch import nn
 
 from ...nn.lora import conv1d_class
 from ...ops import lora_linear
+from ...ops._autocast import autocast_dtype
 
 
 class _FusedLoraTargetMeta(type):
@@ -95,8 +96,11 @@ class FastLoraLinear(PeftLoraLinear):
         adapter = active[0]
         if adapter in self.lora_variant or self.lora_bias.get(adapter, False):
             return None
-        if not isinstance(x, torch.Tensor) or x.dtype != self.get_base_layer().weight.dtype:
+        if not isinstance(x, torch.Tensor):
             return None
+        if x.dtype != self.get_base_layer().weight.dtype and autocast_dtype(x) is None:
+            return None  # outside autocast, mixed dtypes keep PEFT's behaviour
+        return adapter
         return adapter
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
