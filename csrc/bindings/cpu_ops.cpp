@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "fastpeft/nf4_codec.h"
+#include "../cpu/nf4_bf16_kernels.h"
 #include "../cpu/nf4_cpu_kernels.h"
 
 namespace fastpeft {
@@ -215,6 +216,101 @@ Tensor nf4_matmul_transposed(const Tensor& dy, const Tensor& packed, const Tenso
   return dy.scalar_type() == at::kFloat ? dx : dx.to(dy.scalar_type());
 }
 
+// ---- bf16 matmuls: W dequantized to bf16 tile by tile, then torch's bf16 GEMM ------------
+// (oneDNN: AMX / AVX512-BF16 where the CPU has them, fp32 accumulation). Each output element comes
+// from one GEMM over the whole reduction, so nothing is rounded to bf16 before the end.
+
+// bf16 elements of W dequantized per tile (16 MiB): W up to this size is dequantized once per call.
+constexpr int64_t kBf16TileElements = int64_t{1} << 23;
+
+void check_bf16(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name, " must be bfloat16 for the bf16 NF4 path, got ",
+                   t.scalar_type());
+}
+
+// A [rows, cols] view over the front of `buffer` holding W[r0:r0+rows, c0:c0+cols] in bf16.
+Tensor dequantize_bf16_into(const Tensor& buffer, const Tensor& packed, const Tensor& absmax, int64_t K,
+                            int64_t blocksize, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+  Tensor tile = buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+  cpu::nf4_dequantize_tile_bf16(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), K, blocksize, r0, r0 + rows,
+                                c0, c0 + cols, tile.data_ptr<at::BFloat16>(), cols);
+  return tile;
+}
+
+Tensor nf4_dequantize_bf16_tile(const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K, int64_t blocksize,
+                                int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  TORCH_CHECK_VALUE(0 <= row_begin && row_begin <= row_end && row_end <= N, "rows [", row_begin, ", ", row_end,
+                    ") are not inside [0, ", N, ")");
+  TORCH_CHECK_VALUE(0 <= col_begin && col_begin <= col_end && col_end <= K, "columns [", col_begin, ", ", col_end,
+                    ") are not inside [0, ", K, ")");
+  TORCH_CHECK_VALUE(col_begin % cpu::kBf16TileColumnAlign == 0 && col_end % cpu::kBf16TileColumnAlign == 0,
+                    "columns [", col_begin, ", ", col_end, ") must start and end on multiples of ",
+                    cpu::kBf16TileColumnAlign);
+  const int64_t rows = row_end - row_begin, cols = col_end - col_begin;
+  Tensor out = new_output({rows, cols}, packed.options().dtype(at::kBFloat16));
+  if (rows == 0 || cols == 0) return out;
+  return dequantize_bf16_into(out, packed, absmax, K, blocksize, row_begin, rows, col_begin, cols);
+}
+
+Tensor nf4_matmul_bf16(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                       int64_t blocksize, const c10::optional<Tensor>& bias) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(x, "x", K, "K");
+  check_bf16(x, "x");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_cpu(*bias, "bias");
+    check_bf16(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, ",), got ", bias->sizes());
+  }
+  const int64_t M = x.size(0);
+  if (M == 0) return new_output({0, N}, x.options());
+  const Tensor xc = x.contiguous();
+  const int64_t rows = std::min(N, std::max<int64_t>(16, kBf16TileElements / K));
+  Tensor buffer = new_output({rows, K}, x.options());
+  auto panel_product = [&](int64_t n0, int64_t r) {
+    const Tensor w = dequantize_bf16_into(buffer, packed, absmax, K, blocksize, n0, r, 0, K);
+    return has_bias ? at::addmm(bias->narrow(0, n0, r), xc, w.t()) : at::mm(xc, w.t());
+  };
+  if (rows == N) return panel_product(0, N);
+  Tensor y = new_output({M, N}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t r = std::min(rows, N - n0);
+    y.narrow(1, n0, r).copy_(panel_product(n0, r));
+  }
+  return y;
+}
+
+Tensor nf4_matmul_transposed_bf16(const Tensor& dy, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                                  int64_t blocksize) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(dy, "dy", N, "N");
+  check_bf16(dy, "dy");
+  const int64_t M = dy.size(0);
+  if (M == 0) return new_output({0, K}, dy.options());
+  const Tensor g = dy.contiguous();
+  // column tiles of W (all N rows): each dx column is one GEMM over all of N
+  const int64_t align = cpu::kBf16TileColumnAlign;
+  const int64_t cols = std::min(K, std::max(align, kBf16TileElements / N / align * align));
+  Tensor buffer = new_output({N, cols}, dy.options());
+  if (cols == K) return at::mm(g, dequantize_bf16_into(buffer, packed, absmax, K, blocksize, 0, N, 0, K));
+  Tensor dx = new_output({M, K}, dy.options());
+  for (int64_t c0 = 0; c0 < K; c0 += cols) {
+    const int64_t c = std::min(cols, K - c0);
+    dx.narrow(1, c0, c).copy_(at::mm(g, dequantize_bf16_into(buffer, packed, absmax, K, blocksize, 0, N, c0, c)));
+  }
+  return dx;
+}
+
+bool bf16_simd_enabled() { return cpu::bf16_simd_enabled(); }
+
 // ---- the shared header, exposed element by element for tests --------------------
 
 Tensor codec_encode(const Tensor& scaled) {
@@ -281,6 +377,11 @@ TORCH_LIBRARY(fastpeft_native, m) {
   m.def("codec_unpack(Tensor packed, int numel) -> Tensor");
   m.def("codec_table() -> Tensor", &fastpeft::codec_table);
   m.def("simd_enabled() -> bool", &fastpeft::simd_enabled);
+  m.def("nf4_dequantize_bf16_tile(Tensor packed, Tensor absmax, int N, int K, int blocksize, int row_begin, "
+        "int row_end, int col_begin, int col_end) -> Tensor");
+  m.def("nf4_matmul_bf16(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_transposed_bf16(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
+  m.def("bf16_simd_enabled() -> bool", &fastpeft::bf16_simd_enabled);
   m.def("set_output_poison(bool on) -> bool", &fastpeft::set_output_poison);
 }
 
@@ -291,6 +392,9 @@ TORCH_LIBRARY_IMPL(fastpeft_native, CPU, m) {
   m.impl("nf4_dequantize", &fastpeft::nf4_dequantize);
   m.impl("nf4_matmul", &fastpeft::nf4_matmul);
   m.impl("nf4_matmul_transposed", &fastpeft::nf4_matmul_transposed);
+  m.impl("nf4_dequantize_bf16_tile", &fastpeft::nf4_dequantize_bf16_tile);
+  m.impl("nf4_matmul_bf16", &fastpeft::nf4_matmul_bf16);
+  m.impl("nf4_matmul_transposed_bf16", &fastpeft::nf4_matmul_transposed_bf16);
   m.impl("codec_encode", &fastpeft::codec_encode);
   m.impl("codec_decode", &fastpeft::codec_decode);
   m.impl("codec_unpack", &fastpeft::codec_unpack);

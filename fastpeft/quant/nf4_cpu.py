@@ -8,7 +8,16 @@
   pure-torch reference in ``nf4.py`` and to bitsandbytes.
 
 Activations may be float32, float16 or bfloat16 with any leading dims; the
-kernels compute in fp32 and return x's dtype. Matmuls need K % blocksize == 0.
+kernels accumulate in fp32 and return x's dtype. Matmuls need K % blocksize == 0.
+
+bf16 path (``BF16_GEMM_MIN_ROWS`` rows or more; ``BF16_GEMM_MIN_ROWS_TRANSPOSED``
+for the input gradient): W is dequantized to bf16 (bit-equal to
+``NF4Weight.dequantize(torch.bfloat16)``, AVX-512 table lookups, up to 16 MiB
+of bf16 W per tile, nothing cached between calls) and multiplied by torch's
+bf16 GEMM (oneDNN: AMX / AVX512-BF16 with fp32 accumulation), so the error is
+plain torch bf16's on the dequantized weight. Fewer rows keep the fused fp32
+decode GEMV, which reads only the packed bytes.
+MEASUREMENTS_PLACEHOLDER
 The extension is compiled on first call (see fastpeft/_native).
 """
 from __future__ import annotations
@@ -23,6 +32,12 @@ from .nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_qua
                   signed_dynamic_map)
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# bf16 activations with at least this many rows take the bf16 path (W dequantized to bf16 in tiles, then
+# torch's bf16 GEMM); fewer rows keep the fused fp32 decode GEMV (it reads the packed W once). See the
+# module docstring for the measurements behind these numbers.
+BF16_GEMM_MIN_ROWS = 9
+BF16_GEMM_MIN_ROWS_TRANSPOSED = 5
 
 
 def _check_weight(w) -> NF4Weight:
@@ -74,6 +89,8 @@ def nf4_matmul_packed(x2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: in
     ``fastpeft.ops.nf4`` calls this per step; skipping the container and its
     checks saves about 40 µs a call, a twentieth of a 4096² decode GEMV.
     """
+    if x2d.dtype == torch.bfloat16 and x2d.shape[0] >= BF16_GEMM_MIN_ROWS:
+        return _native.op("nf4_matmul_bf16")(x2d, packed, absmax, n, k, blocksize, bias)
     return _native.op("nf4_matmul")(x2d, packed, absmax, n, k, blocksize, bias)
 
 
@@ -89,6 +106,8 @@ def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:
 def nf4_matmul_transposed_packed(dy2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: int,
                                  blocksize: int) -> Tensor:
     """``nf4_matmul_transposed`` on raw state (fp32 ``absmax``), unchecked: see ``nf4_matmul_packed``."""
+    if dy2d.dtype == torch.bfloat16 and dy2d.shape[0] >= BF16_GEMM_MIN_ROWS_TRANSPOSED:
+        return _native.op("nf4_matmul_transposed_bf16")(dy2d, packed, absmax, n, k, blocksize)
     return _native.op("nf4_matmul_transposed")(dy2d, packed, absmax, n, k, blocksize)
 
 

@@ -1,0 +1,31 @@
+// NF4 -> bfloat16 dequantization of a tile of W, for the bf16 CPU path (dequantize, then a bf16 GEMM).
+//
+// Each element is the format's exact value bf16(fp32(code[q] * absmax)) (docs/architecture.md, "NF4 and
+// bitsandbytes"), rounded to nearest-even as c10::BFloat16 rounds (subnormals kept, NaN -> 0x7FC0), so the
+// tile is bit-equal to NF4Weight.dequantize(torch.bfloat16) (NaN for NaN; torch may pick other NaN bits).
+// Raw pointers, OpenMP over rows.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+
+namespace fastpeft {
+namespace cpu {
+
+// Columns of a tile start and end on multiples of this (K % blocksize == 0 and blocksize >= 64 make every
+// 64-element group of a row lie inside one block).
+constexpr std::int64_t kBf16TileColumnAlign = 64;
+
+// out[(n - row_begin) * ld_out + (k - col_begin)] = dequant(W)[n, k] for n in [row_begin, row_end),
+// k in [col_begin, col_end). W is [N, K] row-major NF4 with K % blocksize == 0; col_begin and col_end are
+// multiples of kBf16TileColumnAlign (col_end may also be K).
+void nf4_dequantize_tile_bf16(const std::uint8_t* packed, const float* absmax, std::int64_t K,
+                              std::int64_t blocksize, std::int64_t row_begin, std::int64_t row_end,
+                              std::int64_t col_begin, std::int64_t col_end, c10::BFloat16* out, std::int64_t ld_out);
+
+// True when this build dequantizes to bf16 with AVX-512 (otherwise a portable scalar loop).
+bool bf16_simd_enabled();
+
+}  // namespace cpu
+}  // namespace fastpeft
