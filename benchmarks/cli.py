@@ -2,12 +2,17 @@
 
 The device is the GPU when torch sees one, else the CPU (``--device`` picks);
 the default level fits in a few minutes on a 2-core CPU, ``--quick`` is a smoke
-run, ``--full`` adds ranks and shapes. Exit status 1 when a fastpeft provider
-raised or disagreed with the reference, 0 otherwise.
+run, ``--full`` adds ranks and shapes. Each run writes a new folder
+(``benchmarks/results/<device tag>-<UTC time>/``, ignored by git, or ``--out``)
+and touches nothing else unless asked (``--update-readme``). Per-op tables print
+as each op finishes; the headline tables and any warning about flagged headline
+rows print last. Exit status 1 when a fastpeft provider raised or disagreed
+with the float64 reference, 0 otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -15,19 +20,25 @@ from pathlib import Path
 
 import torch
 
-from . import machine
-from .ceilings import measure_ceilings
+from . import machine, readme
+from .ceilings import matmul_text, measure_ceilings
 from .harness import POLICIES
-from .kernel_report import kernel_report
+from .kernel_report import kernel_report, previous_results
 from .ops import OP_MODULES, load_ops
-from .outputs import summary_markdown, write_csv, write_json, write_kernel_report_csv
+from .outputs import (flag_lines, headline_sections, summary_markdown, write_csv, write_json,
+                      write_kernel_report_csv)
 from .plots import plot_all
-from .runner import failures_in, plan, run_task, selected_providers
+from .runner import (DTYPES, add_flags, add_speedups, failures_in, flagged, headline_rows, plan, run_task,
+                     selected_providers)
 from .spec import MODES
-from .tables import headline_table, kernel_report_table, op_mode_table, render_text
+from .tables import LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, op_mode_table, render_text
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESULTS_ENV = "FASTPEFT_BENCH_RESULTS"  # folder that new run folders go in (default benchmarks/results)
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def results_root() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_ROOT)
 
 
 def _int_list(text: str) -> list:
@@ -59,10 +70,21 @@ def parse_args(argv):
     p.add_argument("--dims", type=_dims, action="append",
                    help="shape group, e.g. K=N=1024,r=16 (repeatable; replaces the level's)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES,
+                   help="input dtypes to run (default: each op's; CPU: float32 and bfloat16 for lora, nf4 and qlora, "
+                        "float32 otherwise; CUDA: bfloat16)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
-    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device tag>)")
-    p.add_argument("--no-kernel-report", action="store_true", help="skip the ahead-of-time kernel report")
+    p.add_argument("--out", type=Path,
+                   help=f"output folder (default: a new benchmarks/results/<device tag>-<UTC time>/, or under "
+                        f"${RESULTS_ENV}); --out benchmarks/results/<tag> replaces a committed set")
+    p.add_argument("--update-readme", action="store_true",
+                   help="rewrite README.md's benchmark block (headline tables) from this run; needs "
+                        "--out benchmarks/results/<tag>")
+    report = p.add_mutually_exclusive_group()
+    report.add_argument("--kernel-report", dest="kernel_report", action="store_true", default=None,
+                        help="compile the ahead-of-time kernel report (default: only on a GPU machine)")
+    report.add_argument("--no-kernel-report", dest="kernel_report", action="store_false",
+                        help="skip the ahead-of-time kernel report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -74,34 +96,46 @@ def _echo(progress, text: str) -> None:
         print(text, flush=True)
 
 
+def new_run_folder(device: torch.device) -> Path:
+    root = results_root()
+    out = root / machine.run_folder_name(device)
+    n = 1
+    while out.exists():  # two runs in one second
+        n += 1
+        out = root / f"{machine.run_folder_name(device)}-{n}"
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = machine.choose_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else machine.default_dtype(device)
+    out_dir = args.out or new_run_folder(device)
+    readme_target = readme.check_target(out_dir, device.type) if args.update_readme else None
     policy = POLICIES[(device.type, args.level)]
-    out_dir = args.out or RESULTS_ROOT / machine.device_tag(device)
+    ops = load_ops(args.op)
+    tasks = plan(ops, device.type, args.level, args.modes, args.tokens, args.dims,
+                 machine.default_dtype(device), args.dtype)
+    dtypes = list(dict.fromkeys(t.dtype for t in tasks))
+    dtype_names = [str(d).replace("torch.", "") for d in dtypes]
+    providers = {op.name: selected_providers(op, args.providers) for op in ops}
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = machine.metadata(device, dtype, shlex.join(["python", "-m", "benchmarks", *argv]))
+    meta = machine.metadata(device, dtype_names, shlex.join(["python", "-m", "benchmarks", *argv]))
     meta["level"] = args.level
+    meta["ops"] = [{"name": op.name, "title": op.title, "modes": list(op.modes)} for op in ops]
     started = time.perf_counter()
 
     print(f"fastpeft benchmarks: {meta['device_name']} ({device}, threads={meta['torch_threads']}), "
-          f"{meta['dtype']}, level {args.level}, fastpeft backend {meta['fastpeft_backend']}", flush=True)
-    if device.type == "cpu" and meta["triton_interpret"] == "1":
-        print("WARNING: TRITON_INTERPRET=1: fastpeft may run its Triton kernels in the interpreter; "
-              "these times say nothing about speed.", flush=True)
-
-    ops = load_ops(args.op)
-    tasks = plan(ops, device.type, args.level, args.modes, args.tokens, args.dims)
-    providers = {op.name: selected_providers(op, args.providers) for op in ops}
+          f"{', '.join(dtype_names)}, level {args.level}, fastpeft backend {meta['fastpeft_backend']}; "
+          f"writing {out_dir}", flush=True)
+    _warn_about_machine(device, meta)
 
     print("measuring ceilings (big copy, big read, big matmul)...", flush=True)
-    ceilings = measure_ceilings(device, dtype, args.level, policy)
-    print(f"  copy {ceilings.copy_gbps:.1f} GB/s, read {ceilings.read_gbps:.1f} GB/s, {ceilings.matmul_dtype} matmul "
-          f"{ceilings.matmul_gflops:.0f} GFLOP/s", flush=True)
+    ceilings = measure_ceilings(device, dtypes, args.level, policy)
+    print(f"  copy {ceilings.copy_gbps:.1f} GB/s, read {ceilings.read_gbps:.1f} GB/s, "
+          f"{matmul_text(ceilings.as_dict())}", flush=True)
 
     progress = None
     if not args.no_progress:
@@ -112,58 +146,87 @@ def main(argv=None) -> int:
     rows = []
     for i, task in enumerate(tasks):
         if progress is not None and progress.disable:  # not a terminal: one plain line per task instead
-            print(f"[{i + 1}/{len(tasks)}] {task.op.name} {task.mode} {task.op.shape_label(task.shape)}", flush=True)
-        rows += run_task(task, providers[task.op.name], device, dtype, policy, ceilings, progress)
+            print(f"[{i + 1}/{len(tasks)}] {task.op.name} {task.mode} {str(task.dtype).replace('torch.', '')} "
+                  f"{task.op.shape_label(task.shape)}", flush=True)
+        rows += run_task(task, providers[task.op.name], device, policy, ceilings, progress)
         if i + 1 == len(tasks) or tasks[i + 1].op is not task.op:
-            _print_op(task.op, rows, dtype, device, meta, progress)
+            add_speedups(task.op, rows)
+            add_flags([r for r in rows if r["op"] == task.op.name])
+            _print_op(task.op, rows, device, meta, progress)
     if progress is not None:
         progress.close()
-    for op in ops:
-        if op.headline and any(r["op"] == op.name for r in rows):
-            print(f"\nHeadline: {op.title}\n" + render_text(*headline_table(op, rows)), flush=True)
 
-    report = {"unavailable": "skipped (--no-kernel-report)"}
-    if not args.no_kernel_report:
-        print("kernel report (sm_80, sm_90): compiling, or reusing an unchanged one...", flush=True)
-        report = kernel_report(out_dir / "results.json")
-    _print_kernel_report(report)
-
+    report = _kernel_report(args.kernel_report, device, out_dir)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    plots = plot_all(rows, [{"name": op.name, "title": op.title, "modes": op.modes} for op in ops], out_dir,
-                     f"{meta['device_name']}, {meta['dtype']}")
+    meta["load_avg_after"] = machine.load_average()
+    plots = plot_all(rows, meta["ops"], out_dir, meta["device_name"])
+    flagged_headline = flagged(headline_rows(ops, rows))
     write_csv(out_dir / "results.csv", rows)
     write_json(out_dir / "results.json", meta, ceilings.as_dict(), rows, report)
     write_kernel_report_csv(out_dir / "kernel_report.csv", report)
-    (out_dir / "summary.md").write_text(summary_markdown(ops, rows, meta, ceilings.as_dict(), report, plots))
-    print(f"\nwrote {out_dir}/results.csv, results.json, summary.md" + "".join(f", {p.name}" for p in plots)
+    (out_dir / "summary.md").write_text(summary_markdown(ops, rows, meta, ceilings.as_dict(), report, plots,
+                                                         flagged_headline))
+    print("\n" + kernel_report_line(report, out_dir / "kernel_report.csv" if "rows" in report else None), flush=True)
+    print(f"wrote {out_dir}/results.csv, results.json, summary.md" + "".join(f", {p.name}" for p in plots)
           + f" in {meta['wall_s']:.0f} s", flush=True)
+    if readme_target is not None:
+        readme.write(device.type, readme.block(readme_target, meta, ceilings.as_dict(),
+                                               headline_sections(ops, rows)))
+        print(f"rewrote the {device.type} benchmark block of {readme.README} from {readme_target}", flush=True)
 
+    _print_headlines(ops, rows)
+    for line in flag_lines(flagged_headline, limit=10, where=f" (all in {out_dir / 'summary.md'})"):
+        print(line, flush=True)
     failures = failures_in(rows)
     for r in failures:
-        print(f"FAILED: {r['op']} {r['mode']} {r['shape']} {r['provider']}: {r['status']}: {r['note']}",
+        print(f"FAILED: {r['op']} {r['mode']} {r['dtype']} {r['shape']} {r['provider']}: {r['status']}: {r['note']}",
               file=sys.stderr)
     return 1 if failures else 0
 
 
-def _print_op(op, rows, dtype, device, meta, progress) -> None:
+def _warn_about_machine(device, meta) -> None:
+    if device.type == "cpu" and meta["triton_interpret"] == "1":
+        print("WARNING: TRITON_INTERPRET=1: fastpeft may run its Triton kernels in the interpreter; "
+              "these times say nothing about speed.", flush=True)
+    load = meta.get("load_avg_before")
+    if device.type == "cpu" and load and load[0] > 0.5 * (meta["cpu_count"] or 1):
+        print(f"WARNING: load average {load[0]:.2f} on {meta['cpu_count']} CPUs: other work is running; "
+              f"times will be noisy.", flush=True)
+
+
+def _kernel_report(asked, device, out_dir: Path) -> dict:
+    if asked is False:
+        return {"unavailable": "skipped (--no-kernel-report)"}
+    if asked is None and device.type != "cuda":
+        return {"unavailable": "skipped on a machine without a GPU (--kernel-report runs it)"}
+    print("kernel report (sm_80, sm_90): compiling, or reusing an unchanged one...", flush=True)
+    return kernel_report(previous_results(out_dir, RESULTS_ROOT, results_root()))
+
+
+def _print_op(op, rows, device, meta, progress) -> None:
     threads = f", threads={meta['torch_threads']}" if device.type == "cpu" else ""
-    for mode in op.modes:
-        header, body, notes = op_mode_table(op, mode, rows)
-        if not body:
+    for dtype in dtypes_in(rows, op.name):
+        for mode in op.modes:
+            header, body, notes = op_mode_table(op, mode, rows, dtype)
+            if not body:
+                continue
+            text = [f"\n{op.title} - {mode} - {dtype} on {device}{threads}",
+                    render_text(header, body)] + [f"  {n}" for n in notes]
+            _echo(progress, "\n".join(text))
+
+
+def _print_headlines(ops, rows) -> None:
+    printed = False
+    for op in ops:
+        if not op.headline:
             continue
-        text = [f"\n{op.title} - {mode} - {str(dtype).replace('torch.', '')} on {device}{threads}",
-                render_text(header, body)] + [f"  {n}" for n in notes]
-        _echo(progress, "\n".join(text))
-
-
-def _print_kernel_report(report: dict) -> None:
-    if "rows" in report:
-        header, body = kernel_report_table(report["rows"])
-        origin = (f"reused from {report['reused_from']}, same kernel sources" if report.get("reused_from")
-                  else f"{report['seconds']:.0f} s to compile")
-        print(f"\nAhead-of-time kernel report ({origin})\n" + render_text(header, body))
-    else:
-        print(f"\nkernel report not included: {report['unavailable']}")
+        for dtype in dtypes_in(rows, op.name):
+            header, body = headline_table(op, rows, dtype)
+            if body:
+                print(f"\nHeadline: {headline_title(op, dtype)}\n" + render_text(header, body), flush=True)
+                printed = True
+    if printed:
+        print(f"\n{LEGEND}", flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,9 +6,11 @@ fails, the suite says so in its output instead of leaving the report out
 silently.
 
 Compiling every config takes minutes on a small CPU, so a report is reused
-from an earlier results.json in the same output folder when its fingerprint
-(triton version, arches, and the bytes of every kernel source and of the
-report tool) is unchanged; the output says when it was reused.
+from an earlier results.json (any result folder under benchmarks/results) when
+its fingerprint (triton version, arches, and the bytes of every kernel source
+and of the report tool) is unchanged; the output says when it was reused. The
+suite runs it by default on a GPU machine only (``--kernel-report`` asks for it
+anywhere) and prints it as one line; the rows go to kernel_report.csv.
 """
 from __future__ import annotations
 
@@ -42,15 +44,30 @@ def _cached(previous_json: Path, key: str):
     return report if isinstance(report, dict) and report.get("fingerprint") == key and "rows" in report else None
 
 
-def kernel_report(previous_json: Path = None) -> dict:
-    """``{"rows": [...], "seconds": s, "fingerprint": f, "reused_from": path-or-None}`` or ``{"unavailable": reason}``."""
+def previous_results(*folders: Path) -> list:
+    """results.json files in ``folders`` and in their subfolders, newest first."""
+    found = []
+    for folder in folders:
+        folder = Path(folder)
+        found += [folder / "results.json"] + sorted(folder.glob("*/results.json"))
+    found = [p for p in dict.fromkeys(found) if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def kernel_report(previous=None) -> dict:
+    """``{"rows": [...], "seconds": s, "fingerprint": f, "reused_from": path-or-None}`` or ``{"unavailable": reason}``.
+
+    ``previous``: a results.json, or a list of them, whose report is reused when
+    its fingerprint matches.
+    """
     try:
         from fastpeft.tools.kernel_report import compile_report
 
         key = fingerprint()
     except Exception as exc:
         return {"unavailable": f"import fastpeft.tools.kernel_report failed: {type(exc).__name__}: {exc}"}
-    if previous_json is not None:
+    candidates = [] if previous is None else [previous] if isinstance(previous, (str, Path)) else list(previous)
+    for previous_json in candidates:
         cached = _cached(Path(previous_json), key)
         if cached is not None:
             return {**cached, "reused_from": f"{previous_json} ({cached.get('timestamp_utc', 'earlier run')})"}

@@ -1,4 +1,4 @@
-"""The machine a run is on: device choice, default dtype, and metadata for results.json."""
+"""The machine a run is on: device choice, default dtype, result folder names, and metadata for results.json."""
 from __future__ import annotations
 
 import datetime
@@ -53,6 +53,24 @@ def device_tag(device: torch.device) -> str:
     return f"cuda-{slug}"
 
 
+def run_folder_name(device: torch.device, when: Optional[datetime.datetime] = None) -> str:
+    """A new run's folder: the device tag and the UTC time, e.g. ``cpu-amd-epyc-2t-20261127T130501Z``.
+
+    ``benchmarks/.gitignore`` ignores such names under benchmarks/results, so a
+    run leaves ``git status`` clean; a committed set has a plain tag.
+    """
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    return f"{device_tag(device)}-{when.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def load_average() -> Optional[list]:
+    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown")
@@ -83,7 +101,8 @@ def fastpeft_backend(device: torch.device) -> str:
         return f"unknown ({exc})"
 
 
-def metadata(device: torch.device, dtype: torch.dtype, command: str) -> dict:
+def metadata(device: torch.device, dtypes: list, command: str) -> dict:
+    """Machine, versions, commit, the run's input dtypes (names) and the load average now (``load_avg_before``)."""
     meta = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -96,7 +115,8 @@ def metadata(device: torch.device, dtype: torch.dtype, command: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": device_name(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtypes": list(dtypes),
+        "load_avg_before": load_average(),
         "fastpeft_backend": fastpeft_backend(device),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "versions": {m: _version(m) for m in ("torch", "triton", "peft", "bitsandbytes", "transformers", "fastpeft")},

@@ -1,11 +1,15 @@
-"""Runs the suite: every (op, shape, mode, provider), one result row each.
+"""Runs the suite: every (op, dtype, shape, mode, provider), one result row each.
 
-For each (op, shape, mode) the inputs are made once and shared by all
+For each (op, dtype, shape, mode) the inputs are made once and shared by all
 providers. Each provider is built, called once untimed (compiles, caches,
-lazy init; the time is kept as ``first_call_s``), checked against the op's
-reference provider on the forward output, then timed by the harness, and its
-memory measured. Ratios (overhead over the baseline, fastpeft's speedup over
-each provider) and the fractions of the measured ceilings are added at the end.
+lazy init; the time is kept as ``first_call_s``), its forward output compared
+with a float64 run of the op's reference provider (``rel_err``, and from it the
+``compute_dtype`` it effectively used: ``benchmarks/precision.py``), then timed
+by the harness, and its memory measured. The overhead over the baseline and the
+fractions of the measured ceilings are added per case; fastpeft's speedup over
+each peer is added once all dtypes of an op have run, against the fastpeft row
+that computes at the same precision as the peer (``add_speedups``). Rows that
+are noisy or faster than a measured ceiling get ``flags`` (``add_flags``).
 
 A provider that cannot be imported gives a "not available" row; an exception
 while building or running gives an "error" row with the message. Errors of
@@ -24,10 +28,13 @@ import torch
 from .ceilings import Ceilings
 from .harness import Policy, measure
 from .memory import cuda_peak_bytes, saved_bytes
+from .precision import compute_dtype, float64_case, rel_err
 from .spec import BACKWARD, FORWARD, FORWARD_BACKWARD, Built, Case, OpBench
 
 OK, NOT_AVAILABLE, ERROR, WRONG = "ok", "not available", "error", "wrong result"
-MAX_REL_ERR = 5e-2  # forward output vs the reference provider; quantization error is far below this
+MAX_REL_ERR = 5e-2  # forward output vs the float64 reference; bf16 rounding is far below this
+NOISY_IQR_PCT = 10.0  # interquartile range over the median above which a time is flagged
+NOISY, ABOVE_CEILING = "noisy", "above ceiling"
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Task:
     op: OpBench
     shape: dict
     mode: str
+    dtype: torch.dtype
 
 
 @dataclass
@@ -71,11 +79,23 @@ def shapes_for(op: OpBench, device_type: str, level: str, tokens: Optional[list]
     return [{op.x_key: m, **g} for g in groups for m in tokens]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtypes_for(op: OpBench, device_type: str, level: str, default: torch.dtype,
+               override: Optional[list] = None) -> list:
+    """The torch dtypes to run ``op`` in: ``override`` (names) if given, else the op's, else ``default``."""
+    names = override or (op.dtypes(device_type, level) if op.dtypes is not None else None)
+    return [DTYPES[n] for n in names] if names else [default]
+
+
 def plan(ops: list, device_type: str, level: str, modes: Optional[list] = None, tokens: Optional[list] = None,
-         dims: Optional[list] = None) -> list:
-    """Every (op, shape, mode) to run, in order."""
-    return [Task(op, shape, mode)
+         dims: Optional[list] = None, default_dtype: torch.dtype = torch.float32,
+         dtypes: Optional[list] = None) -> list:
+    """Every (op, dtype, shape, mode) to run, in order (all of an op's tasks together)."""
+    return [Task(op, shape, mode, dtype)
             for op in ops
+            for dtype in dtypes_for(op, device_type, level, default_dtype, dtypes)
             for shape in shapes_for(op, device_type, level, tokens, dims)
             for mode in op.modes if modes is None or mode in modes]
 
@@ -118,11 +138,6 @@ def make_steps(built: Built, case: Case):
     raise ValueError(f"unknown mode {case.mode!r}")
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
-
-
 def _forward_output(built: Built, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return built.fn(x)
@@ -141,39 +156,59 @@ def _row(task: Task, provider, case_dtype, device, status, note="") -> dict:
                 dtype=str(case_dtype).replace("torch.", ""), device=str(device), status=status, note=note)
 
 
-def run_task(task: Task, providers: list, device: torch.device, dtype: torch.dtype, policy: Policy,
-             ceilings: Ceilings, progress=None) -> list:
-    """Rows for one (op, shape, mode), one per provider in ``providers``."""
-    case = task.op.make_case(task.shape, device, dtype, task.mode)
-    reference = None
-    if task.mode == FORWARD and task.op.reference:
+def float64_outputs(op: OpBench, case: Case) -> dict:
+    """``{provider: float64 forward output}`` for the op's reference and baseline providers.
+
+    Each is first built on ``case`` itself, so that weights derived from the
+    case (NF4 codes...) exist and are shared with the float64 copy. A provider
+    that cannot run in float64 is left out (its rows get no error).
+    """
+    out = {}
+    for name in dict.fromkeys(n for n in (op.reference, op.baseline) if n):
+        provider = op.provider(name)
+        if provider.unavailable() is not None:
+            continue
         try:
-            ref_provider = task.op.provider(task.op.reference)
-            if ref_provider.unavailable() is None:
-                reference = _forward_output(ref_provider.build(case), case.xs[0])
+            provider.build(case)
+            case64 = float64_case(case)
+            out[name] = _forward_output(provider.build(case64), case64.xs[0])
         except Exception:
-            reference = None
+            continue
+    return out
+
+
+def run_task(task: Task, providers: list, device: torch.device, policy: Policy, ceilings: Ceilings,
+             progress=None) -> list:
+    """Rows for one (op, dtype, shape, mode), one per provider in ``providers``."""
+    dtype = task.dtype
+    case = task.op.make_case(task.shape, device, dtype, task.mode)
+    references = float64_outputs(task.op, case)
     rows = []
     for provider in providers:
         if progress is not None:
-            progress.set_postfix_str(f"{task.op.name} {task.mode} {task.op.shape_label(task.shape)} {provider.name}")
+            progress.set_postfix_str(f"{task.op.name} {task.mode} {_dtype_name(dtype)} "
+                                     f"{task.op.shape_label(task.shape)} {provider.name}")
         reason = provider.unavailable()
         if reason is not None:
             rows.append(_row(task, provider, dtype, device, NOT_AVAILABLE, reason))
         elif task.mode not in provider.modes:
             rows.append(_row(task, provider, dtype, device, NOT_AVAILABLE, f"no {task.mode} mode"))
         else:
-            rows.append(_run_provider(task, provider, case, reference, device, policy))
+            rows.append(_run_provider(task, provider, case, references, device, policy))
         if progress is not None:
             progress.update(1)
-    _add_ratios(task.op, rows)
+    _add_overheads(task.op, rows)
     for row in rows:
         _add_roofline(task, row, dtype, ceilings)
     del case
     return rows
 
 
-def _run_provider(task, provider, case, reference, device, policy) -> dict:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _run_provider(task, provider, case, references, device, policy) -> dict:
     row = _row(task, provider, case.dtype, device, OK)
     try:
         built = provider.build(case)
@@ -184,8 +219,11 @@ def _run_provider(task, provider, case, reference, device, policy) -> dict:
         step(0)
         _sync(device)
         row["first_call_s"] = time.perf_counter() - t0
-        if reference is not None and row["role"] != "baseline":  # the baseline computes something else
-            row["rel_err"] = _rel_err(_forward_output(built, case.xs[0]), reference)
+        # the baseline computes something else: it is compared with its own float64 run
+        reference = references.get(task.op.baseline if row["role"] == "baseline" else task.op.reference)
+        if reference is not None:
+            row["rel_err"] = rel_err(_forward_output(built, case.xs[0]), reference)
+            row["compute_dtype"] = compute_dtype(row["rel_err"], row["dtype"])
         timing = measure(step, prepare, device, policy)
         row.update(median_ms=timing.median_s * 1e3, q25_ms=timing.q25_s * 1e3, q75_ms=timing.q75_s * 1e3,
                    iqr_pct=100 * timing.iqr_fraction, reps=timing.reps)
@@ -194,8 +232,8 @@ def _run_provider(task, provider, case, reference, device, policy) -> dict:
         row.update(status=ERROR, note=f"{type(exc).__name__}: {exc}".strip(),
                    traceback=traceback.format_exc(limit=8))
         return row
-    if provider.ours and row.get("rel_err", 0.0) > MAX_REL_ERR:
-        row.update(status=WRONG, note=f"forward differs from {task.op.reference}: rel err {row['rel_err']:.3g}")
+    if provider.ours and row["role"] != "baseline" and row.get("rel_err", 0.0) > MAX_REL_ERR:
+        row.update(status=WRONG, note=f"forward differs from float64 {task.op.reference}: rel err {row['rel_err']:.3g}")
     return row
 
 
@@ -222,16 +260,62 @@ def _tensors_in(values) -> list:
     return out
 
 
-def _add_ratios(op: OpBench, rows: list) -> None:
+def _add_overheads(op: OpBench, rows: list) -> None:
+    """``overhead``: each provider's time over the baseline's, same case."""
     times = {r["provider"]: r["median_ms"] for r in rows if r["status"] == OK}
-    base, ours = times.get(op.baseline), times.get(op.ours)
+    base = times.get(op.baseline)
+    for r in rows:
+        if r["status"] == OK and base:
+            r["overhead"] = r["median_ms"] / base
+
+
+def _precision_of(row: dict) -> str:
+    """The precision a row computed at: its measured compute dtype, else its input dtype."""
+    return row.get("compute_dtype") or {"float16": "tf32/float16"}.get(row["dtype"], row["dtype"])
+
+
+def add_speedups(op: OpBench, rows: list) -> None:
+    """``fastpeft_speedup`` (peer time / fastpeft time) on each peer row of ``op``, at equal precision.
+
+    The fastpeft row it divides by has the same shape and mode and computes at
+    the peer's precision; the one with the peer's input dtype when there is
+    one, else fastpeft run in the dtype the peer effectively computed in (a
+    float32 peer that computes in bfloat16 is compared with fastpeft in
+    bfloat16). ``speedup_vs`` names that fastpeft row's input dtype; without a
+    match the ratio is left out and ``speedup_vs`` says why. fastpeft rows get 1.
+    """
+    ours = {}
+    for r in rows:
+        if r["op"] == op.name and r["provider"] == op.ours and r["status"] == OK:
+            ours.setdefault((r["shape"], r["mode"], _precision_of(r)), []).append(r)
+    for r in rows:
+        if r["op"] != op.name or r["status"] != OK:
+            continue
+        if r["provider"] == op.ours:
+            r["fastpeft_speedup"], r["speedup_vs"] = 1.0, r["dtype"]
+            continue
+        if r["role"] != "peer":
+            continue
+        matches = ours.get((r["shape"], r["mode"], _precision_of(r)), [])
+        match = next((m for m in matches if m["dtype"] == r["dtype"]), matches[0] if matches else None)
+        if match is None:
+            r["speedup_vs"] = f"no fastpeft row at {_precision_of(r)}"
+            continue
+        r["fastpeft_speedup"] = r["median_ms"] / match["median_ms"]
+        r["speedup_vs"] = match["dtype"]
+
+
+def add_flags(rows: list) -> None:
+    """``flags``: "noisy" (IQR above 10% of the median), "above ceiling" (faster than a measured ceiling)."""
     for r in rows:
         if r["status"] != OK:
             continue
-        if base:
-            r["overhead"] = r["median_ms"] / base
-        if ours:
-            r["fastpeft_speedup"] = r["median_ms"] / ours
+        flags = []
+        if r["iqr_pct"] > NOISY_IQR_PCT:
+            flags.append(NOISY)
+        if r["pct_peak_flops"] > 100 or r["pct_peak_bw"] > 100:
+            flags.append(ABOVE_CEILING)
+        r["flags"] = "; ".join(flags)
 
 
 def _add_roofline(task: Task, row: dict, dtype, ceilings: Ceilings) -> None:
@@ -240,10 +324,20 @@ def _add_roofline(task: Task, row: dict, dtype, ceilings: Ceilings) -> None:
     flops, nbytes = task.op.work(task.shape, task.mode, row["provider"], dtype)
     seconds = row["median_ms"] / 1e3
     row.update(gflops=flops / seconds / 1e9, gbps=nbytes / seconds / 1e9)
-    row["pct_peak_flops"] = 100 * row["gflops"] / ceilings.matmul_gflops
+    row["pct_peak_flops"] = 100 * row["gflops"] / ceilings.flops_for(_dtype_name(dtype))
     row["pct_peak_bw"] = 100 * row["gbps"] / ceilings.bandwidth_gbps
 
 
 def failures_in(rows: list) -> list:
     """fastpeft rows that failed: errors and wrong results."""
     return [r for r in rows if r["ours"] and r["status"] in (ERROR, WRONG)]
+
+
+def headline_rows(ops: list, rows: list) -> list:
+    """The rows the headline tables are made of: each op's headline providers."""
+    wanted = {(op.name, p) for op in ops for p in op.headline}
+    return [r for r in rows if (r["op"], r["provider"]) in wanted]
+
+
+def flagged(rows: list) -> list:
+    return [r for r in rows if r.get("flags")]

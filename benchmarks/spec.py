@@ -1,8 +1,9 @@
 """What an op's benchmark file declares: its shapes, inputs, providers and work.
 
 An op plugs into the suite with one file in ``benchmarks/ops/`` that builds an
-``OpBench`` and lists it in ``benchmarks/ops/__init__.py``. The runner does the
-rest: timing, memory, ceilings, ratios, tables, CSV/JSON and plots.
+``OpBench`` named ``OP`` (the suite finds it by its file name). The runner does
+the rest: timing, memory, ceilings, errors against float64, ratios, tables,
+CSV/JSON and plots.
 
 A provider is one way of computing the op (fastpeft, HF PEFT, bitsandbytes,
 plain torch, ``torch.compile``...). ``Provider.build(case)`` returns a
@@ -81,7 +82,11 @@ class OpBench:
       layer), ``reference``: provider whose forward output the others are
       compared with, ``ours``: the fastpeft provider.
     - ``headline``: providers of the one-table summary at the top of
-      summary.md (the baseline's time, the others' ratio to it, per mode).
+      summary.md (per mode: the baseline's time, fastpeft's ratio to it, and
+      fastpeft's speedup over each other headline provider at equal precision).
+    - ``dtypes(device_type, level)``: names of the input dtypes to run
+      (``"float32"``, ``"bfloat16"``, ``"float16"``); None runs the device's
+      default (bfloat16 on CUDA, float32 on CPU). ``--dtype`` overrides it.
     """
 
     name: str
@@ -96,6 +101,7 @@ class OpBench:
     ours: str = "fastpeft"
     x_key: str = "tokens"
     headline: tuple = ()
+    dtypes: Optional[Callable[[str, str], tuple]] = None
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -61,6 +61,12 @@ def compiled(fn: Callable) -> Callable:
     return _COMPILED[fn]
 
 
+def both_precisions_on_cpu(device_type: str, level: str) -> tuple:
+    """``OpBench.dtypes`` of the ops a user runs in float32 or bfloat16 on a CPU: both, so that each
+    peer is compared with fastpeft at the precision it computes in; bfloat16 on a GPU."""
+    return ("float32", "bfloat16") if device_type == "cpu" else ("bfloat16",)
+
+
 def case_tensors(case: Case, *names: str):
     return tuple(case.tensors[n] for n in names)
 

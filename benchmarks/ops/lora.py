@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import FORWARD, Built, Case, OpBench, Provider
-from .common import (case_tensors, compiled, lora_layer_work, missing_import, rotating_inputs, trainable,
-                     upstream_grad)
+from .common import (both_precisions_on_cpu, case_tensors, compiled, lora_layer_work, missing_import,
+                     rotating_inputs, trainable, upstream_grad)
 
 SCALING = 2.0
 
@@ -120,5 +120,6 @@ OP = OpBench(
     work=_work,
     baseline="base",
     reference="torch",
+    dtypes=both_precisions_on_cpu,
     headline=("base", "fastpeft", "peft"),
 )

@@ -1,7 +1,7 @@
 """NF4 linear ``y = x · dequant_nf4(W)ᵀ``: the frozen 4-bit base layer of QLoRA.
 
-Providers: fastpeft ``nf4_linear``; the dense ``F.linear`` in the run dtype
-(fp32 on CPU, bf16 on GPU) as the speed baseline; bitsandbytes ``Linear4bit``;
+Providers: fastpeft ``nf4_linear``; the dense ``F.linear`` in the input dtype
+(fp32 and bf16 on CPU, bf16 on GPU) as the speed baseline; bitsandbytes ``Linear4bit``;
 and "dequantize, then matmul" in plain torch. Every quantized provider holds
 the same codes (blocksize 64, no double quantization). Forward only: a frozen
 base layer in inference or in the forward of a QLoRA step.
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import FORWARD, Built, Case, OpBench, Provider
-from .common import case_tensors, missing_import, rotating_inputs, upstream_grad
+from .common import both_precisions_on_cpu, case_tensors, missing_import, rotating_inputs, upstream_grad
 
 BLOCKSIZE = 64
 
@@ -108,5 +108,6 @@ OP = OpBench(
     modes=(FORWARD,),
     baseline="dense",
     reference="torch",
+    dtypes=both_precisions_on_cpu,
     headline=("dense", "fastpeft", "bitsandbytes", "torch"),
 )

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import FORWARD, Built, Case, OpBench, Provider
-from .common import case_tensors, lora_layer_work, missing_import, rotating_inputs, trainable, upstream_grad
+from .common import (both_precisions_on_cpu, case_tensors, lora_layer_work, missing_import, rotating_inputs,
+                     trainable, upstream_grad)
 from .nf4 import BLOCKSIZE, bnb_linear4bit, nf4_weight
 
 SCALING = 2.0
@@ -105,5 +106,6 @@ OP = OpBench(
     work=_work,
     baseline="base",
     reference="torch",
+    dtypes=both_precisions_on_cpu,
     headline=("base", "fastpeft", "peft+bnb"),
 )

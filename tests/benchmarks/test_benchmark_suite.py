@@ -1,4 +1,5 @@
-"""The benchmark suite (``python -m benchmarks``) in its smallest mode: files written and well-formed.
+"""The benchmark suite (``python -m benchmarks``) in its smallest mode: files written and well-formed,
+the repository left alone, errors against float64 and equal-precision ratios, flags, README update, plots.
 
 Runs in-process on CPU with the CPU path forced (the test session turns the
 Triton interpreter on, which the suite must not time) and without the
@@ -6,11 +7,13 @@ Triton interpreter on, which the suite must not time) and without the
 """
 import csv
 import json
-import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
@@ -18,7 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import cli  # noqa: E402
 from benchmarks.harness import summarize  # noqa: E402
 from benchmarks.ops import OP_MODULES, load_ops  # noqa: E402
-from benchmarks.runner import ERROR, NOT_AVAILABLE, OK, shapes_for  # noqa: E402
+from benchmarks.runner import ERROR, NOT_AVAILABLE, OK, dtypes_for, selected_providers, shapes_for  # noqa: E402
 from benchmarks.spec import Provider  # noqa: E402
 
 FAST = ["--quick", "--device", "cpu", "--threads", "1", "--no-progress", "--no-kernel-report"]
@@ -35,48 +38,79 @@ def _read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def test_quick_suite_writes_csv_json_summary_and_plots(tmp_path):
-    providers = ["base", "fastpeft", "peft", "torch", "dense", "bitsandbytes", "peft+bnb"]
-    code = cli.main(FAST + ["--out", str(tmp_path), "--providers", *providers])
-    assert code == 0
+def _git_status(*paths) -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *paths], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True).stdout
 
-    rows = _read_csv(tmp_path / "results.csv")
+
+def test_quick_suite_writes_a_new_run_folder_and_leaves_the_repository_alone(tmp_path, monkeypatch, capsys):
+    providers = ["base", "fastpeft", "peft", "torch", "dense", "bitsandbytes", "peft+bnb"]
+    monkeypatch.setenv(cli.RESULTS_ENV, str(tmp_path))
+    watched = ("benchmarks/results", "README.md")
+    before = _git_status(*watched)
+    code = cli.main(["--quick", "--device", "cpu", "--threads", "1", "--no-progress", "--providers", *providers])
+    assert code == 0
+    assert _git_status(*watched) == before
+    (out,) = tmp_path.iterdir()
+    assert re.fullmatch(r"cpu-.+-1t-\d{8}T\d{6}Z", out.name)
+    assert subprocess.run(["git", "check-ignore", "-q", f"benchmarks/results/{out.name}/results.json"],
+                          cwd=REPO_ROOT).returncode == 0, "run folders must be ignored by git"
+
+    rows = _read_csv(out / "results.csv")
     expected = 0
     for op in load_ops():
-        chosen = [p for p in op.providers if p.name in providers]
-        expected += len(shapes_for(op, "cpu", "quick")) * len(op.modes) * len(chosen)
+        chosen = selected_providers(op, providers)  # the baseline and reference always run
+        n_dtypes = len(dtypes_for(op, "cpu", "quick", torch.float32))
+        expected += n_dtypes * len(shapes_for(op, "cpu", "quick")) * len(op.modes) * len(chosen)
     assert len(rows) == expected
     assert {r["op"] for r in rows} == set(OP_MODULES)
+    assert {r["dtype"] for r in rows if r["op"] in ("lora", "nf4", "qlora")} == {"float32", "bfloat16"}
     for r in rows:
         assert r["status"] in (OK, NOT_AVAILABLE), r
         if r["status"] == OK:
             assert float(r["median_ms"]) > 0
             assert float(r["q25_ms"]) <= float(r["median_ms"]) <= float(r["q75_ms"])
             assert float(r["gflops"]) > 0 and float(r["gbps"]) > 0
+            assert r["rel_err"] != "" and r["compute_dtype"] != "", r
+            assert ("noisy" in r["flags"]) == (float(r["iqr_pct"]) > 10), r
             if r["role"] == "baseline":
                 assert float(r["overhead"]) == 1.0
     lora_fastpeft = [r for r in rows if r["op"] == "lora" and r["provider"] == "fastpeft"]
     assert lora_fastpeft and all(r["status"] == OK for r in lora_fastpeft)
     assert all(float(r["fastpeft_speedup"]) == 1.0 for r in lora_fastpeft)
-    forward_peers = [r for r in rows if r["op"] == "lora" and r["mode"] == "forward" and r["role"] == "peer"]
-    assert all(float(r["rel_err"]) < 1e-4 for r in forward_peers)
+    lora_peers = [r for r in rows if r["op"] == "lora" and r["role"] == "peer"]
+    for r in lora_peers:  # unfused torch and PEFT compute in their input dtype: equal precision, same inputs
+        assert r["compute_dtype"] == r["dtype"] and r["speedup_vs"] == r["dtype"], r
+        assert float(r["rel_err"]) < (1e-5 if r["dtype"] == "float32" else 2e-2), r
     assert all(r["saved_mb"] != "" for r in rows if r["mode"] == "forward+backward" and r["status"] == OK)
 
-    data = json.loads((tmp_path / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
     meta = data["metadata"]
-    for key in ("timestamp_utc", "command", "git_commit", "cpu_model", "cpu_count", "torch_threads", "versions"):
+    for key in ("timestamp_utc", "command", "git_commit", "cpu_model", "cpu_count", "torch_threads", "versions",
+                "load_avg_before", "load_avg_after", "dtypes"):
         assert meta[key] not in (None, ""), key
+    assert len(meta["load_avg_before"]) == 3 and len(meta["load_avg_after"]) == 3
     assert meta["command"].startswith("python -m benchmarks --quick")
     assert set(meta["versions"]) >= {"torch", "triton", "peft", "bitsandbytes"}
-    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
+    assert data["ceilings"]["copy_gbps"] > 0
+    assert set(data["ceilings"]["matmul_gflops"]) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in data["ceilings"]["matmul_gflops"].values())
     assert len(data["results"]) == expected
-    assert "unavailable" in data["kernel_report"]
+    assert "without a GPU" in data["kernel_report"]["unavailable"]  # skipped by default on a CPU machine
 
-    summary = (tmp_path / "summary.md").read_text()
-    assert meta["command"] in summary and "## LoRA linear: forward+backward" in summary
-    assert "Not included: skipped" in summary
+    summary = (out / "summary.md").read_text()
+    assert meta["command"] in summary and "load average" in summary
+    for title in ("## Headline: LoRA linear, float32", "## Headline: QLoRA linear (NF4 base + LoRA), bfloat16",
+                  "## LoRA linear: forward+backward, bfloat16", "## NF4 linear (QLoRA base layer): forward, float32"):
+        assert title in summary
+    assert "kernel report not included: skipped on a machine without a GPU" in summary
 
-    pngs = sorted(tmp_path.glob("*.png"))
+    terminal = capsys.readouterr().out
+    last_headline = terminal.rindex("Headline: ")
+    assert terminal.rindex(" - forward") < last_headline, "headline tables print after the per-op tables"
+    assert terminal.index("kernel report not included") < terminal.index("Headline: ")
+
+    pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs][:1] == ["speedup_lora.png"]
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
@@ -92,7 +126,7 @@ def test_fastpeft_exception_is_an_error_row_and_fails_the_command(tmp_path, monk
     providers.append(Provider("missing", broken, unavailable=lambda: "import nothing failed"))
     monkeypatch.setattr(op, "providers", providers)
     code = cli.main(FAST + ["--out", str(tmp_path), "--op", "lora", "--modes", "forward", "--tokens", "4",
-                            "--providers", "fastpeft", "missing"])
+                            "--dtype", "float32", "--providers", "fastpeft", "missing"])
     assert code == 1
     rows = {r["provider"]: r for r in _read_csv(tmp_path / "results.csv")}
     assert rows["fastpeft"]["status"] == ERROR and "kernel exploded" in rows["fastpeft"]["note"]
@@ -125,3 +159,112 @@ def test_kernel_report_is_reused_while_kernel_sources_are_unchanged(tmp_path):
     assert report["rows"] == [row] and str(previous) in report["reused_from"]
     previous.write_text(json.dumps({"kernel_report": {"rows": [row], "fingerprint": "stale", "seconds": 1.0}}))
     assert kr._cached(previous, key) is None
+
+
+def test_compute_dtype_is_read_off_the_error_against_float64():
+    from benchmarks.precision import compute_dtype
+
+    assert compute_dtype(2.8e-7, "float32") == "float32"
+    assert compute_dtype(1.4e-3, "float32") == "bfloat16"  # bitsandbytes' CPU forward on AVX512-BF16
+    assert compute_dtype(2e-4, "float32") == "tf32/float16"
+    assert compute_dtype(0.0, "float32") == "float32"  # an exact float32 output is still float32
+    assert compute_dtype(1e-7, "bfloat16") == "bfloat16"  # never more precise than the output dtype
+    assert compute_dtype(0.2, "float32") == "lower"
+    assert compute_dtype(None, "float32") == "" and compute_dtype(float("nan"), "float32") == ""
+
+
+def _row(provider, role, dtype, compute, ms, mode="forward", shape="tokens=1", iqr=1.0, pct=50.0):
+    return dict(op="qlora", mode=mode, shape=shape, group="", tokens=1, provider=provider, role=role, dtype=dtype,
+                compute_dtype=compute, status=OK, median_ms=ms, q25_ms=ms * 0.99, q75_ms=ms * 1.01, iqr_pct=iqr,
+                pct_peak_flops=pct, pct_peak_bw=pct / 2)
+
+
+def test_peers_are_compared_with_fastpeft_at_the_precision_they_compute_in():
+    from benchmarks.runner import add_speedups
+
+    op = load_ops(["qlora"])[0]
+    rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0),
+            _row("fastpeft", "fastpeft", "bfloat16", "bfloat16", 4.0),
+            _row("peft+bnb", "peer", "float32", "bfloat16", 2.0),  # fp32 inputs, computes in bf16
+            _row("torch", "peer", "float32", "float32", 20.0),
+            _row("peft+bnb", "peer", "bfloat16", "bfloat16", 8.0),
+            _row("peft+bnb", "peer", "float32", "bfloat16", 3.0, mode="backward")]  # no fastpeft row there
+    add_speedups(op, rows)
+    assert [r.get("fastpeft_speedup") for r in rows] == [1.0, 1.0, 0.5, 2.0, 2.0, None]
+    assert [r.get("speedup_vs") for r in rows[:5]] == ["float32", "bfloat16", "bfloat16", "float32", "bfloat16"]
+    assert rows[5]["speedup_vs"] == "no fastpeft row at bfloat16"
+
+    from benchmarks.tables import _speedup_cell, _time_cell
+
+    assert _time_cell(rows[2]) == "2.00 ±1% [bf16]" and _speedup_cell(rows[2]) == "0.50x [vs bf16]"
+    assert _speedup_cell(rows[3]) == "2.00x" and _speedup_cell(rows[5]) == "n/a [bf16]"
+
+
+def test_noisy_rows_and_rows_above_a_ceiling_are_flagged_and_reported():
+    from benchmarks.outputs import flag_lines
+    from benchmarks.runner import add_flags, flagged, headline_rows
+    from benchmarks.tables import _time_cell
+
+    op = load_ops(["qlora"])[0]
+    rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0, iqr=25.0),
+            _row("peft+bnb", "peer", "float32", "bfloat16", 2.0, pct=140.0),
+            _row("torch", "peer", "float32", "float32", 20.0, iqr=30.0)]  # not a headline provider
+    add_flags(rows)
+    assert [r["flags"] for r in rows] == ["noisy", "above ceiling", "noisy"]
+    assert _time_cell(rows[0]) == "10.0 ±25%~" and _time_cell(rows[1]) == "2.00 ±1%^ [bf16]"
+    lines = flag_lines(flagged(headline_rows([op], rows)))
+    assert lines[0].startswith("WARNING: 2 headline row(s) flagged") and len(lines) == 3
+    assert "noisy (IQR ±25%)" in lines[1] and "140% of the float32 matmul ceiling" in lines[2]
+    assert flag_lines(flagged(headline_rows([op], rows[2:]))) == []
+
+
+def test_update_readme_rewrites_only_the_marked_block_from_a_committed_set(tmp_path, monkeypatch):
+    from benchmarks import readme
+
+    results = tmp_path / "benchmarks" / "results"
+    text = "intro\n<!-- benchmark-results:cpu:start -->\nold\n<!-- benchmark-results:cpu:end -->\noutro\n"
+    (tmp_path / "README.md").write_text(text)
+    monkeypatch.setattr(readme, "README", tmp_path / "README.md")
+    monkeypatch.setattr(readme, "RESULTS_ROOT", results)
+    with pytest.raises(SystemExit, match="committed result set"):
+        readme.check_target(tmp_path / "elsewhere", "cpu")
+    with pytest.raises(SystemExit, match="no block"):
+        readme.check_target(results / "cpu-test", "cuda")
+    with pytest.raises(SystemExit, match="ignored by git"):
+        readme.check_target(REPO_ROOT / "benchmarks/results/cpu-x-20261127T130501Z", "cpu",
+                            results_root=REPO_ROOT / "benchmarks/results")
+
+    code = cli.main(FAST + ["--out", str(results / "cpu-test"), "--update-readme", "--op", "lora", "--modes",
+                            "forward", "--tokens", "4", "--dims", "K=N=64,r=4", "--providers", "fastpeft"])
+    assert code == 0
+    new = (tmp_path / "README.md").read_text()
+    assert new.startswith("intro\n<!-- benchmark-results:cpu:start -->\n") and new.endswith(
+        "<!-- benchmark-results:cpu:end -->\noutro\n") and "\nold\n" not in new
+    assert "Committed CPU result set (`benchmarks/results/cpu-test/`)" in new
+    summary = (results / "cpu-test" / "summary.md").read_text()
+    tables = re.findall(r"^## Headline: (.+)\n\n((?:\|.*\n)+)", summary, flags=re.M)
+    assert [t for t, _ in tables] == ["LoRA linear, float32", "LoRA linear, bfloat16"]
+    for title, table in tables:
+        assert f"### Headline: {title}\n\n{table}" in new
+    command = re.search(r"^Command: `python -m benchmarks[^`]*`", summary, flags=re.M).group(0)
+    assert command in new
+
+
+def test_speedup_plot_has_log_ratio_axes_error_bars_and_a_panel_per_mode_and_precision(tmp_path):
+    from benchmarks.plots import plot_op, speedup_series
+
+    rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0),
+            _row("torch", "peer", "float32", "float32", 20.0),
+            _row("fastpeft", "fastpeft", "bfloat16", "bfloat16", 4.0),
+            _row("peft+bnb", "peer", "float32", "bfloat16", 2.0)]
+    from benchmarks.runner import add_speedups
+
+    add_speedups(load_ops(["qlora"])[0], rows)
+    series = speedup_series(rows, "qlora", "forward")
+    assert set(series) == {"float32", "bfloat16"}
+    (tokens, ratio, low, high), = series["float32"][("torch", "")]
+    assert ratio == 2.0 and low == pytest.approx(20 * 0.99 / (10 * 1.01)) and high == pytest.approx(20 * 1.01 / 9.9)
+    assert list(series["bfloat16"]) == [("peft+bnb, fp32 inputs", "")]
+    path = tmp_path / "p.png"
+    assert plot_op(rows, "qlora", "QLoRA", ["forward", "backward"], path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
