@@ -108,6 +108,7 @@ def main(job_path: str) -> None:
     inputs = load_file(job["inputs"])
     for case in job["cases"]:
         spec = job["models"][case["model"]]
+        torch.manual_seed(case["seed"])  # AdapterHub initialises new adapters from the global generator
         model = build_model(spec)
         if case["kind"] == "hub_to_fastpeft":
             setup_hub_to_fastpeft(model, case)

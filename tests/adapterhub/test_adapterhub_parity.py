@@ -5,7 +5,7 @@ scaled_par_bn and variants with LayerNorms, gating, channel/learned scaling,
 post_add residuals, leave_out; AdapterFusion dynamic and a variant; BERT and
 Llama; both checkpoint directions), fastpeft's float32 output, input-embedding
 gradient and trainable-parameter gradients must be within 4x AdapterHub's own
-float32 error of AdapterHub's float64 result.
+float32 error (+1e-5) of AdapterHub's float64 result.
 """
 from __future__ import annotations
 
@@ -23,12 +23,17 @@ from fastpeft.nn.adapter_config import resolve_bn_config
 from fastpeft.nn.adapter_fusion import resolve_fusion_config
 
 
+# Gradients of scalar scalings and gates are sums over every token and channel with cancellation: their float32
+# error depends on summation order, so the budget gets a 1e-5 relative floor (semantic errors are >= 1e-3 here).
+TINY = 1e-5
+
+
 def _compare(ours: dict, ref: dict) -> None:
     ref_keys = {k[len("f32."):] for k in ref if k.startswith("f32.")}
     assert set(ours) == ref_keys, f"trained tensors differ: only fastpeft {sorted(set(ours) - ref_keys)}, " \
                                   f"only AdapterHub {sorted(ref_keys - set(ours))}"
     for key, value in ours.items():
-        assert_close_to_ref(value, ref[f"f64.{key}"], ref[f"f32.{key}"], c=4.0, tiny=1e-6, what=key)
+        assert_close_to_ref(value, ref[f"f64.{key}"], ref[f"f32.{key}"], c=4.0, tiny=TINY, what=key)
 
 
 def _load_into_fastpeft(case, parity, prefix: str):
