@@ -1,0 +1,356 @@
+"""apply_adapter / apply_adapter_fusion / set_adapter_drop on tiny transformers models (CPU path).
+
+The placement formulas are checked at one location against float64 formulas
+written out here (docs/architecture.md, "Bottleneck adapters"); the swapped
+blocks are checked to reproduce the original model exactly when the adapter
+adds nothing; AdapterHub parity itself is in tests/adapterhub.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from numerics import rel_err
+from torch import nn
+
+import fastpeft.nn.adapter as adapter_module
+from fastpeft.injection.adapter import (AdapterLayer, LayerDropGate, adapter_fusion_regularization_loss,
+                                        adapter_layers, adapter_parameters, apply_adapter, apply_adapter_fusion,
+                                        new_bottleneck_adapter, set_active_adapter, set_adapter_drop)
+from fastpeft.nn.adapter_config import ADAPTER_PRESETS, resolve_bn_config
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cpu")
+
+
+def tiny_roberta(seed=0):
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=70, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return RobertaModel(cfg).eval()
+
+
+def tiny_mistral(seed=0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return MistralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+BUILDERS = [tiny_bert, tiny_roberta, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2]
+
+
+def _out(model, ids):
+    r = model(input_ids=ids)
+    return r.logits if hasattr(r, "logits") else r.last_hidden_state
+
+
+def _zero_up(model):
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for a in layer.adapters.values():
+                a.adapter_up.weight.zero_()
+                a.adapter_up.bias.zero_()
+
+
+# --- placement formulas at one location ---------------------------------------------------------------------
+
+def _adapter64(cfg, hidden=12):
+    a = new_bottleneck_adapter(cfg, hidden, 0).double()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return a
+
+
+def _A(a, z):
+    """s · up(act(down(z))) in float64 (the adapter branch, no LayerNorms/gate in these configs)."""
+    down = a.down_proj
+    act = {"relu": torch.relu, "swish": F.silu}[a.non_linearity]
+    return a.scaling * F.linear(act(F.linear(z, down.weight, down.bias)), a.adapter_up.weight, a.adapter_up.bias)
+
+
+@pytest.mark.parametrize("preset", ["seq_bn", "double_seq_bn", "par_bn"])
+@pytest.mark.parametrize("post_ln", [True, False])
+def test_location_formulas(preset, post_ln):
+    cfg = resolve_bn_config(preset)
+    a = _adapter64(cfg)
+    layer = AdapterLayer("output_adapter", 0, LayerDropGate()).double()
+    layer.add_adapter("x", a, cfg)
+    layer.set_active("x")
+    ln = nn.LayerNorm(12).double() if post_ln else None
+    if ln is not None:
+        with torch.no_grad():
+            ln.weight.add_(0.2 * torch.randn(12, dtype=torch.float64))
+    h, x = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 12, dtype=torch.float64)
+    norm = ln if ln is not None else (lambda t: t)
+    if preset == "seq_bn":  # Pfeiffer: post-LN LN(x + h + A(LN(h + x))), pre-LN x + h + A(x + h)
+        expected = norm(x + h + _A(a, norm(h + x)))
+    elif preset == "double_seq_bn":  # Houlsby: LN(x + h + A(h))
+        expected = norm(x + h + _A(a, h))
+    else:  # parallel: LN(x + h + s·A(x)), scaling 4 inside _A
+        expected = norm(x + h + _A(a, x))
+    assert rel_err(layer(h, x, ln), expected) < 1e-12
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+@pytest.mark.parametrize("preset", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_swapped_blocks_reproduce_the_model_when_the_adapter_adds_nothing(builder, preset):
+    ids = token_ids()
+    model = builder()
+    with torch.no_grad():
+        before = _out(model, ids)
+    base_keys = set(model.state_dict())
+    apply_adapter(model, preset, name="t")
+    _zero_up(model)
+    with torch.no_grad():
+        assert torch.equal(_out(model, ids), before)
+    keys = set(model.state_dict())
+    assert base_keys <= keys  # base parameter names unchanged
+    assert all(".adapters.t." in k for k in keys - base_keys)
+
+
+@pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
+def test_only_the_adapter_trains_and_every_adapter_parameter_gets_a_gradient(builder):
+    model = builder()
+    apply_adapter(model, "double_seq_bn", name="t", scaling="learned")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters.t." in n for n in trainable)
+    _out(model, token_ids()).square().mean().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            assert p.grad.abs().sum() > 0 or "adapter_down" in n, n  # bert init: up weights non-zero
+
+
+def test_adapter_changes_the_output_and_leave_out():
+    ids = token_ids()
+    model = tiny_llama()
+    with torch.no_grad():
+        before = _out(model, ids)
+    apply_adapter(model, "seq_bn", name="t", leave_out=[1])
+    with torch.no_grad():
+        assert rel_err(_out(model, ids), before) > 1e-4
+    layers = {layer.layer_idx for _, layer in adapter_layers(model) if "t" in layer.adapters}
+    assert layers == {0}
+
+
+def test_bf16_model_gets_bf16_adapters():
+    model = tiny_llama(dtype=torch.bfloat16)
+    apply_adapter(model, "par_bn")
+    assert {p.dtype for p in adapter_parameters(model)} == {torch.bfloat16}
+    assert _out(model, token_ids()).dtype == torch.bfloat16
+
+
+def test_second_adapter_freezes_the_first_and_switching_active():
+    ids = token_ids()
+    model = tiny_bert()
+    apply_adapter(model, "seq_bn", name="a")
+    apply_adapter(model, "par_bn", name="b", init_weights="bert")
+    assert all(not p.requires_grad for p in adapter_parameters(model, "a"))
+    assert all(p.requires_grad for p in adapter_parameters(model, "b"))
+    with torch.no_grad():
+        out_b = _out(model, ids)
+        set_active_adapter(model, "a")
+        out_a = _out(model, ids)
+        set_active_adapter(model, None)
+        out_none = _out(model, ids)
+    reference = tiny_bert()
+    with torch.no_grad():
+        assert torch.equal(out_none, _out(reference, ids))
+    assert rel_err(out_a, out_b) > 1e-4
+
+
+# --- errors: before anything changes ------------------------------------------------------------------------
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(config="seq_bn", reduction_facor=4), "reduction_facor"),
+    (dict(config="pfeifer"), "unknown adapter preset"),
+    (dict(config={"mh_adapter": True}), "required adapter config field"),
+    (dict(config="seq_bn", non_linearity="relu7"), "non_linearity"),
+    (dict(config="seq_bn", scaling="big"), "scaling"),
+    (dict(config="seq_bn", residual_before_ln="pre_add"), "residual_before_ln"),
+    (dict(config="seq_bn", init_weights="xavier"), "init_weights"),
+    (dict(config="seq_bn", dropout=1.0), "dropout"),
+    (dict(config="seq_bn", leave_out=[0, 7]), "leave_out"),
+    (dict(config="seq_bn", leave_out=[0, 1]), "every layer"),
+    (dict(config="seq_bn", phm_layer=True), "phm_layer"),
+    (dict(config="seq_bn", mh_adapter=False, output_adapter=False), "nowhere"),
+    (dict(config="seq_bn", reduction_factor=0), "reduction_factor"),
+    (dict(config="seq_bn", name="a.b"), "name"),
+])
+def test_bad_config_raises_and_leaves_the_model_untouched(kwargs, match):
+    model = tiny_bert()
+    apply_adapter(model, "seq_bn", name="first")
+    before = _snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        apply_adapter(model, **kwargs)
+    assert _snapshot(model) == before
+
+
+def test_name_in_use_and_unsupported_model():
+    model = tiny_gpt2()
+    apply_adapter(model, "seq_bn", name="a")
+    with pytest.raises(ValueError, match="already has an adapter"):
+        apply_adapter(model, "par_bn", name="a")
+    from transformers import T5Config, T5Model
+
+    t5 = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match=r"supported model types: \['bert', 'roberta', 'gpt2', 'llama'"):
+        apply_adapter(t5)
+    with pytest.raises(ValueError, match="supported model types"):
+        apply_adapter(nn.Linear(4, 4))
+
+
+def test_unexpected_block_structure_is_rejected_untouched():
+    model = tiny_llama()
+    model.model.layers[1].extra = nn.Linear(2, 2)
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="layer 1"):
+        apply_adapter(model)
+    assert _snapshot(model) == before
+
+
+def test_presets_have_adapterhub_values():
+    assert resolve_bn_config("seq_bn").original_ln_before and not resolve_bn_config("seq_bn").mh_adapter
+    houlsby = resolve_bn_config("double_seq_bn")
+    assert houlsby.mh_adapter and houlsby.output_adapter and houlsby.non_linearity == "swish"
+    par = resolve_bn_config("par_bn")
+    assert (par.is_parallel, par.scaling, par.reduction_factor, par.init_weights) == (True, 4.0, 2, "mam_adapter")
+    assert resolve_bn_config("scaled_par_bn").scaling == "learned"
+    assert ADAPTER_PRESETS["pfeiffer"] == ADAPTER_PRESETS["seq_bn"]
+
+
+# --- AdapterDrop --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    calls = []
+    real = adapter_module.bottleneck_adapter
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "bottleneck_adapter", counting)
+    return calls
+
+
+def test_skip_layers_costs_nothing_and_gives_the_plain_block(op_calls):
+    ids = token_ids()
+    model = tiny_bert()
+    apply_adapter(model, "double_seq_bn")  # 2 layers x 2 locations
+    with torch.no_grad():
+        _out(model, ids)
+    assert len(op_calls) == 4
+    op_calls.clear()
+    set_adapter_drop(model, skip_layers=[0, 1])
+    with torch.no_grad():
+        assert torch.equal(_out(model, ids), _out(tiny_bert(), ids))
+    assert op_calls == []
+    set_adapter_drop(model, skip_layers=[0])
+    with torch.no_grad():
+        _out(model, ids)
+    assert len(op_calls) == 2
+
+
+def test_random_drop_in_training_only_and_per_layer(op_calls):
+    ids = token_ids()
+    model = tiny_llama()
+    apply_adapter(model, "double_seq_bn")
+    set_adapter_drop(model, adapter_drop_p=1.0)
+    model.train()
+    with torch.no_grad():
+        _out(model, ids)
+    assert op_calls == []
+    model.eval()
+    with torch.no_grad():
+        _out(model, ids)
+    assert len(op_calls) == 4  # eval ignores adapter_drop_p
+    model.train()
+    set_adapter_drop(model, adapter_drop_p=0.5)
+    counts = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        op_calls.clear()
+        with torch.no_grad():
+            _out(model, ids)
+        counts.add(len(op_calls))
+    assert counts <= {0, 2, 4} and len(counts) >= 2  # both locations of a layer drop together
+    set_adapter_drop(model, adapter_drop_p={0: 1.0})  # explicit schedule: only layer 0
+    op_calls.clear()
+    with torch.no_grad():
+        _out(model, ids)
+    assert len(op_calls) == 2
+
+
+def test_adapter_drop_bad_input():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="no adapters"):
+        set_adapter_drop(model, skip_layers=[0])
+    apply_adapter(model)
+    with pytest.raises(ValueError, match="skip_layers"):
+        set_adapter_drop(model, skip_layers=[2])
+    with pytest.raises(ValueError, match="adapter_drop_p"):
+        set_adapter_drop(model, adapter_drop_p=1.5)
+    with pytest.raises(ValueError, match="adapter_drop_p"):
+        set_adapter_drop(model, adapter_drop_p={5: 0.1})
+
+
+# --- AdapterFusion in a model ---------------------------------------------------------------------------------
+
+def test_fusion_trains_only_the_fusion_layer_and_regulariser():
+    ids = token_ids()
+    model = tiny_gpt2()
+    apply_adapter(model, "seq_bn", name="a")
+    apply_adapter(model, "seq_bn", name="b", non_linearity="swish")
+    with torch.no_grad():
+        single = _out(model, ids)
+    apply_adapter_fusion(model, ["a", "b"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapter_fusion_layer.a,b." in n for n in trainable)
+    out = _out(model, ids)
+    assert rel_err(out, single) > 1e-6
+    loss = out.square().mean() + adapter_fusion_regularization_loss(model)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    values = [m.adapter_fusion_layer["a,b"].value.weight for _, m in adapter_layers(model)
+              if "a,b" in m.adapter_fusion_layer]
+    expected = sum(0.01 * (torch.eye(64) - w.detach()).square().sum() for w in values)
+    assert float(adapter_fusion_regularization_loss(model).detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_fusion_bad_input():
+    model = tiny_bert()
+    apply_adapter(model, "seq_bn", name="a")
+    apply_adapter(model, "double_seq_bn", name="h")
+    with pytest.raises(ValueError, match="at least two"):
+        apply_adapter_fusion(model, ["a"])
+    with pytest.raises(ValueError, match="no adapter called"):
+        apply_adapter_fusion(model, ["a", "zzz"])
+    with pytest.raises(ValueError, match="unknown AdapterFusion config field"):
+        apply_adapter_fusion(model, ["a", "h"], temprature=True)
+    apply_adapter_fusion(model, ["a", "h"])  # only the output locations hold both
+    fused = [layer.location_key for _, layer in adapter_layers(model) if layer.adapter_fusion_layer]
+    assert fused == ["output_adapter", "output_adapter"]
