@@ -7,37 +7,65 @@ QLoRA layers alike.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..nn.base import peft_layers
-from ..nn.lora import InitLoraWeights, LoRALinear, is_lora_target, validate_lora_hyperparameters
+from ..nn.lora import InitLoraWeights, LoRALinear, check_lora_dtype, is_lora_target, validate_lora_hyperparameters
+from .modules_to_save import modules_to_save_names, saved_modules, wrap_modules_to_save
 from .targets import TargetModules, find_target_modules, replace_modules, set_submodule
+
 
 def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
                lora_dropout: float = 0.0, use_rslora: bool = False,
-               init_lora_weights: InitLoraWeights = True, lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Wrap every targeted ``nn.Linear``/``Conv1D`` of ``model`` in a ``LoRALinear``, in place.
+               init_lora_weights: InitLoraWeights = True, lora_dtype: Optional[torch.dtype] = None, *,
+               exclude_modules: Optional[TargetModules] = None,
+               layers_to_transform: Union[None, int, Sequence[int]] = None,
+               layers_pattern: Union[None, str, Sequence[str]] = None,
+               modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+    """Wrap every targeted ``nn.Linear``/``Conv1D`` of ``model`` in a ``LoRALinear``, in place; returns ``model``.
 
-    Every parameter except the new LoRA ones is frozen (PEFT's ``bias="none"``).
-    ``lora_dtype`` (default: each base weight's dtype) is the LoRA parameters'
-    dtype, e.g. ``torch.float32`` adapters on a bf16 model. Returns ``model``.
-    Raises ValueError for a target that matches nothing and TypeError for a
-    matched module that is not Linear/Conv1D (or already LoRA); the model is
-    left untouched when anything is rejected.
+    Targeting follows HF PEFT (details: ``fastpeft.injection.targets``):
+
+    - ``target_modules``: a list of names matches modules whose name equals an
+      entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``); a single
+      str is a regular expression that must match the FULL module name
+      (``re.fullmatch``: ``r".*\\.(q|v)_proj"``, not ``"q_proj"``);
+      ``"all-linear"`` is every Linear/Conv1D except the output head.
+    - ``exclude_modules``: names or a full-match regex left out.
+    - ``layers_to_transform`` (int or list of ints) with ``layers_pattern``
+      (e.g. ``"layers"``): only those layer indices (needs a list target_modules).
+    - ``modules_to_save``: modules (e.g. ``["lm_head"]``) replaced by a
+      trainable copy (``ModulesToSave``), saved with the adapter.
+
+    Every parameter except the new LoRA ones (and the ``modules_to_save``
+    copies) is frozen (PEFT's ``bias="none"``). ``lora_dtype`` (default: each
+    base weight's dtype) is the LoRA parameters' dtype, e.g. ``torch.float32``
+    adapters on a bf16 model.
+
+    Errors: ValueError for a target that matches nothing (a str says it is a
+    full-match regex), TypeError for a selected module that is not
+    Linear/Conv1D, already LoRA, or inside a fastpeft layer (``base_layer``,
+    ``lora_A``, ...). Everything is checked before anything changes: the model
+    is left untouched when anything is rejected.
     """
     validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
-    names = find_target_modules(model, target_modules)
+    check_lora_dtype(lora_dtype)
+    selection = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
+                     layers_pattern=layers_pattern, modules_to_save=modules_to_save)
+    names = find_target_modules(model, target_modules, **selection)
     check_lora_targets(model, names)
+    saved = modules_to_save_names(model, modules_to_save) if modules_to_save is not None else []
 
     def make(name: str, module: nn.Module) -> nn.Module:
         return LoRALinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                                       lora_dtype=lora_dtype)
 
-    replace_modules(model, target_modules, make)
+    replace_modules(model, target_modules, make, **selection)
+    wrap_modules_to_save(model, saved)
     mark_only_lora_trainable(model)
     return model
 
@@ -52,14 +80,23 @@ def check_lora_targets(model: nn.Module, names: Iterable[str]) -> None:
             raise TypeError(
                 f"target_modules: {name!r} is a {type(module).__name__}; LoRA wraps only nn.Linear and Conv1D"
             )
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+            raise TypeError(
+                f"target_modules: {name!r} ({type(module).__name__}) has no 2-D floating-point weight "
+                f"(got {getattr(weight, 'dtype', type(weight).__name__)}); LoRA wraps float layers "
+                "(bitsandbytes Linear4bit: use apply_qlora)"
+            )
 
 
 def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter of ``model`` except the LoRA ones (which become trainable)."""
+    """Freeze every parameter of ``model`` except the LoRA ones and ``modules_to_save`` copies (trainable)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        wrapper.trainable_copy.requires_grad_(True)
     return model
 
 

@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
-from ...injection.targets import matches_target, replace_modules
+from ...injection.modules_to_save import ModulesToSave, modules_to_save_names, saved_modules, wrap_modules_to_save
+from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target, replace_modules,
+                                  selected_modules)
 from ...nn.lora import LoRALinear, is_lora_target, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,8 +44,7 @@ _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora
 
 # Config entries this loader cannot honour: (key, value that means "not used").
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
-    "layers_pattern": None, "exclude_modules": None, "target_parameters": None, "layer_replication": None,
+    "use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
     "trainable_token_indices": None, "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None, "use_qalora": False,
     "megatron_config": None,
@@ -102,6 +103,13 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     for name, layer in layers:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    saved = saved_modules(model)
+    if saved:
+        # PEFT's layout: the trainable copy's tensors without "modules_to_save.<adapter>" in the name.
+        config["modules_to_save"] = [name for name, _ in saved]
+        for name, wrapper in saved:
+            for key, tensor in wrapper.trainable_copy.state_dict().items():
+                tensors[f"{KEY_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
 
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -128,17 +136,18 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = read_lora_config(directory)
-    weights = _read_weights(directory)
+    weights, saved_tensors = _read_weights(directory, config["modules_to_save"])
     targets = config["target_modules"]
-    if isinstance(targets, str) and targets == "all-linear":
-        raise ValueError(f"{CONFIG_NAME}: target_modules 'all-linear' is not supported; list the module names")
+    selection = TargetSelection.of(targets, config["exclude_modules"], config["layers_to_transform"],
+                                   config["layers_pattern"], config["modules_to_save"])
+    saved_plan = _modules_to_save_plan(model, config["modules_to_save"], saved_tensors)
     existing = dict(lora_modules(model))
     if existing:
         if lora_dtype is not None:
             raise ValueError("lora_dtype applies only when load_lora creates the LoRA layers; "
                              "the model already has them")
         _check_module_sets(sorted(existing), sorted(weights), "has LoRA layers")
-        _check_targets_match(existing, targets)
+        _check_targets_match(existing, selection)
         plan = _rank_alpha_plan(config, weights)
         for name, layer in existing.items():
             _check_existing_layer(name, layer, config, *plan[name])
@@ -147,9 +156,10 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
             for name, layer in existing.items():
                 layer.lora_A.weight.copy_(weights[name]["lora_A"])
                 layer.lora_B.weight.copy_(weights[name]["lora_B"])
+        _load_modules_to_save(model, saved_plan)
         return model
 
-    candidates = [n for n, m in model.named_modules() if n and matches_target(n, targets) and is_lora_target(m)]
+    candidates = [n for n in selected_modules(model, selection) if is_lora_target(model.get_submodule(n))]
     _check_module_sets(candidates, sorted(weights), "has targeted Linear/Conv1D modules")
     names = sorted(weights)
     check_lora_targets(model, names)
@@ -169,8 +179,44 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     # Build every layer before swapping any in, so a bad tensor leaves the model untouched.
     built = {name: make(name, model.get_submodule(name)) for name in names}
     replace_modules(model, _exact_names_regex(names), lambda name, module: built[name])
+    _load_modules_to_save(model, saved_plan)
     mark_only_lora_trainable(model)
     return model
+
+
+def _modules_to_save_plan(model: nn.Module, modules_to_save, saved_tensors: dict) -> list[tuple[str, dict]]:
+    """``[(module name, its state dict from the file)]``, checked against the model before anything changes."""
+    if not modules_to_save:
+        return []
+    plan = []
+    for name in modules_to_save_names(model, modules_to_save, allow_wrapped=True):
+        module = model.get_submodule(name)
+        target = module.trainable_copy if isinstance(module, ModulesToSave) else module
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in saved_tensors.items() if k.startswith(prefix)}
+        expected = target.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"{WEIGHTS_NAME}: modules_to_save {name!r} needs tensors {sorted(expected)[:5]}, "
+                             f"the file has {sorted(state)[:5]}")
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"{WEIGHTS_NAME}: {KEY_PREFIX}{name}.{key} has shape {tuple(tensor.shape)}, "
+                                 f"the model needs {tuple(expected[key].shape)}")
+        plan.append((name, state))
+    used = {f"{name}.{key}" for name, state in plan for key in state}
+    stray = sorted(set(saved_tensors) - used)
+    if stray:
+        raise ValueError(f"{WEIGHTS_NAME} holds tensors that are neither LoRA weights nor modules_to_save: "
+                         f"{stray[:5]}")
+    return plan
+
+
+def _load_modules_to_save(model: nn.Module, plan) -> None:
+    """Wrap each planned module in ``ModulesToSave`` (unless it is) and load the file's tensors into its copy."""
+    wrap_modules_to_save(model, [name for name, _ in plan
+                                 if not isinstance(model.get_submodule(name), ModulesToSave)])
+    for name, state in plan:
+        model.get_submodule(name).trainable_copy.load_state_dict(state, strict=True)
 
 
 def _check_module_sets(model_names, file_names, what: str) -> None:
@@ -185,8 +231,10 @@ def _check_module_sets(model_names, file_names, what: str) -> None:
         raise ValueError(f"the model {what} for which {WEIGHTS_NAME} lacks LoRA weights: {no_weights[:5]}")
 
 
-def _check_targets_match(existing: dict, targets) -> None:
-    unselected = sorted(n for n in existing if not matches_target(n, targets))
+def _check_targets_match(existing: dict, selection: TargetSelection) -> None:
+    if isinstance(selection.target_modules, str) and selection.target_modules.lower() == ALL_LINEAR:
+        return  # every LoRA layer wraps a Linear/Conv1D; the file's module names were compared already
+    unselected = sorted(n for n in existing if not selection.selects(n))
     if unselected:
         raise ValueError(f"{CONFIG_NAME}: target_modules does not select the model's LoRA layers {unselected[:5]}")
 
@@ -256,6 +304,10 @@ def read_lora_config(directory: str | os.PathLike) -> dict:
             "not supported by fastpeft.load_lora"
         )
     out = {
+        "exclude_modules": config.get("exclude_modules") or None,
+        "layers_to_transform": _none_if_empty(config.get("layers_to_transform")),
+        "layers_pattern": config.get("layers_pattern") or None,
+        "modules_to_save": config.get("modules_to_save") or None,
         "r": config.get("r", 8),
         "lora_alpha": config.get("lora_alpha", 8),
         "lora_dropout": config.get("lora_dropout", 0.0),
@@ -269,11 +321,21 @@ def read_lora_config(directory: str | os.PathLike) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(out[key], dict):
             raise ValueError(f"{CONFIG_NAME}: {key} must be an object, got {out[key]!r}")
+    try:
+        TargetSelection.of(out["target_modules"], out["exclude_modules"], out["layers_to_transform"],
+                           out["layers_pattern"], out["modules_to_save"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{CONFIG_NAME}: {exc}") from None
     return out
 
 
-def _read_weights(directory) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module path: {"lora_A": tensor, "lora_B": tensor}}`` from the safetensors file."""
+def _none_if_empty(value):
+    return None if value is None or value == [] else value
+
+
+def _read_weights(directory, modules_to_save=None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``({module path: {"lora_A": tensor, "lora_B": tensor}}, {modules_to_save tensor name: tensor})``
+    from the safetensors file (names without the ``base_model.model.`` prefix)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(directory, PICKLE_WEIGHTS_NAME)):
@@ -283,12 +345,17 @@ def _read_weights(directory) -> dict[str, dict[str, torch.Tensor]]:
             )
         raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {WEIGHTS_NAME}")
     weights: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    saved: dict[str, torch.Tensor] = {}
     unexpected = []
     with safe_open(path, framework="pt") as f:
         for key in f.keys():
             match = _KEY_RE.match(key)
             if match is None:
-                unexpected.append(key)
+                inner = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
+                if inner is not None and modules_to_save and is_under_modules_to_save(inner, modules_to_save):
+                    saved[inner] = f.get_tensor(key)
+                else:
+                    unexpected.append(key)
                 continue
             weights[match["module"]][match["which"]] = f.get_tensor(key)
     if unexpected:
@@ -296,7 +363,7 @@ def _read_weights(directory) -> dict[str, dict[str, torch.Tensor]]:
     for name, pair in weights.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{WEIGHTS_NAME}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
-    return dict(weights)
+    return dict(weights), saved
 
 
 def _pattern_value(patterns: dict, name: str, default):
