@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from ..nn.adapter import BottleneckAdapter
 from ..nn.adapter_config import BnConfig, resolve_bn_config
 from ..nn.adapter_fusion import AdapterFusion, AdapterFusionConfig, resolve_fusion_config
-from .targets import set_submodule
 
 LOCATIONS = ("mh_adapter", "output_adapter")
 
@@ -365,7 +364,12 @@ def _wrap_block(model: nn.Module, arch: Architecture, i: int) -> None:
     gate = gate or _new_gate(arch)
     for key, path in arch.locations.items():
         if not isinstance(block.get_submodule(path), PostLNOutputWithAdapters):
-            set_submodule(block, path, PostLNOutputWithAdapters(block.get_submodule(path), key, i, gate))
+            _set_submodule(block, path, PostLNOutputWithAdapters(block.get_submodule(path), key, i, gate))
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _new_gate(arch: Architecture) -> LayerDropGate:

@@ -20,6 +20,9 @@ MODEL_SPECS = {
                   config=dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                               tie_word_embeddings=False)),
+    "gpt2": dict(config_class="GPT2Config", model_class="GPT2LMHeadModel",
+                 config=dict(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                             eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
 }
 BATCH, SEQ = 2, 7
 
@@ -79,6 +82,10 @@ def _cases() -> list[Case]:
              (AdapterSpec("v", "double_seq_bn", LLAMA_VARIANT),), seed=34),
         Case("llama-scaled_par_bn_bin-hub_to_fastpeft", "llama", "hub_to_fastpeft",
              (AdapterSpec("s", "scaled_par_bn", safetensors=False),), seed=35),
+        Case("gpt2-seq_bn-hub_to_fastpeft", "gpt2", "hub_to_fastpeft", (AdapterSpec("a", "seq_bn"),), seed=36),
+        Case("gpt2-double_seq_bn-hub_to_fastpeft", "gpt2", "hub_to_fastpeft", (AdapterSpec("a", "double_seq_bn"),),
+             seed=37),
+        Case("gpt2-par_bn-fastpeft_to_hub", "gpt2", "fastpeft_to_hub", (AdapterSpec("a", "par_bn"),), seed=38),
         Case("bert-fusion_dynamic-hub_to_fastpeft", "bert", "hub_to_fastpeft",
              (AdapterSpec("a", "seq_bn"), AdapterSpec("b", "seq_bn", dict(non_linearity="swish"))), DYNAMIC, 41),
         Case("bert-fusion_dynamic-fastpeft_to_hub", "bert", "fastpeft_to_hub",
