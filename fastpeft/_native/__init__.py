@@ -10,7 +10,8 @@ namespace (``torch.ops.fastpeft_native.<op>``):
   (``load_cuda(force=True)``, used by the compile-and-link test on machines
   without a GPU). Needs the ``cpu`` extension loaded first (it owns the schemas).
 
-Builds use ``torch.utils.cpp_extension.load`` (ninja) with ``-O3
+A build prints one line to stderr when it starts (the first use of an NF4
+op compiles for a while). Builds use ``torch.utils.cpp_extension.load`` (ninja) with ``-O3
 -march=native -fopenmp`` and are cached in ``$FASTPEFT_BUILD_DIR`` (default
 ``~/.cache/fastpeft/native``), one folder per extension, torch version,
 machine and CPU feature set; torch rebuilds when a source changes. The sources are found next to
@@ -27,8 +28,10 @@ Without a compiler the package still imports: ``available()`` is False and
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -91,14 +94,44 @@ def _load_prebuilt(kind: str, folder: str) -> None:
     torch.ops.load_library(str(lib))
 
 
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its CUDA_HOME guess warning on machines without CUDA
+    (logged at import time; it concerns CUDA builds only, which ``_point_torch_at_cuda`` settles)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _needs_build(kind: str, sources: list[str]) -> bool:
+    """True when no built library is cached for ``kind`` or a source is newer than it (a compile will run)."""
+    library = build_dir(kind) / f"fastpeft_native_{kind}.so"
+    if not library.is_file():
+        return True
+    built = library.stat().st_mtime
+    headers = [str(p) for p in CSRC.rglob("*.h")]
+    return any(os.path.getmtime(src) > built for src in [*sources, *headers])
+
+
+def _announce_build(kind: str) -> None:
+    print(f"fastpeft: compiling the native {kind} extension (first use; about 15-60 s, cached in "
+          f"{build_dir(kind)})", file=sys.stderr, flush=True)
+
+
 def _load(kind: str, verbose: bool) -> None:
     prebuilt = os.environ.get(ENV_PREBUILT)
     if prebuilt:
         _load_prebuilt(kind, prebuilt)
         return
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     _check_sources()
+    if _needs_build(kind, cpu_sources() if kind == "cpu" else cuda_sources()):
+        _announce_build(kind)
     include = [str(CSRC / "include"), str(CSRC)]
     common = dict(
         build_directory=str(build_dir(kind)),
