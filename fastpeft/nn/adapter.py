@@ -43,7 +43,7 @@ INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby")
 RESIDUAL_BEFORE_LN = (True, False, "post_add")
 
 
-class AdapterActivation(nn.Module):
+class BottleneckActivation(nn.Module):
     """The activation inside ``adapter_down`` (no parameters; the fused op applies it by name)."""
 
     def __init__(self, name: str):
@@ -106,7 +106,7 @@ class BottleneckAdapter(PeftLayer):
         if self.ln_before:
             self.adapter_norm_before = nn.LayerNorm(hidden_size, **factory)
             layers.append(self.adapter_norm_before)
-        layers += [nn.Linear(hidden_size, self.bottleneck_size, **factory), AdapterActivation(self.non_linearity)]
+        layers += [nn.Linear(hidden_size, self.bottleneck_size, **factory), BottleneckActivation(self.non_linearity)]
         self.adapter_down = nn.Sequential(*layers)
         self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size, **factory)
         if isinstance(scaling, str):
@@ -226,7 +226,7 @@ class BottleneckAdapter(PeftLayer):
 
     def post_forward(self, hidden_states: Tensor, input_tensor: Optional[Tensor],
                      layer_norm: Optional[nn.Module]) -> Tensor:
-        """AdapterHub's ``post_forward``: the block's residual and LayerNorm after the adapter (``original_ln_after``)."""
+        """AdapterHub's ``post_forward``: the block's residual and LayerNorm after the adapter (original_ln_after)."""
         if self.original_ln_after:
             if layer_norm is not None:
                 return layer_norm(hidden_states + input_tensor)

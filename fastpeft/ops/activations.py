@@ -32,7 +32,7 @@ _QUICK = 1.702
 
 @dataclass(frozen=True)
 class Activation:
-    """``forward_(t)`` may overwrite ``t`` (a temporary) and returns ``act(t)``; ``derivative(pre)`` is ``act'(pre)``."""
+    """``forward_(t)`` may overwrite ``t`` (a temporary), returns ``act(t)``; ``derivative(pre)`` is ``act'(pre)``."""
 
     id: int
     forward_: Callable[[Tensor], Tensor]
