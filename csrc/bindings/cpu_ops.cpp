@@ -309,7 +309,34 @@ Tensor nf4_matmul_transposed_bf16(const Tensor& dy, const Tensor& packed, const 
   return dx;
 }
 
+Tensor nf4_matmul_bf16_amx(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                           int64_t blocksize, const c10::optional<Tensor>& bias) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(x, "x", K, "K");
+  check_bf16(x, "x");
+  Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    check_bf16(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, ",), got ", bias->sizes());
+    bias_c = bias->contiguous();
+  }
+  TORCH_CHECK(cpu::amx_bf16_available(), "nf4_matmul_bf16_amx needs AMX-BF16, which this CPU, OS or build lacks");
+  const int64_t M = x.size(0);
+  Tensor y = new_output({M, N}, x.options());
+  if (M == 0) return y;
+  const Tensor xc = x.contiguous();
+  cpu::nf4_matmul_bf16_amx(xc.data_ptr<at::BFloat16>(), M, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), N,
+                           K, blocksize, bias_c.defined() ? bias_c.data_ptr<at::BFloat16>() : nullptr,
+                           y.data_ptr<at::BFloat16>());
+  return y;
+}
+
 bool bf16_simd_enabled() { return cpu::bf16_simd_enabled(); }
+
+bool amx_bf16_available() { return cpu::amx_bf16_available(); }
 
 // ---- the shared header, exposed element by element for tests --------------------
 
@@ -382,6 +409,8 @@ TORCH_LIBRARY(fastpeft_native, m) {
   m.def("nf4_matmul_bf16(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
   m.def("nf4_matmul_transposed_bf16(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
   m.def("bf16_simd_enabled() -> bool", &fastpeft::bf16_simd_enabled);
+  m.def("nf4_matmul_bf16_amx(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
+  m.def("amx_bf16_available() -> bool", &fastpeft::amx_bf16_available);
   m.def("set_output_poison(bool on) -> bool", &fastpeft::set_output_poison);
 }
 
@@ -395,6 +424,7 @@ TORCH_LIBRARY_IMPL(fastpeft_native, CPU, m) {
   m.impl("nf4_dequantize_bf16_tile", &fastpeft::nf4_dequantize_bf16_tile);
   m.impl("nf4_matmul_bf16", &fastpeft::nf4_matmul_bf16);
   m.impl("nf4_matmul_transposed_bf16", &fastpeft::nf4_matmul_transposed_bf16);
+  m.impl("nf4_matmul_bf16_amx", &fastpeft::nf4_matmul_bf16_amx);
   m.impl("codec_encode", &fastpeft::codec_encode);
   m.impl("codec_decode", &fastpeft::codec_decode);
   m.impl("codec_unpack", &fastpeft::codec_unpack);

@@ -27,5 +27,15 @@ void nf4_dequantize_tile_bf16(const std::uint8_t* packed, const float* absmax, s
 // True when this build dequantizes to bf16 with AVX-512 (otherwise a portable scalar loop).
 bool bf16_simd_enabled();
 
+// ---- fused NF4 x bf16 GEMM on AMX tiles (nf4_amx.cpp) ---------------------------------------------
+// y[M, N] = x[M, K] · dequant(W)ᵀ (+ bias[N] when bias != nullptr), fp32 accumulation, bf16 out; x and y
+// row-major contiguous, K % 64 == 0. Only valid when amx_bf16_available().
+void nf4_matmul_bf16_amx(const c10::BFloat16* x, std::int64_t M, const std::uint8_t* packed, const float* absmax,
+                         std::int64_t N, std::int64_t K, std::int64_t blocksize, const c10::BFloat16* bias,
+                         c10::BFloat16* y);
+
+// True when this build has the AMX kernel and the OS lets this process use AMX tiles (asked once).
+bool amx_bf16_available();
+
 }  // namespace cpu
 }  // namespace fastpeft

@@ -10,18 +10,23 @@
 Activations may be float32, float16 or bfloat16 with any leading dims; the
 kernels accumulate in fp32 and return x's dtype. Matmuls need K % blocksize == 0.
 
-bf16 path (``BF16_GEMM_MIN_ROWS`` rows or more; ``BF16_GEMM_MIN_ROWS_TRANSPOSED``
-for the input gradient): W is dequantized to bf16 (bit-equal to
-``NF4Weight.dequantize(torch.bfloat16)``, AVX-512 table lookups, up to 16 MiB
-of bf16 W per tile, nothing cached between calls) and multiplied by torch's
-bf16 GEMM (oneDNN: AMX / AVX512-BF16 with fp32 accumulation), so the error is
-plain torch bf16's on the dequantized weight. Fewer rows keep the fused fp32
-decode GEMV, which reads only the packed bytes.
+bf16 activations (``bf16_forward_kernel`` says which kernel runs; nothing is
+cached between calls, fp32 accumulation everywhere):
+- forward, ``BF16_AMX_MIN_ROWS`` rows or more on a CPU with AMX-BF16: a fused
+  AMX kernel (``csrc/cpu/nf4_amx.cpp``): blocks of 32 rows of W decoded to
+  bf16 in L2, TDPBF16PS tiles; W never exists in memory;
+- forward without AMX (``BF16_GEMM_MIN_ROWS`` rows or more) and the input
+  gradient (``BF16_GEMM_MIN_ROWS_TRANSPOSED`` rows or more): W dequantized to
+  bf16 (bit-equal to ``NF4Weight.dequantize(torch.bfloat16)``, AVX-512 table
+  lookups, at most 16 MiB of bf16 W at a time), then torch's bf16 GEMM
+  (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
+- fewer rows: the fused fp32 decode GEMV, which reads only the packed bytes.
 MEASUREMENTS_PLACEHOLDER
 The extension is compiled on first call (see fastpeft/_native).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -33,10 +38,9 @@ from .nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_qua
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# bf16 activations with at least this many rows take the bf16 path (W dequantized to bf16 in tiles, then
-# torch's bf16 GEMM); fewer rows keep the fused fp32 decode GEMV (it reads the packed W once). See the
-# module docstring for the measurements behind these numbers.
-BF16_GEMM_MIN_ROWS = 9
+# bf16 rows from which each bf16 kernel beats the fused fp32 decode GEMV (module docstring: measurements).
+BF16_AMX_MIN_ROWS = 6  # forward, fused AMX kernel (where available)
+BF16_GEMM_MIN_ROWS = 9  # forward without AMX: dequantize to bf16 + torch's bf16 GEMM
 BF16_GEMM_MIN_ROWS_TRANSPOSED = 5
 
 
@@ -89,9 +93,23 @@ def nf4_matmul_packed(x2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: in
     ``fastpeft.ops.nf4`` calls this per step; skipping the container and its
     checks saves about 40 µs a call, a twentieth of a 4096² decode GEMV.
     """
-    if x2d.dtype == torch.bfloat16 and x2d.shape[0] >= BF16_GEMM_MIN_ROWS:
-        return _native.op("nf4_matmul_bf16")(x2d, packed, absmax, n, k, blocksize, bias)
-    return _native.op("nf4_matmul")(x2d, packed, absmax, n, k, blocksize, bias)
+    return _native.op(bf16_forward_kernel(x2d) or "nf4_matmul")(x2d, packed, absmax, n, k, blocksize, bias)
+
+
+def bf16_forward_kernel(x2d: Tensor) -> Optional[str]:
+    """Name of the native bf16 forward op that ``nf4_matmul_packed`` runs for ``x2d``; None: the fp32 kernels."""
+    if x2d.dtype != torch.bfloat16:
+        return None
+    m = x2d.shape[0]
+    if m >= BF16_AMX_MIN_ROWS and amx_available():
+        return "nf4_matmul_bf16_amx"
+    return "nf4_matmul_bf16" if m >= BF16_GEMM_MIN_ROWS else None
+
+
+@functools.lru_cache(maxsize=None)
+def amx_available() -> bool:
+    """Whether the fused AMX kernel runs here (built with AMX-BF16 and the OS grants AMX tiles)."""
+    return bool(_native.op("amx_bf16_available")())
 
 
 def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:

@@ -18,9 +18,9 @@ ratio of the minima. Errors are ‖out − ref‖/‖ref‖ against the float64 
 the same NF4 codes (output and every gradient, worst of them), beside plain
 torch's error in the same dtype (F.linear on the dequantized weight).
 
-``--sweep`` times the fused kernels alone (``nf4_cpu.nf4_matmul`` and
-``nf4_matmul_transposed``) on bf16 rows with the bf16 GEMM path forced on and
-off, the measurement behind ``BF16_GEMM_MIN_ROWS``.
+``--sweep`` times the native kernels alone on bf16 rows (fp32 fused GEMV/GEMM,
+bf16 dequantize + torch GEMM, fused AMX), the measurement behind the
+``BF16_*_MIN_ROWS`` thresholds of ``fastpeft.quant.nf4_cpu``.
 """
 from __future__ import annotations
 
@@ -178,36 +178,25 @@ def run_rows(args, weight, q):
 
 
 def run_sweep(args, q):
-    """bf16 fused kernels with the bf16 GEMM path on (threshold 1) vs off (threshold above every M)."""
+    """The native kernels alone on bf16 rows: fp32 fused kernels vs the bf16 ones (behind the row thresholds)."""
     n, k = q.shape
     absmax = q.absmax_float()
-    print(f"sweep: nf4_matmul / nf4_matmul_transposed, bf16, N={n} K={k}; ratio = bf16 GEMM path / fp32 path")
-
-    def with_thresholds(fwd, bwd, fn):
-        saved = nf4_cpu.BF16_GEMM_MIN_ROWS, nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
-        nf4_cpu.BF16_GEMM_MIN_ROWS, nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED = fwd, bwd
-        try:
-            return fn()
-        finally:
-            nf4_cpu.BF16_GEMM_MIN_ROWS, nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED = saved
-
-    big = 1 << 62
+    native = torch.ops.fastpeft_native
+    print(f"sweep: native kernels, bf16 inputs, N={n} K={k}; ms (median) and ratio to the fp32 kernel")
     for m in args.sweep:
         x = torch.randn(m, k).bfloat16()
         dy = torch.randn(m, n).bfloat16()
-        fwd_on = lambda: with_thresholds(1, 1, lambda: nf4_cpu.nf4_matmul_packed(x, q.packed, absmax, n, k, BLOCKSIZE))
-        fwd_off = lambda: with_thresholds(big, big, lambda: nf4_cpu.nf4_matmul_packed(x, q.packed, absmax, n, k,
-                                                                                      BLOCKSIZE))
-        bwd_on = lambda: with_thresholds(1, 1, lambda: nf4_cpu.nf4_matmul_transposed_packed(dy, q.packed, absmax, n, k,
-                                                                                            BLOCKSIZE))
-        bwd_off = lambda: with_thresholds(big, big, lambda: nf4_cpu.nf4_matmul_transposed_packed(dy, q.packed, absmax,
-                                                                                                 n, k, BLOCKSIZE))
-        t = interleaved([fwd_on, fwd_off, bwd_on, bwd_off], args.rounds)
-        fr = statistics.median([a / b for a, b in zip(t[0], t[1])])
-        br = statistics.median([a / b for a, b in zip(t[2], t[3])])
-        print(f"M={m:4d}  forward: bf16 {statistics.median(t[0]) * 1e3:8.3f} ms, fp32 {statistics.median(t[1]) * 1e3:8.3f}"
-              f" ms, ratio {fr:5.2f} | input grad: bf16 {statistics.median(t[2]) * 1e3:8.3f} ms, fp32 "
-              f"{statistics.median(t[3]) * 1e3:8.3f} ms, ratio {br:5.2f}", flush=True)
+        fwd = {"fp32 fused": lambda: native.nf4_matmul(x, q.packed, absmax, n, k, BLOCKSIZE, None),
+               "dequant+mm": lambda: native.nf4_matmul_bf16(x, q.packed, absmax, n, k, BLOCKSIZE, None)}
+        if nf4_cpu.amx_available():
+            fwd["amx"] = lambda: native.nf4_matmul_bf16_amx(x, q.packed, absmax, n, k, BLOCKSIZE, None)
+        bwd = {"fp32 fused": lambda: native.nf4_matmul_transposed(dy, q.packed, absmax, n, k, BLOCKSIZE),
+               "dequant+mm": lambda: native.nf4_matmul_transposed_bf16(dy, q.packed, absmax, n, k, BLOCKSIZE)}
+        for what, fns in (("forward", fwd), ("input grad", bwd)):
+            t = interleaved(list(fns.values()), args.rounds)
+            parts = [f"{name} {statistics.median(ti) * 1e3:7.3f} ms (x{statistics.median([a / b for a, b in zip(ti, t[0])]):4.2f})"
+                     for name, ti in zip(fns, t)]
+            print(f"M={m:4d} {what:10}: " + " | ".join(parts), flush=True)
 
 
 def main():

@@ -143,21 +143,66 @@ def test_matmul_rejects_bad_input(bad):
             ops().nf4_matmul_transposed_bf16(dy, w.packed, w.absmax_float(), n, k, 64)
 
 
-@pytest.mark.parametrize("m", [1, 8, 9, 40])
-def test_python_entry_points_route_bf16(m):
-    """nf4_cpu.nf4_matmul / nf4_matmul_transposed in bf16 (leading dims) match torch on the dequantized weight."""
+needs_amx = pytest.mark.skipif(not nf4_cpu.amx_available(), reason="no AMX-BF16 on this CPU/OS/build")
+
+
+@needs_amx
+@pytest.mark.parametrize("n, k, blocksize, m", [(67, 320, 64, 5), (130, 192, 64, 33), (32, 64, 64, 1),
+                                                (17, 4096, 4096, 16), (96, 2048, 1024, 47), (1, 128, 128, 70)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_matmul(n, k, blocksize, m, with_bias):
+    """Odd N and M (partial tiles of both), several blocksizes: within budget of torch bf16 on the same weight."""
+    w = _weight(n, k, blocksize, double_quant=True)
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    y = ops().nf4_matmul_bf16_amx(x, w.packed, w.absmax_float(), n, k, blocksize, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ref = F.linear(x.double(), w.dequantize(torch.float64), None if bias is None else bias.double())
+    assert_close_to_ref(y, ref, F.linear(x, w.dequantize(torch.bfloat16), bias), what="amx y")
+
+
+@needs_amx
+def test_amx_matmul_views_empty_and_bad_input():
+    n, k = 40, 256
+    w = _weight(n, k)
+    x = torch.randn(2 * k, 12).bfloat16().t()[:, ::2]  # non-contiguous [12, k]
+    y = ops().nf4_matmul_bf16_amx(x, w.packed, w.absmax_float(), n, k, 64, None)
+    torch.testing.assert_close(y, ops().nf4_matmul_bf16_amx(x.contiguous(), w.packed, w.absmax_float(), n, k, 64,
+                                                            None), rtol=0, atol=0)
+    assert ops().nf4_matmul_bf16_amx(x[:0], w.packed, w.absmax_float(), n, k, 64, None).shape == (0, n)
+    with pytest.raises(TypeError):
+        ops().nf4_matmul_bf16_amx(x.float(), w.packed, w.absmax_float(), n, k, 64, None)
+    with pytest.raises(ValueError):
+        ops().nf4_matmul_bf16_amx(x, w.packed, w.absmax_float(), n, k, 64, torch.randn(n + 1).bfloat16())
+
+
+def test_kernel_choice_by_rows():
+    assert nf4_cpu.bf16_forward_kernel(torch.zeros(100, 64)) is None  # fp32: the fp32 kernels
+    assert nf4_cpu.bf16_forward_kernel(torch.zeros(1, 64).bfloat16()) is None
+    big = nf4_cpu.bf16_forward_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS, 64).bfloat16())
+    assert big == ("nf4_matmul_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_bf16")
+
+
+@pytest.mark.parametrize("m", [1, 4, 6, 8, 9, 40])
+def test_python_entry_points_route_bf16(m, monkeypatch):
+    """nf4_cpu.nf4_matmul / nf4_matmul_transposed in bf16 (leading dims) run the chosen op, within budget."""
     n, k = 72, 384
     w = _weight(n, k, double_quant=True)
     dense, dense64 = w.dequantize(torch.bfloat16), w.dequantize(torch.float64)
+    called = []
+    real_op = _native.op
+    monkeypatch.setattr(nf4_cpu._native, "op", lambda name, *a: called.append(name) or real_op(name, *a))
     x = torch.randn(1, m, k).bfloat16()
     y = nf4_cpu.nf4_matmul(x, w)
+    assert called == [nf4_cpu.bf16_forward_kernel(x.view(m, k)) or "nf4_matmul"]
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
     assert_close_to_ref(y, F.linear(x.double(), dense64), F.linear(x, dense), what="y")
-    if m >= nf4_cpu.BF16_GEMM_MIN_ROWS:
-        assert torch.equal(_bits(y), _bits(F.linear(x, dense)))
+    called.clear()
     dy = torch.randn(1, m, n).bfloat16()
     dx = nf4_cpu.nf4_matmul_transposed(dy, w)
+    bf16_grad = m >= nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
+    assert called == ["nf4_matmul_transposed_bf16" if bf16_grad else "nf4_matmul_transposed"]
     assert dx.shape == (1, m, k) and dx.dtype == torch.bfloat16
     assert_close_to_ref(dx, dy.double() @ dense64, dy @ dense, what="dx")
-    if m >= nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED:
+    if bf16_grad:
         assert torch.equal(_bits(dx), _bits(dy @ dense))

@@ -1,11 +1,12 @@
 """The bf16 CPU path of the NF4 and QLoRA ops (fastpeft.quant.nf4_cpu's bf16 GEMM path), end to end.
 
-bf16 inputs with at least ``BF16_GEMM_MIN_ROWS`` rows run torch's bf16 GEMM on the
-weight dequantized to bf16; fewer rows keep the fused fp32 decode GEMV. Either
-way the output and every gradient must be within the numerics policy (error vs
-float64 at most 4x plain torch bf16's, ``numerics.assert_close_to_ref``), and
+bf16 inputs with enough rows run the fused AMX kernel or torch's bf16 GEMM on
+the weight dequantized to bf16 (``nf4_cpu.bf16_forward_kernel``); fewer rows
+keep the fused fp32 decode GEMV. Either way the output and every gradient must
+be within the numerics policy (error vs float64 at most 4x plain torch bf16's,
+``numerics.assert_close_to_ref``), and
 the forward of the GEMM path is bit-equal to torch on the dequantized weight
-(which proves that path ran).
+where it runs (the fused AMX kernel's sums run in another order).
 """
 import pytest
 import torch
@@ -38,7 +39,7 @@ def _check(out, leaves, ref_fn, dy):
 
 
 @pytest.mark.parametrize("backend", ["cpu"], indirect=True)
-@pytest.mark.parametrize("m", [1, 4, 8, 9, 64])
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 64])
 def test_nf4_linear_bf16(backend, m):
     n, k = 96, 320
     w = NF4Weight.from_float(torch.randn(n, k) * 0.05, 64, double_quant=True)
@@ -47,7 +48,7 @@ def test_nf4_linear_bf16(backend, m):
     bias = torch.randn(n).to(BF16).requires_grad_()
     y = nf4_linear(x, w, bias)
     assert y.dtype == BF16 and y.shape == (2, m, n)
-    if 2 * m >= nf4_cpu.BF16_GEMM_MIN_ROWS:
+    if nf4_cpu.bf16_forward_kernel(x.view(-1, k)) == "nf4_matmul_bf16":
         assert torch.equal(y, F.linear(x, w.dequantize(BF16), bias))
     dy = torch.randn_like(y)
     y.backward(dy)
