@@ -4,7 +4,7 @@ Three kernel shapes cover the LoRA forward and backward, each used twice with
 permuted strides:
 
 - ``_lora_shrink_kernel``: ``out[M, R] = scale · drop(src)[M, L] @ mat[L, R]``
-  (fp32 out). Forward ``h = drop(x) Aᵀ / (1-p)``; backward ``dh = dy B``.
+  (fp32 accumulate, out in its own dtype). Forward ``h = drop(x) Aᵀ / (1-p)``; backward ``dh = dy B``.
 - ``_lora_fused_gemm_kernel``: ``out[M, N] = lora_scale · drop'(lhs @ lmat) + src @ mat + bias``
   where the accumulator starts as the LoRA term ``lhs[M, R] @ lmat[R, N]``,
   scaled in fp32 (and masked by dropout when asked). Forward
@@ -60,7 +60,7 @@ def _lora_shrink_kernel(src_ptr, mat_ptr, out_ptr, M, L, R,
         s_ptrs += BLOCK_L * stride_sl
         m_ptrs += BLOCK_L * stride_ml
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
-    tl.store(out_ptrs, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 @triton.jit(do_not_specialize=SEED_ARGS)
@@ -77,7 +77,7 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
     rows = offs_m % M
     cols = offs_n % N
 
-    # The LoRA term initialises the accumulator (lhs is fp32 [M, R], contiguous).
+    # The LoRA term initialises the accumulator (lhs is [M, R], contiguous).
     offs_r = tl.arange(0, BLOCK_R)
     l_ptrs = lhs_ptr + rows[:, None].to(tl.int64) * R + offs_r[None, :]
     lm_ptrs = lmat_ptr + offs_r[:, None] * stride_lr + cols[None, :] * stride_ln

@@ -5,11 +5,11 @@ inputs and calls ``lora_forward`` / ``lora_backward`` / ``dropout_mask`` here
 or in ``fastpeft.ops.lora_cpu``, which has the same functions.
 
 Forward (two launches, after LoRAFusion):
-  1. shrink: ``h = (keep ∘ x) Aᵀ / (1-p)`` as fp32 ``[M, r]`` (saved for backward);
+  1. shrink: ``h = (keep ∘ x) Aᵀ / (1-p)`` ``[M, r]`` in x's dtype (fp32 accumulate; saved for backward);
   2. fused GEMM: the accumulator starts as ``s · h Bᵀ`` (scaled in fp32), then
      accumulates ``x Wᵀ``, adds the bias and stores ``y`` once.
 Backward (each launch only when its output is needed):
-  - shrink over dy: ``dh = dy B`` (fp32, needed by dx and dA);
+  - shrink over dy: ``dh = dy B`` (in dy's dtype, needed by dx and dA);
   - reduce over M: ``dB = s · dyᵀ h`` and ``dA = s/(1-p) · dhᵀ (keep ∘ x)``,
     one program per output tile and row range (several ranges for long M, so
     the grid fills the GPU); the fp32 partials of the ranges are summed by
@@ -96,7 +96,7 @@ def _reduce_splits(m: int, programs: int) -> int:
 
 
 def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
-    """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat fp32 [M, R].
+    """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat [M, R] contiguous.
 
     With one row range the kernel writes ``out`` directly (one launch). With
     several it writes fp32 partials ``[splits, P, R]`` (one per row range),
@@ -125,12 +125,12 @@ def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p:
 
 def lora_forward_with_base(x2d: Tensor, lora_A: Tensor, dropout_p: float, seed: int,
                            base_plus_lora: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """``h = drop(x) Aᵀ / (1-p)`` (fp32, saved), then ``y = base_plus_lora(h)``; returns ``(y, h)``.
+    """``h = drop(x) Aᵀ / (1-p)`` (x's dtype, saved), then ``y = base_plus_lora(h)``; returns ``(y, h)``.
 
     ``base_plus_lora(h)`` must return the base layer's output plus ``s · h Bᵀ``
     (and bias) from one fused kernel.
     """
-    h = torch.empty((x2d.shape[0], lora_A.shape[0]), dtype=torch.float32, device=x2d.device)
+    h = torch.empty((x2d.shape[0], lora_A.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0] > 0:
         lora_shrink(x2d, lora_A, (lora_A.stride(1), lora_A.stride(0)), h, 1.0 / (1.0 - dropout_p), dropout_p, seed)
     return base_plus_lora(h), h
@@ -142,11 +142,11 @@ def lora_backward_with_base(dy: Tensor, x2d: Tensor, lora_A: Tensor, lora_B: Ten
     """Returns ``(dx | None, dA | None, dB | None)``; see the module docstring for the steps.
 
     ``base_grad_plus_lora(dh)`` must return ``dy W + s/(1-p) · drop'(dh A)``
-    from one fused kernel (``dh = dy B``, fp32). dA/dB are in the dtype of
-    lora_A/lora_B; ``h`` is the fp32 tensor the forward returned.
+    from one fused kernel (``dh = dy B``, dy's dtype). dA/dB are in the dtype of
+    lora_A/lora_B; ``h`` is the tensor the forward returned.
     """
     m, r = x2d.shape[0], lora_A.shape[0]
-    assert h.shape == (m, r) and h.dtype == torch.float32
+    assert h.shape == (m, r) and h.dtype == x2d.dtype
     dA = torch.empty_like(lora_A) if need_dA else None
     dB = torch.empty_like(lora_B) if need_dB else None
     if m == 0:
@@ -158,7 +158,7 @@ def lora_backward_with_base(dy: Tensor, x2d: Tensor, lora_A: Tensor, lora_B: Ten
     if need_dB:
         lora_reduce(dy, h.contiguous(), dB, scaling, 0.0, 0)
     if need_dx or need_dA:
-        dh = torch.empty((m, r), dtype=torch.float32, device=dy.device)
+        dh = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
         lora_shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, 1.0, 0.0, 0)
         if need_dA:
             lora_reduce(x2d, dh, dA.t(), scaling / (1.0 - dropout_p), dropout_p, seed)
@@ -173,7 +173,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tens
     """``x2d [M,K]`` (any strides), ``weight [N,K]``, ``bias [N]`` or None, ``lora_A [r,K]``, ``lora_B [N,r]``.
 
     All fp32, fp16 or bf16 (one dtype). Returns ``y [M,N]`` contiguous in x's
-    dtype and ``h [M,r]`` fp32 ``= dropout(x) @ lora_Aᵀ / (1-p)`` (saved for
+    dtype and ``h [M,r]`` in x's dtype ``= dropout(x) @ lora_Aᵀ / (1-p)`` (saved for
     backward). The dropout mask comes from ``seed`` (see module docstring).
     """
     m = x2d.shape[0]
@@ -241,7 +241,7 @@ def aot_launches() -> None:
             lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
             for m in AOT_TOKENS:
                 x, dy = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype)
-                h = torch.empty((m, r), dtype=torch.float32)
+                h = torch.empty((m, r), dtype=dtype)
                 with launch_label(f"{t},r{r},m{m},fwd", gemm):
                     lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, 1)
                 with launch_label(f"{t},r{r},m{m},bwd", gemm):

@@ -125,7 +125,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x2d [M, k] · dequant(W)ᵀ (+ bias [n]) (+ lora_scale · lora_h [M, r] · lora_B[n, r]ᵀ)`` -> ``[M, n]``.
 
-    ``lora_h`` is fp32 ``drop(x) Aᵀ / (1-p)``; the scale is applied to the fp32
+    ``lora_h`` is ``drop(x) Aᵀ / (1-p)``; the scale is applied to the fp32
     accumulator. Picks the GEMV kernel for M <= 16 and the ``tl.dot`` kernel
     otherwise (``config`` overrides tiles; a config with ``block_m <= 16`` and
     ``M <= block_m`` selects the GEMV kernel). ``out``: an ``[M, n]`` tensor of

@@ -25,7 +25,7 @@ __all__ = ["check_kernel_dtype", "qlora_backward", "qlora_forward"]
 @launcher
 def qlora_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias, lora_A, lora_B,
                   scaling: float, dropout_p: float, seed: int):
-    """Returns ``(y [M, n] in x's dtype, h [M, r] fp32)``; see the module docstring."""
+    """Returns ``(y [M, n], h [M, r])`` in x's dtype; see the module docstring."""
     def base_plus_lora(h):
         return nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias=bias, lora_h=h, lora_B=lora_B,
                           lora_scale=scaling)
@@ -62,7 +62,7 @@ def aot_launches() -> None:
             lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
             for m in AOT_TOKENS:
                 x, dy = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype)
-                h = torch.empty((m, r), dtype=torch.float32)
+                h = torch.empty((m, r), dtype=dtype)
                 with launch_label(f"{t},r{r},m{m},fwd", gemm and m > GEMV_MAX_M):
                     qlora_forward(x, *weight, n, k, AOT_BLOCKSIZE, bias, lora_A, lora_B, 2.0, 0.1, 1)
                 for p, tag in ((0.0, "bwd"), (0.1, "bwd_dropout")):

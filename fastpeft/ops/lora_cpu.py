@@ -24,8 +24,13 @@ import torch
 
 
 def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved ``h = drop(x) Aᵀ / (1-p)``: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
+    """dtype of the saved ``h = drop(x) Aᵀ / (1-p)`` (and of ``dh``): x's own.
+
+    Every use multiplies ``h`` in x's dtype (as torch does), so a wider copy
+    would only cost memory; on a GPU it would also keep the LoRA reductions'
+    wgmma loops synchronous (an operand converted in registers each step).
+    """
+    return x_dtype
 
 
 def dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
