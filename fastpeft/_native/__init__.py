@@ -41,7 +41,9 @@ ENV_BUILD_DIR = "FASTPEFT_BUILD_DIR"
 ENV_PREBUILT = "FASTPEFT_NATIVE_PREBUILT"
 NAMESPACE = "fastpeft_native"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+# SASS for A100 and H100, plus compute_90 PTX that the driver JIT-compiles on newer GPUs.
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90"]
 
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}

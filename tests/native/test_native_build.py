@@ -89,3 +89,5 @@ def test_cuda_extension_compiles_links_and_imports(tmp_path):
     if cuobjdump is not None:
         listing = subprocess.run([str(cuobjdump), "--list-elf", so], capture_output=True, text=True).stdout
         assert "sm_80" in listing and "sm_90" in listing, listing
+        ptx = subprocess.run([str(cuobjdump), "--list-ptx", so], capture_output=True, text=True).stdout
+        assert "sm_90" in ptx, f"no compute_90 PTX for GPUs newer than sm_90: {ptx}"
