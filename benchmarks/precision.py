@@ -75,6 +75,7 @@ def short(label: str) -> str:
 def float64_case(case: Case) -> Case:
     """A forward-mode copy of ``case`` with every floating tensor upcast to float64 (detached).
 
+    Only the first rotating input is kept (the one errors are measured on).
     Values that are not tensors (e.g. an ``NF4Weight`` a provider derived from
     the case's weight) are shared, so the float64 run reads the same codes.
     """
@@ -83,5 +84,5 @@ def float64_case(case: Case) -> Case:
             return v.detach().to(torch.float64)
         return v
 
-    return Case(case.shape, case.device, torch.float64, FORWARD, [up(x) for x in case.xs], None,
+    return Case(case.shape, case.device, torch.float64, FORWARD, [up(case.xs[0])], None,
                 {k: up(v) for k, v in case.tensors.items()})

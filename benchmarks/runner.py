@@ -161,19 +161,23 @@ def float64_outputs(op: OpBench, case: Case) -> dict:
 
     Each is first built on ``case`` itself, so that weights derived from the
     case (NF4 codes...) exist and are shared with the float64 copy. A provider
-    that cannot run in float64 is left out (its rows get no error).
+    that cannot run in float64 is left out: ``out["_failures"]`` says why,
+    and its rows get no error and a note.
     """
-    out = {}
+    out, failures = {}, {}
     for name in dict.fromkeys(n for n in (op.reference, op.baseline) if n):
         provider = op.provider(name)
-        if provider.unavailable() is not None:
+        reason = provider.unavailable()
+        if reason is not None:
+            failures[name] = reason
             continue
         try:
             provider.build(case)
             case64 = float64_case(case)
             out[name] = _forward_output(provider.build(case64), case64.xs[0])
-        except Exception:
-            continue
+        except Exception as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}".strip()
+    out["_failures"] = failures
     return out
 
 
@@ -220,10 +224,14 @@ def _run_provider(task, provider, case, references, device, policy) -> dict:
         _sync(device)
         row["first_call_s"] = time.perf_counter() - t0
         # the baseline computes something else: it is compared with its own float64 run
-        reference = references.get(task.op.baseline if row["role"] == "baseline" else task.op.reference)
+        ref_name = task.op.baseline if row["role"] == "baseline" else task.op.reference
+        reference = references.get(ref_name)
         if reference is not None:
             row["rel_err"] = rel_err(_forward_output(built, case.xs[0]), reference)
             row["compute_dtype"] = compute_dtype(row["rel_err"], row["dtype"])
+        elif ref_name in references["_failures"]:
+            why = f"no float64 {ref_name} run, so no error: {references['_failures'][ref_name]}"
+            row["note"] = f"{row['note']}; {why}" if row["note"] else why
         timing = measure(step, prepare, device, policy)
         row.update(median_ms=timing.median_s * 1e3, q25_ms=timing.q25_s * 1e3, q75_ms=timing.q75_s * 1e3,
                    iqr_pct=100 * timing.iqr_fraction, reps=timing.reps)

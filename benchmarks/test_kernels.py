@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.machine import choose_device, default_dtype
 from benchmarks.ops import load_ops
-from benchmarks.runner import make_steps, shapes_for
+from benchmarks.runner import dtypes_for, make_steps, shapes_for
 
 ROUNDS = {"quick": 5, "default": 20, "full": 50}
 
@@ -25,20 +25,22 @@ def pytest_generate_tests(metafunc):
     level = config.getoption("--bench-level")
     cases, ids = [], []
     for op in load_ops(config.getoption("--bench-op")):
-        for shape in shapes_for(op, device.type, level):
-            for mode in op.modes:
-                for provider in op.providers:
-                    cases.append((op, shape, mode, provider, device, level))
-                    ids.append(f"{op.name}-{mode}-{provider.name}-{op.shape_label(shape).replace(' ', ',')}")
+        for dtype in dtypes_for(op, device.type, level, default_dtype(device)):
+            for shape in shapes_for(op, device.type, level):
+                for mode in op.modes:
+                    for provider in op.providers:
+                        cases.append((op, shape, mode, provider, device, level, dtype))
+                        ids.append(f"{op.name}-{str(dtype).replace('torch.', '')}-{mode}-{provider.name}-"
+                                   f"{op.shape_label(shape).replace(' ', ',')}")
     metafunc.parametrize("bench_case", cases, ids=ids)
 
 
 def test_kernel(benchmark, bench_case):
-    op, shape, mode, provider, device, level = bench_case
+    op, shape, mode, provider, device, level, dtype = bench_case
     reason = provider.unavailable()
     if reason is not None:
         pytest.skip(reason)
-    case = op.make_case(shape, device, default_dtype(device), mode)
+    case = op.make_case(shape, device, dtype, mode)
     built = provider.build(case)
     prepare, step = make_steps(built, case)
     rounds = itertools.count()
@@ -53,6 +55,6 @@ def test_kernel(benchmark, bench_case):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    benchmark.group = f"{op.name} {mode} {op.shape_label(shape)}"
-    benchmark.extra_info.update(op=op.name, mode=mode, provider=provider.name, **shape)
+    benchmark.group = f"{op.name} {mode} {dtype} {op.shape_label(shape)}"
+    benchmark.extra_info.update(op=op.name, mode=mode, provider=provider.name, dtype=str(dtype), **shape)
     benchmark.pedantic(target, setup=setup, rounds=ROUNDS[level], warmup_rounds=1)

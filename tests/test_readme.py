@@ -22,12 +22,13 @@ def test_readme_python_blocks_run(backend, monkeypatch, tmp_path):
 
 
 def _headline_tables(markdown: str) -> list[str]:
-    """The markdown tables that follow a 'Headline' heading, as text blocks."""
+    """The markdown table right after each 'Headline' heading, as text blocks, in order."""
     tables = []
     for section in re.split(r"^#+ Headline", markdown, flags=re.M)[1:]:
-        rows = [line for line in section.splitlines()[1:] if line.startswith("|") or not line.strip()]
-        table = "\n".join(line for line in rows if line.startswith("|"))
-        tables.append(table.split("\n\n")[0])
+        lines = section.splitlines()[1:]
+        start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        tables.append("\n".join(lines[start:end]))
     return tables
 
 
@@ -37,8 +38,9 @@ def test_readme_benchmark_figures_come_from_the_committed_results():
     assert source, "README must name the result set its benchmark table comes from"
     summary = (README.parent / source.group(1) / "summary.md").read_text()
     readme_tables = _headline_tables(readme)
-    assert len(readme_tables) == 3
-    for table in readme_tables:
-        assert table and table in summary, f"README table not in {source.group(1)}/summary.md:\n{table}"
+    assert readme_tables and all(readme_tables), "README has no headline tables"
+    assert readme_tables == _headline_tables(summary), (
+        f"README headline tables differ from {source.group(1)}/summary.md: "
+        f"rewrite them with python -m benchmarks --out {source.group(1)} --update-readme")
     command = re.search(r"^Command: `(python -m benchmarks[^`]*)`", summary, flags=re.M).group(0)
     assert command in readme

@@ -268,3 +268,30 @@ def test_speedup_plot_has_log_ratio_axes_error_bars_and_a_panel_per_mode_and_pre
     path = tmp_path / "p.png"
     assert plot_op(rows, "qlora", "QLoRA", ["forward", "backward"], path)
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_reference_that_cannot_run_in_float64_leaves_the_error_out_and_says_why(monkeypatch):
+    import dataclasses
+
+    from benchmarks.ceilings import measure_ceilings
+    from benchmarks.harness import POLICIES
+    from benchmarks.runner import Task, run_task
+
+    op = load_ops(["lora"])[0]
+    torch_ref = op.provider("torch")
+
+    def no_float64(case):
+        if case.dtype == torch.float64:
+            raise TypeError("float64 is not supported")
+        return torch_ref.build(case)
+
+    providers = [dataclasses.replace(p, build=no_float64) if p.name == "torch" else p for p in op.providers]
+    monkeypatch.setattr(op, "providers", providers)
+    device, policy = torch.device("cpu"), POLICIES[("cpu", "quick")]
+    ceilings = measure_ceilings(device, [torch.float32], "quick", policy)
+    task = Task(op, dict(tokens=3, K=32, N=16, r=4), "forward", torch.float32)
+    rows = {r["provider"]: r for r in run_task(task, [op.provider("base"), op.provider("fastpeft")], device,
+                                               policy, ceilings)}
+    assert rows["base"]["compute_dtype"] == "float32"  # the baseline is compared with its own float64 run
+    assert "rel_err" not in rows["fastpeft"] and rows["fastpeft"]["status"] == OK
+    assert "no float64 torch run, so no error: TypeError: float64 is not supported" in rows["fastpeft"]["note"]
