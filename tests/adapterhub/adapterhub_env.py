@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,21 @@ def _build(venv: Path) -> None:
     _run([sys.executable, "-m", "venv", "--system-site-packages", venv], "venv creation", 300)
     _run([_python(venv), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *PACKAGES],
          f"pip install {' '.join(PACKAGES)}", INSTALL_TIMEOUT_S)
+    _see_test_env_packages(venv)
+
+
+def _see_test_env_packages(venv: Path) -> None:
+    """Put the test env's site-packages after the venv's own (a ``.pth`` file), written after pip ran.
+
+    ``--system-site-packages`` exposes the base interpreter's packages only;
+    when the tests run from a venv (CI), torch lives in that venv, so its
+    site-packages must be added too. Entries of a ``.pth`` file come after the
+    venv's own site-packages, so the pinned transformers still shadows.
+    """
+    own = subprocess.run([str(_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, env=side_env()).stdout.strip()
+    parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    Path(own, "fastpeft-test-env.pth").write_text("".join(p + "\n" for p in parents))
 
 
 def side_python() -> Path:
