@@ -1,5 +1,9 @@
 """The @triton.jit kernels behind ``fastpeft.kernels.adapter`` (launchers live there).
 
+- ``_adapter_down_kernel`` (few rows only): fp32 partials of ``x W_dᵀ`` over
+  ``K`` ranges, so a short input still spreads the down-projection over many
+  programs; the forward kernel then sums them (``FROM_PARTS``) instead of
+  reading x.
 - ``_adapter_forward_kernel``: program ``(i, j)`` owns row block ``i``. It
   computes ``pre = x W_dᵀ + b_d`` for all ``b`` bottleneck columns at once
   (``BLOCK_B`` = b padded to a power of two, at most 256, kept in registers),
@@ -130,16 +134,16 @@ def _output_scale(scale, scale_ptr, cols, in_cols, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, H, stride_xm, stride_xh, stride_dwb,
-                     stride_dwh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+def _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, k_start, k_end, stride_xm, stride_xh,
+                     stride_dwb, stride_dwh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 ``x[rows] W_dᵀ`` as a ``[BLOCK_M, BLOCK_B]`` tile."""
+    """fp32 ``x[rows, k_start:k_end] W_d[:, k_start:k_end]ᵀ`` as a ``[BLOCK_M, BLOCK_B]`` tile."""
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xh
-    w_ptrs = down_w_ptr + offs_b[None, :] * stride_dwb + offs_k[:, None] * stride_dwh
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]) * stride_xh
+    w_ptrs = down_w_ptr + offs_b[None, :] * stride_dwb + (k_start + offs_k[:, None]) * stride_dwh
     acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        in_k = offs_k < H - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        in_k = offs_k < k_end - k0
         a = tl.load(x_ptrs, mask=in_rows[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=in_k[:, None] & in_b[None, :], other=0.0)
         acc = mma(a, w, acc, DOT_PRECISION, UPCAST)
@@ -151,14 +155,34 @@ def _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, H, stride_x
 # --- kernels ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _adapter_down_kernel(x_ptr, down_w_ptr, part_ptr, M, H, B, k_per_split,
+                         stride_xm, stride_xh, stride_dwb, stride_dwh,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Program (i, s): part[s, row block i] = x[:, K range s] W_d[:, K range s]ᵀ (fp32).
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < M
+    offs_b = tl.arange(0, BLOCK_B)
+    in_b = offs_b < B
+    k_start = pid_s * k_per_split
+    part = _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, k_start,
+                            tl.minimum(H, k_start + k_per_split), stride_xm, stride_xh, stride_dwb, stride_dwh,
+                            BLOCK_M, BLOCK_K, BLOCK_B, DOT_PRECISION, UPCAST)
+    part_ptrs = part_ptr + (pid_s * M + rows[:, None]).to(tl.int64) * B + offs_b[None, :]
+    tl.store(part_ptrs, part, mask=in_rows[:, None] & in_b[None, :])
+
+
 @triton.jit(do_not_specialize=SEED_ARGS)
 def _adapter_forward_kernel(
-        x_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, residual_ptr, scale_ptr, y_ptr, pre_ptr,
-        M, H, B, n_step,
+        x_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, residual_ptr, scale_ptr, y_ptr, pre_ptr, part_ptr,
+        M, H, B, n_step, n_parts,
         stride_xm, stride_xh, stride_dwb, stride_dwh, stride_uwh, stride_uwb, stride_rm, stride_rh,
         scale, p, seed_lo, seed_hi,
         ACT: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        SCALE: tl.constexpr, DROPOUT: tl.constexpr, STORE_PRE: tl.constexpr,
+        SCALE: tl.constexpr, DROPOUT: tl.constexpr, STORE_PRE: tl.constexpr, FROM_PARTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -167,8 +191,15 @@ def _adapter_forward_kernel(
     in_rows = rows < M
     offs_b = tl.arange(0, BLOCK_B)
     in_b = offs_b < B
-    pre = _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, H, stride_xm, stride_xh, stride_dwb,
-                           stride_dwh, BLOCK_M, BLOCK_K, BLOCK_B, DOT_PRECISION, UPCAST)
+    if FROM_PARTS:  # split-K down-projection: sum the partials of _adapter_down_kernel in a fixed order
+        pre = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        part_ptrs = part_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :]
+        for _ in range(0, n_parts):
+            pre += tl.load(part_ptrs, mask=in_rows[:, None] & in_b[None, :], other=0.0)
+            part_ptrs += M * B
+    else:
+        pre = _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, 0, H, stride_xm, stride_xh,
+                               stride_dwb, stride_dwh, BLOCK_M, BLOCK_K, BLOCK_B, DOT_PRECISION, UPCAST)
     if HAS_DOWN_BIAS:
         pre += tl.load(down_b_ptr + offs_b, mask=in_b, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:

@@ -5,11 +5,15 @@
 implements the same contract with torch ops. The kernels are described in
 ``_adapter_kernels``.
 
-Forward: one launch. Each program keeps its rows' bottleneck
-``z = act(x W_dᵀ + b_d)`` on chip and writes ``y`` tile by tile; when there
-are fewer row blocks than ``TARGET_PROGRAMS`` the output columns are split
-over extra programs that recompute ``pre`` (``_column_groups``). ``pre`` is
-stored (fp32 ``[M, b]``) only when backward will need it.
+Forward: one launch for many rows. Each program keeps its rows' bottleneck
+``z = act(x W_dᵀ + b_d)`` on chip and writes ``y`` tile by tile; ``pre`` is
+stored (fp32 ``[M, b]``) only when backward will need it. For few rows (at
+most a quarter of ``TARGET_PROGRAMS`` row blocks, e.g. one token at batch 1)
+one program per row block would read all of ``W_d`` alone, so the
+down-projection first runs split over K ranges (``_adapter_down_kernel``, at
+least ``SPLIT_K_MIN`` columns each, fp32 partials) and the forward kernel sums
+the partials in a fixed order; the output columns are then split over extra
+programs (``_column_groups``).
 Backward (each launch only when its outputs are needed):
   1. rows kernel: ``da`` (fp32 ``[M, b]``), ``dx = da W_d``, and per-row-block
      fp32 partials of ``db_u`` and ``dscale``, reading ``dy`` once for all;
@@ -37,8 +41,8 @@ from torch import Tensor
 
 from ..ops.activations import activation_id
 from . import _common
-from ._adapter_kernels import (_adapter_backward_rows_kernel, _adapter_forward_kernel, _adapter_keep_kernel,
-                               _adapter_reduce_kernel)
+from ._adapter_kernels import (_adapter_backward_rows_kernel, _adapter_down_kernel, _adapter_forward_kernel,
+                               _adapter_keep_kernel, _adapter_reduce_kernel)
 from ._common import LaunchConfig, cdiv, dot_precision, dropout_args, interpreter_upcast, split_seed
 from .aot_spec import launch_label, module_specs
 
@@ -47,6 +51,8 @@ check_kernel_dtype = _common.check_kernel_dtype
 MAX_BOTTLENECK = 256
 TARGET_PROGRAMS = 132  # about one wave on an H100; more column groups below this many row blocks
 _MIN_SPLIT_ROWS = 512  # a reduce split keeps at least this many rows
+SPLIT_K_MIN = 256  # columns of x per program of the split-K down-projection
+MAX_DOWN_SPLITS = 16
 MASK_BLOCK = (32, 64)
 
 
@@ -84,6 +90,13 @@ def _column_groups(row_blocks: int, col_tiles: int) -> int:
     return max(1, min(col_tiles, TARGET_PROGRAMS // max(row_blocks, 1)))
 
 
+def _down_splits(row_blocks: int, h: int) -> int:
+    """K ranges of the down-projection: 1 (fused in the forward kernel) unless the rows alone leave the GPU idle."""
+    if row_blocks * 4 > TARGET_PROGRAMS:
+        return 1
+    return max(1, min(MAX_DOWN_SPLITS, cdiv(h, SPLIT_K_MIN), TARGET_PROGRAMS // max(row_blocks, 1)))
+
+
 def _scale_args(scaling: float, scale: Optional[Tensor], fallback: Tensor) -> dict:
     """Kernel arguments for the scale: the float (mode 0), a 0-dim tensor (1) or a per-channel one (2)."""
     if scale is None:
@@ -111,18 +124,31 @@ def adapter_forward(x2d: Tensor, down_weight: Tensor, up_weight: Tensor, down_bi
     if m == 0 or h == 0:
         return y, pre
     row_blocks = cdiv(m, config.block_m)
+    splits = _down_splits(row_blocks, h)
+    parts = None
+    if splits > 1:
+        k_per_split = cdiv(cdiv(h, splits), config.block_k) * config.block_k
+        splits = cdiv(h, k_per_split)
+        parts = torch.empty((splits, m, b), dtype=torch.float32, device=x2d.device)
+        _adapter_down_kernel[(row_blocks, splits)](
+            x2d, down_weight, parts, m, h, b, k_per_split,
+            x2d.stride(0), x2d.stride(1), down_weight.stride(0), down_weight.stride(1),
+            BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_B=bottleneck_block(b),
+            **_dot_args(x2d.dtype), **config.launch_options(),
+        )
     groups = _column_groups(row_blocks, cdiv(h, config.block_n))
     residual = residual2d if residual2d is not None else y
     scale_args = _scale_args(scaling, scale, y)
     _adapter_forward_kernel[(row_blocks, groups)](
         x2d, down_weight, down_bias if down_bias is not None else y, up_weight,
         up_bias if up_bias is not None else y, residual, scale_args["scale_ptr"], y, pre if pre is not None else y,
-        m, h, b, groups * config.block_n,
+        parts if parts is not None else y,
+        m, h, b, groups * config.block_n, splits,
         x2d.stride(0), x2d.stride(1), down_weight.stride(0), down_weight.stride(1),
         up_weight.stride(0), up_weight.stride(1), residual.stride(0), residual.stride(1),
         scale_args["scale"], **dropout_args(dropout_p, seed), ACT=activation_id(act),
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_RESIDUAL=residual2d is not None,
-        SCALE=scale_args["SCALE"], STORE_PRE=pre is not None,
+        SCALE=scale_args["SCALE"], STORE_PRE=pre is not None, FROM_PARTS=parts is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_B=bottleneck_block(b),
         **_dot_args(x2d.dtype), **config.launch_options(),
     )
@@ -236,14 +262,16 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
 AOT_HIDDEN = (768, 4096)
 AOT_BOTTLENECK = (48, 64, 256)
 AOT_TOKENS = 512
+AOT_LONG_TOKENS = 4096
 
 
 def aot_launches() -> None:
     """Every launch variant of this module on benchmark-sized CPU tensors (recorded, never run).
 
-    Per dtype, hidden size and bottleneck class: the inference forward, the
-    training forward (pre stored, biases, residual, per-channel scale,
-    dropout), the full backward with a 0-dim scale and dropout, and the
+    Per dtype, hidden size and bottleneck class: the inference forward (one
+    token: split-K; 4096 tokens: fused), the training forward (pre stored,
+    biases, residual, per-channel scale, dropout; 512 and 4096 tokens), the
+    full backward with a 0-dim scale and dropout, and the
     backward of a frozen-x middle layer with a float scale; the training
     forward and full backward once per other activation (fp16, one shape). fp32 dots are exact
     ("ieee", FMA units), so only fp16/bf16 groups are marked as GEMMs.
@@ -271,10 +299,13 @@ def _aot_layer(h: int, b: int, dtype: torch.dtype, act: str, every_variant: bool
 
     x, dy, residual = rand(m, h), rand(m, h), rand(m, h)
     down_w, up_w, down_b, up_b, channel = rand(b, h), rand(h, b), rand(b), rand(h), rand(h)
+    big_x = rand(AOT_LONG_TOKENS, h)  # enough rows for the fused forward without split-K
     _, pre = adapter_forward(x, down_w, up_w, down_b, up_b, residual, 1.0, channel, act, 0.1, 1, True)
+    adapter_forward(big_x, down_w, up_w, down_b, up_b, big_x, 1.0, channel, act, 0.1, 1, True)
     adapter_backward(dy, x, down_w, up_w, up_b, pre, 1.0, rand(), act, 0.1, 1, *[True] * 6)
     if every_variant:
-        adapter_forward(x, down_w, up_w, None, None, residual, 2.0, None, act, 0.0, 0, False)
+        for inference_x in (x[:1], big_x):  # one token (split-K) and many
+            adapter_forward(inference_x, down_w, up_w, None, None, inference_x, 2.0, None, act, 0.0, 0, False)
         adapter_backward(dy, x, down_w, up_w, None, pre, 4.0, None, act, 0.0, 0, False, True, True, True, True, False)
 
 

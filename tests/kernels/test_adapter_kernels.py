@@ -148,6 +148,38 @@ def test_column_groups_recompute_pre_and_store_it_once(monkeypatch):
     check_all(5, 150, 24, torch.float32, act="tanh", p=0.3, scale="channel")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 9])
+def test_split_k_down_projection_for_few_rows(monkeypatch, dtype, m):
+    """Few rows: x W_dᵀ is summed from K-range partials (forced small here, ragged last range included)."""
+    monkeypatch.setattr(tl_adapter, "SPLIT_K_MIN", 32)
+    assert tl_adapter._down_splits(1, 150) == 5
+    launches = []
+    real_down = tl_adapter._adapter_down_kernel
+    monkeypatch.setattr(tl_adapter, "_adapter_down_kernel", _Recorder(real_down, launches))
+    check_all(m, 150, 24, dtype, act="gelu", p=0.2, scale="channel")
+    assert launches, "the split-K path did not run"
+
+
+def test_many_rows_do_not_split_k():
+    config = tl_adapter.configs(64, torch.float16)[0]
+    assert tl_adapter._down_splits(math.ceil(4096 / config.block_m), 4096) == 1
+    assert tl_adapter._down_splits(1, 4096) == tl_adapter.MAX_DOWN_SPLITS
+
+
+class _Recorder:
+    """Wraps a @triton.jit kernel: records each launch, then runs it."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_m_reduction_is_correct_and_deterministic(monkeypatch, dtype):
     """Long M: dW_u/dW_d are summed over row ranges (forced small here), ragged last range included."""
