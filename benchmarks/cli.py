@@ -157,6 +157,7 @@ def main(argv=None) -> int:
         progress.close()
 
     report = _kernel_report(args.kernel_report, device, out_dir)
+    _remove_previous_outputs(out_dir)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["load_avg_after"] = machine.load_average()
     plots = plot_all(rows, meta["ops"], out_dir, meta["device_name"])
@@ -182,6 +183,13 @@ def main(argv=None) -> int:
         print(f"FAILED: {r['op']} {r['mode']} {r['dtype']} {r['shape']} {r['provider']}: {r['status']}: {r['note']}",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def _remove_previous_outputs(out_dir: Path) -> None:
+    """Files an earlier run left in ``out_dir`` that this one may not write again (a replaced committed set)."""
+    for path in [out_dir / n for n in ("results.csv", "results.json", "summary.md", "kernel_report.csv")] + sorted(
+            out_dir.glob("speedup_*.png")):
+        path.unlink(missing_ok=True)
 
 
 def _warn_about_machine(device, meta) -> None:

@@ -234,9 +234,14 @@ def test_update_readme_rewrites_only_the_marked_block_from_a_committed_set(tmp_p
         readme.check_target(REPO_ROOT / "benchmarks/results/cpu-x-20261127T130501Z", "cpu",
                             results_root=REPO_ROOT / "benchmarks/results")
 
+    (results / "cpu-test").mkdir(parents=True)
+    for stale in ("kernel_report.csv", "speedup_nf4.png"):  # outputs of the set being replaced
+        (results / "cpu-test" / stale).write_text("old")
     code = cli.main(FAST + ["--out", str(results / "cpu-test"), "--update-readme", "--op", "lora", "--modes",
                             "forward", "--tokens", "4", "--dims", "K=N=64,r=4", "--providers", "fastpeft"])
     assert code == 0
+    assert sorted(p.name for p in (results / "cpu-test").iterdir()) == [
+        "results.csv", "results.json", "speedup_lora.png", "summary.md"]
     new = (tmp_path / "README.md").read_text()
     assert new.startswith("intro\n<!-- benchmark-results:cpu:start -->\n") and new.endswith(
         "<!-- benchmark-results:cpu:end -->\noutro\n") and "\nold\n" not in new
