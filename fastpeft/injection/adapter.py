@@ -89,11 +89,11 @@ class AdapterLayer(nn.Module):
         self.drop_gate = drop_gate
 
     def add_adapter(self, name: str, adapter: BottleneckAdapter, config: BnConfig) -> None:
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)  # follow the model's train/eval mode
         self.adapter_configs[name] = config
 
     def add_fusion(self, fusion_name: str, members: list[str], fusion: AdapterFusion) -> None:
-        self.adapter_fusion_layer[fusion_name] = fusion
+        self.adapter_fusion_layer[fusion_name] = fusion.train(self.training)
         self.fusion_members[fusion_name] = list(members)
 
     def set_active(self, name: Optional[str]) -> None:
@@ -354,7 +354,7 @@ def _wrap_block(model: nn.Module, arch: Architecture, i: int) -> None:
     block = blocks[i]
     if arch.pre_ln is not None:
         if not isinstance(block, PreLNBlockWithAdapters):
-            blocks[i] = PreLNBlockWithAdapters(block, arch.pre_ln, i, _new_gate(arch))
+            blocks[i] = PreLNBlockWithAdapters(block, arch.pre_ln, i, _new_gate(arch)).train(block.training)
         return
     gate = None
     for key, path in arch.locations.items():
@@ -363,8 +363,10 @@ def _wrap_block(model: nn.Module, arch: Architecture, i: int) -> None:
             gate = sub.drop_gate
     gate = gate or _new_gate(arch)
     for key, path in arch.locations.items():
-        if not isinstance(block.get_submodule(path), PostLNOutputWithAdapters):
-            _set_submodule(block, path, PostLNOutputWithAdapters(block.get_submodule(path), key, i, gate))
+        original = block.get_submodule(path)
+        if not isinstance(original, PostLNOutputWithAdapters):
+            wrapper = PostLNOutputWithAdapters(original, key, i, gate).train(original.training)
+            _set_submodule(block, path, wrapper)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

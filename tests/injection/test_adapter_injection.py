@@ -354,3 +354,16 @@ def test_fusion_bad_input():
     apply_adapter_fusion(model, ["a", "h"])  # only the output locations hold both
     fused = [layer.location_key for _, layer in adapter_layers(model) if layer.adapter_fusion_layer]
     assert fused == ["output_adapter", "output_adapter"]
+
+
+def test_new_adapters_follow_the_models_eval_mode():
+    ids = token_ids()
+    model = tiny_bert()  # eval mode
+    apply_adapter(model, "seq_bn", name="a", dropout=0.5)
+    apply_adapter(model, "seq_bn", name="b")
+    apply_adapter_fusion(model, ["a", "b"], dropout_prob=0.5)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(_out(model, ids), _out(model, ids))
+    model.train()
+    assert all(m.training for m in model.modules())
