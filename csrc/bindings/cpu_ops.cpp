@@ -334,6 +334,24 @@ Tensor nf4_matmul_bf16_amx(const Tensor& x, const Tensor& packed, const Tensor& 
   return y;
 }
 
+Tensor nf4_matmul_transposed_bf16_amx(const Tensor& dy, const Tensor& packed, const Tensor& absmax, int64_t N,
+                                      int64_t K, int64_t blocksize) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(dy, "dy", N, "N");
+  check_bf16(dy, "dy");
+  TORCH_CHECK(cpu::amx_bf16_available(),
+              "nf4_matmul_transposed_bf16_amx needs AMX-BF16, which this CPU, OS or build lacks");
+  const int64_t M = dy.size(0);
+  Tensor dx = new_output({M, K}, dy.options());
+  if (M == 0) return dx;
+  const Tensor g = dy.contiguous();
+  cpu::nf4_matmul_transposed_bf16_amx(g.data_ptr<at::BFloat16>(), M, packed.data_ptr<uint8_t>(),
+                                      absmax.data_ptr<float>(), N, K, blocksize, dx.data_ptr<at::BFloat16>());
+  return dx;
+}
+
 bool bf16_simd_enabled() { return cpu::bf16_simd_enabled(); }
 
 bool amx_bf16_available() { return cpu::amx_bf16_available(); }
@@ -410,6 +428,7 @@ TORCH_LIBRARY(fastpeft_native, m) {
   m.def("nf4_matmul_transposed_bf16(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
   m.def("bf16_simd_enabled() -> bool", &fastpeft::bf16_simd_enabled);
   m.def("nf4_matmul_bf16_amx(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_transposed_bf16_amx(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
   m.def("amx_bf16_available() -> bool", &fastpeft::amx_bf16_available);
   m.def("set_output_poison(bool on) -> bool", &fastpeft::set_output_poison);
 }
@@ -425,6 +444,7 @@ TORCH_LIBRARY_IMPL(fastpeft_native, CPU, m) {
   m.impl("nf4_matmul_bf16", &fastpeft::nf4_matmul_bf16);
   m.impl("nf4_matmul_transposed_bf16", &fastpeft::nf4_matmul_transposed_bf16);
   m.impl("nf4_matmul_bf16_amx", &fastpeft::nf4_matmul_bf16_amx);
+  m.impl("nf4_matmul_transposed_bf16_amx", &fastpeft::nf4_matmul_transposed_bf16_amx);
   m.impl("codec_encode", &fastpeft::codec_encode);
   m.impl("codec_decode", &fastpeft::codec_decode);
   m.impl("codec_unpack", &fastpeft::codec_unpack);

@@ -199,8 +199,108 @@ void nf4_matmul_bf16_amx(const c10::BFloat16* x, std::int64_t M, const std::uint
     _tile_release();
   }
 }
+
+// dx = dy · dequant(W) on AMX tiles: C tiles are rows of dx (m) x 16 columns (k); A tiles come from dy
+// (repacked once into contiguous, zero-padded 16 x 32 tiles), B tiles from W in VNNI form: threads split
+// K into blocks of 32 columns, and a block's column slice of W (all N rows) is decoded into pairs of rows
+// interleaved element by element, (W[2p][k], W[2p+1][k]) for 16 k per tile row (128 KiB at N = 2048).
+void nf4_matmul_transposed_bf16_amx(const c10::BFloat16* dy, std::int64_t M, const std::uint8_t* packed,
+                                    const float* absmax, std::int64_t N, std::int64_t K, std::int64_t blocksize,
+                                    c10::BFloat16* dx) {
+  const std::int64_t m_blocks = (M + kBlockRows - 1) / kBlockRows;
+  const std::int64_t m_tiles = m_blocks * 2;
+  const std::int64_t n_chunks = (N + kTileK - 1) / kTileK;
+  // dy tiles: tile (mt, nc) at dyp + (mt * n_chunks + nc) * 512 words, 16 rows of 32 n
+  std::vector<std::uint16_t> dyp(static_cast<std::size_t>(m_tiles) * n_chunks * 512);
+  const auto* g = reinterpret_cast<const std::uint16_t*>(dy);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t mt = 0; mt < m_tiles; ++mt) {
+    for (std::int64_t nc = 0; nc < n_chunks; ++nc) {
+      std::uint16_t* tile = dyp.data() + (mt * n_chunks + nc) * 512;
+      const std::int64_t n0 = nc * kTileK;
+      const __mmask32 valid = static_cast<__mmask32>(N - n0 >= 32 ? 0xFFFFFFFFu : (1u << (N - n0)) - 1);
+      for (int j = 0; j < kTileRows; ++j) {
+        const std::int64_t m = mt * kTileRows + j;
+        const __m512i row = m < M ? _mm512_maskz_loadu_epi16(valid, g + m * N + n0) : _mm512_setzero_si512();
+        _mm512_storeu_si512(tile + j * kTileK, row);
+      }
+    }
+  }
+  alignas(64) float codes_array[16];
+  for (int i = 0; i < 16; ++i) codes_array[i] = nf4::code_value(i);
+  alignas(64) std::uint16_t even_lo[32], even_hi[32];
+  for (int i = 0; i < 16; ++i) {  // (a, b) -> a0 b0 a1 b1 ... for k 0..15, and for k 16..31
+    even_lo[2 * i] = static_cast<std::uint16_t>(i);
+    even_lo[2 * i + 1] = static_cast<std::uint16_t>(32 + i);
+    even_hi[2 * i] = static_cast<std::uint16_t>(16 + i);
+    even_hi[2 * i + 1] = static_cast<std::uint16_t>(48 + i);
+  }
+  const std::int64_t k_blocks = K / kTileK;
+  const std::int64_t blocks_per_row = K / blocksize;
+#pragma omp parallel
+  {
+    configure_tiles();
+    const __m512 codes = _mm512_load_ps(codes_array);
+    const __m512i low_nibble = _mm512_set1_epi32(0x0F);
+    const __m512i lo_idx = _mm512_load_si512(even_lo), hi_idx = _mm512_load_si512(even_hi);
+    // B tiles: chunk nc at wbuf + nc * 1024 words: tile for k 0..15, then tile for k 16..31
+    std::vector<std::uint16_t> wbuf(static_cast<std::size_t>(n_chunks) * 1024);
+    alignas(64) float c[4][kTileRows][16];
+#pragma omp for schedule(static)
+    for (std::int64_t kb = 0; kb < k_blocks; ++kb) {
+      const std::int64_t k0 = kb * kTileK;
+      auto decode_row = [&](std::int64_t n) -> __m512i {
+        if (n >= N) return _mm512_setzero_si512();
+        const __m512i table = _mm512_castsi256_si512(
+            round_to_bf16_bits(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[n * blocks_per_row + k0 / blocksize]))));
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * (K / 2) + k0 / 2)));
+        const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, low_nibble), 16));
+        return _mm512_permutexvar_epi16(idx, table);
+      };
+      for (std::int64_t p = 0; p < n_chunks * 16; ++p) {  // pair p: rows 2p, 2p + 1
+        const __m512i a = decode_row(2 * p), b = decode_row(2 * p + 1);
+        std::uint16_t* dst = wbuf.data() + (p / 16) * 1024 + (p % 16) * kTileK;
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo_idx, b));
+        _mm512_storeu_si512(dst + 512, _mm512_permutex2var_epi16(a, hi_idx, b));
+      }
+      for (std::int64_t mb = 0; mb < m_blocks; ++mb) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        const std::uint16_t* a0 = dyp.data() + (2 * mb) * n_chunks * 512;
+        const std::uint16_t* a1 = a0 + n_chunks * 512;
+        for (std::int64_t nc = 0; nc < n_chunks; ++nc) {
+          const std::uint16_t* b = wbuf.data() + nc * 1024;
+          _tile_loadd(0, a0 + nc * 512, 64);
+          _tile_loadd(1, a1 + nc * 512, 64);
+          _tile_loadd(2, b, 64);
+          _tile_loadd(3, b + 512, 64);
+          _tile_dpbf16ps(4, 0, 2);  // dy rows 0-15  x  k 0-15
+          _tile_dpbf16ps(5, 0, 3);  // dy rows 0-15  x  k 16-31
+          _tile_dpbf16ps(6, 1, 2);  // dy rows 16-31 x  k 0-15
+          _tile_dpbf16ps(7, 1, 3);  // dy rows 16-31 x  k 16-31
+        }
+        _tile_stored(4, c[0], 64);
+        _tile_stored(5, c[1], 64);
+        _tile_stored(6, c[2], 64);
+        _tile_stored(7, c[3], 64);
+        for (int t = 0; t < 4; ++t) {
+          const std::int64_t m_base = mb * kBlockRows + (t / 2) * kTileRows, k_base = k0 + (t % 2) * kTileRows;
+          for (int i = 0; i < kTileRows && m_base + i < M; ++i)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dx + (m_base + i) * K + k_base),
+                                round_to_bf16_bits(_mm512_load_ps(c[t][i])));
+        }
+      }
+    }
+    _tile_release();
+  }
+}
 #else
 bool amx_bf16_available() { return false; }
+
+void nf4_matmul_transposed_bf16_amx(const c10::BFloat16*, std::int64_t, const std::uint8_t*, const float*,
+                                    std::int64_t, std::int64_t, std::int64_t, c10::BFloat16*) {}
 
 void nf4_matmul_bf16_amx(const c10::BFloat16*, std::int64_t, const std::uint8_t*, const float*, std::int64_t,
                          std::int64_t, std::int64_t, const c10::BFloat16*, c10::BFloat16*) {}

@@ -34,7 +34,13 @@ void nf4_matmul_bf16_amx(const c10::BFloat16* x, std::int64_t M, const std::uint
                          std::int64_t N, std::int64_t K, std::int64_t blocksize, const c10::BFloat16* bias,
                          c10::BFloat16* y);
 
-// True when this build has the AMX kernel and the OS lets this process use AMX tiles (asked once).
+// dx[M, K] = dy[M, N] · dequant(W), fp32 accumulation, bf16 out; dy and dx row-major contiguous.
+// Only valid when amx_bf16_available().
+void nf4_matmul_transposed_bf16_amx(const c10::BFloat16* dy, std::int64_t M, const std::uint8_t* packed,
+                                    const float* absmax, std::int64_t N, std::int64_t K, std::int64_t blocksize,
+                                    c10::BFloat16* dx);
+
+// True when this build has the AMX kernels and the OS lets this process use AMX tiles (asked once).
 bool amx_bf16_available();
 
 }  // namespace cpu

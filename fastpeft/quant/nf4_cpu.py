@@ -12,15 +12,16 @@ kernels accumulate in fp32 and return x's dtype. Matmuls need K % blocksize == 0
 
 bf16 activations (``bf16_forward_kernel`` says which kernel runs; nothing is
 cached between calls, fp32 accumulation everywhere):
-- forward, ``BF16_AMX_MIN_ROWS`` rows or more on a CPU with AMX-BF16: a fused
-  AMX kernel (``csrc/cpu/nf4_amx.cpp``): blocks of 32 rows of W decoded to
-  bf16 in L2, TDPBF16PS tiles; W never exists in memory;
-- forward without AMX (``BF16_GEMM_MIN_ROWS`` rows or more) and the input
-  gradient (``BF16_GEMM_MIN_ROWS_TRANSPOSED`` rows or more): W dequantized to
-  bf16 (bit-equal to ``NF4Weight.dequantize(torch.bfloat16)``, AVX-512 table
-  lookups, at most 16 MiB of bf16 W at a time), then torch's bf16 GEMM
-  (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
-- fewer rows: the fused fp32 decode GEMV, which reads only the packed bytes.
+- ``BF16_AMX_MIN_ROWS`` rows or more (forward), ``BF16_GEMM_MIN_ROWS_TRANSPOSED``
+  (input gradient), on a CPU with AMX-BF16: fused AMX kernels
+  (``csrc/cpu/nf4_amx.cpp``): W decoded to bf16 a block at a time into L2
+  (32 rows for the forward, 32 columns in VNNI pairs for the input gradient),
+  TDPBF16PS tiles; W never exists in memory;
+- the same row counts without AMX (``BF16_GEMM_MIN_ROWS`` for the forward): W
+  dequantized to bf16 (bit-equal to ``NF4Weight.dequantize(torch.bfloat16)``,
+  AVX-512 table lookups, at most 16 MiB of bf16 W at a time), then torch's
+  bf16 GEMM (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
+- fewer rows: the fp32 kernels (decode GEMVs that read only the packed bytes).
 MEASUREMENTS_PLACEHOLDER
 The extension is compiled on first call (see fastpeft/_native).
 """
@@ -41,7 +42,7 @@ ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # bf16 rows from which each bf16 kernel beats the fused fp32 decode GEMV (module docstring: measurements).
 BF16_AMX_MIN_ROWS = 6  # forward, fused AMX kernel (where available)
 BF16_GEMM_MIN_ROWS = 9  # forward without AMX: dequantize to bf16 + torch's bf16 GEMM
-BF16_GEMM_MIN_ROWS_TRANSPOSED = 5
+BF16_GEMM_MIN_ROWS_TRANSPOSED = 12  # input gradient: fused AMX kernel, or dequantize + torch's bf16 GEMM
 
 
 def _check_weight(w) -> NF4Weight:
@@ -124,9 +125,14 @@ def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:
 def nf4_matmul_transposed_packed(dy2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: int,
                                  blocksize: int) -> Tensor:
     """``nf4_matmul_transposed`` on raw state (fp32 ``absmax``), unchecked: see ``nf4_matmul_packed``."""
-    if dy2d.dtype == torch.bfloat16 and dy2d.shape[0] >= BF16_GEMM_MIN_ROWS_TRANSPOSED:
-        return _native.op("nf4_matmul_transposed_bf16")(dy2d, packed, absmax, n, k, blocksize)
-    return _native.op("nf4_matmul_transposed")(dy2d, packed, absmax, n, k, blocksize)
+    return _native.op(bf16_input_grad_kernel(dy2d) or "nf4_matmul_transposed")(dy2d, packed, absmax, n, k, blocksize)
+
+
+def bf16_input_grad_kernel(dy2d: Tensor) -> Optional[str]:
+    """Name of the native bf16 op that ``nf4_matmul_transposed_packed`` runs for ``dy2d``; None: the fp32 kernels."""
+    if dy2d.dtype != torch.bfloat16 or dy2d.shape[0] < BF16_GEMM_MIN_ROWS_TRANSPOSED:
+        return None
+    return "nf4_matmul_transposed_bf16_amx" if amx_available() else "nf4_matmul_transposed_bf16"
 
 
 def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

@@ -176,14 +176,43 @@ def test_amx_matmul_views_empty_and_bad_input():
         ops().nf4_matmul_bf16_amx(x, w.packed, w.absmax_float(), n, k, 64, torch.randn(n + 1).bfloat16())
 
 
+@needs_amx
+@pytest.mark.parametrize("n, k, blocksize, m", [(67, 320, 64, 5), (130, 192, 64, 33), (31, 64, 64, 1),
+                                                (17, 4096, 4096, 16), (96, 2048, 1024, 47), (1, 128, 128, 70)])
+def test_amx_input_grad(n, k, blocksize, m):
+    """Odd N (an unpaired last row, a partial 32-row chunk) and odd M: within budget of torch bf16."""
+    w = _weight(n, k, blocksize, double_quant=True)
+    dy = torch.randn(m, n).bfloat16()
+    dx = ops().nf4_matmul_transposed_bf16_amx(dy, w.packed, w.absmax_float(), n, k, blocksize)
+    assert dx.dtype == torch.bfloat16 and dx.shape == (m, k)
+    assert_close_to_ref(dx, dy.double() @ w.dequantize(torch.float64), dy @ w.dequantize(torch.bfloat16), what="dx")
+
+
+@needs_amx
+def test_amx_input_grad_views_empty_and_bad_input():
+    n, k = 40, 256
+    w = _weight(n, k)
+    dy = torch.randn(2 * n, 12).bfloat16().t()[:, ::2]  # non-contiguous [12, n]
+    dx = ops().nf4_matmul_transposed_bf16_amx(dy, w.packed, w.absmax_float(), n, k, 64)
+    assert torch.equal(dx, ops().nf4_matmul_transposed_bf16_amx(dy.contiguous(), w.packed, w.absmax_float(), n, k, 64))
+    assert ops().nf4_matmul_transposed_bf16_amx(dy[:0], w.packed, w.absmax_float(), n, k, 64).shape == (0, k)
+    with pytest.raises(TypeError):
+        ops().nf4_matmul_transposed_bf16_amx(dy.float(), w.packed, w.absmax_float(), n, k, 64)
+    with pytest.raises(ValueError):
+        ops().nf4_matmul_transposed_bf16_amx(dy[:, :-1], w.packed, w.absmax_float(), n, k, 64)
+
+
 def test_kernel_choice_by_rows():
     assert nf4_cpu.bf16_forward_kernel(torch.zeros(100, 64)) is None  # fp32: the fp32 kernels
     assert nf4_cpu.bf16_forward_kernel(torch.zeros(1, 64).bfloat16()) is None
     big = nf4_cpu.bf16_forward_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS, 64).bfloat16())
     assert big == ("nf4_matmul_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_bf16")
+    assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(1, 64).bfloat16()) is None
+    grad = nf4_cpu.bf16_input_grad_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED, 64).bfloat16())
+    assert grad == ("nf4_matmul_transposed_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_transposed_bf16")
 
 
-@pytest.mark.parametrize("m", [1, 4, 6, 8, 9, 40])
+@pytest.mark.parametrize("m", [1, 4, 6, 8, 9, 12, 40])
 def test_python_entry_points_route_bf16(m, monkeypatch):
     """nf4_cpu.nf4_matmul / nf4_matmul_transposed in bf16 (leading dims) run the chosen op, within budget."""
     n, k = 72, 384
@@ -200,9 +229,17 @@ def test_python_entry_points_route_bf16(m, monkeypatch):
     called.clear()
     dy = torch.randn(1, m, n).bfloat16()
     dx = nf4_cpu.nf4_matmul_transposed(dy, w)
-    bf16_grad = m >= nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
-    assert called == ["nf4_matmul_transposed_bf16" if bf16_grad else "nf4_matmul_transposed"]
+    assert called == [nf4_cpu.bf16_input_grad_kernel(dy.view(m, n)) or "nf4_matmul_transposed"]
     assert dx.shape == (1, m, k) and dx.dtype == torch.bfloat16
     assert_close_to_ref(dx, dy.double() @ dense64, dy @ dense, what="dx")
-    if bf16_grad:
+    if called == ["nf4_matmul_transposed_bf16"]:
         assert torch.equal(_bits(dx), _bits(dy @ dense))
+
+
+def test_kernel_choice_without_amx(monkeypatch):
+    monkeypatch.setattr(nf4_cpu, "amx_available", lambda: False)
+    rows = nf4_cpu.BF16_GEMM_MIN_ROWS
+    assert nf4_cpu.bf16_forward_kernel(torch.zeros(rows - 1, 64).bfloat16()) is None
+    assert nf4_cpu.bf16_forward_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_bf16"
+    rows = nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
+    assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_transposed_bf16"
