@@ -172,7 +172,7 @@ def main(argv=None) -> int:
           + f" in {meta['wall_s']:.0f} s", flush=True)
     if readme_target is not None:
         readme.write(device.type, readme.block(readme_target, meta, ceilings.as_dict(),
-                                               headline_sections(ops, rows)))
+                                               headline_sections(ops, rows), len(flagged_headline)))
         print(f"rewrote the {device.type} benchmark block of {readme.README} from {readme_target}", flush=True)
 
     _print_headlines(ops, rows)

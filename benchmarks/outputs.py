@@ -21,8 +21,8 @@ from .tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_r
 
 CSV_COLUMNS = ["op", "mode", "provider", "role", "shape", "tokens", "dtype", "device", "status", "median_ms", "q25_ms",
                "q75_ms", "iqr_pct", "reps", "rel_err", "compute_dtype", "overhead", "fastpeft_speedup", "speedup_vs",
-               "gflops", "pct_peak_flops", "gbps", "pct_peak_bw", "saved_mb", "peak_mb", "flags", "first_call_s",
-               "note"]
+               "speedup_same_inputs", "gflops", "pct_peak_flops", "gbps", "pct_peak_bw", "saved_mb", "peak_mb", "flags",
+               "first_call_s", "note"]
 
 
 def write_csv(path: Path, rows: list) -> None:

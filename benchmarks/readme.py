@@ -57,12 +57,16 @@ def _git_ignored(path: Path) -> bool:
     return result.returncode == 0
 
 
-def block(result_set: str, meta: dict, ceilings: dict, sections: list) -> str:
-    """The README text for one result set: where it is, machine, command, ceilings, headline tables."""
+def block(result_set: str, meta: dict, ceilings: dict, sections: list, n_flagged: int = 0) -> str:
+    """The README text for one result set: where it is, machine, command, ceilings, headline tables,
+    and how many headline rows are flagged (listed in its summary.md)."""
     kind = "CPU" if meta["device"] == "cpu" else "GPU"
     lines = [f"Committed {kind} result set (`{result_set}/`), copied from its `summary.md` by "
              f"`python -m benchmarks --update-readme`. {machine_line(meta)}",
              "", f"Command: `{meta['command']}`", "", ceilings_line(ceilings)]
+    if n_flagged:
+        lines += ["", f"{n_flagged} headline row(s) of this run are flagged (`~` noisy, `^` faster than a measured "
+                      f"ceiling); `{result_set}/summary.md` lists them."]
     for title, table in sections:
         lines += ["", f"### Headline: {title}", "", table]
     return "\n".join(lines)

@@ -291,11 +291,14 @@ def add_speedups(op: OpBench, rows: list) -> None:
     float32 peer that computes in bfloat16 is compared with fastpeft in
     bfloat16). ``speedup_vs`` names that fastpeft row's input dtype; without a
     match the ratio is left out and ``speedup_vs`` says why. fastpeft rows get 1.
+    ``speedup_same_inputs`` is the plain ratio to fastpeft on the same inputs,
+    whatever precision either computed at (for the record; tables show the first).
     """
-    ours = {}
+    ours, same_inputs = {}, {}
     for r in rows:
         if r["op"] == op.name and r["provider"] == op.ours and r["status"] == OK:
             ours.setdefault((r["shape"], r["mode"], _precision_of(r)), []).append(r)
+            same_inputs[(r["shape"], r["mode"], r["dtype"])] = r
     for r in rows:
         if r["op"] != op.name or r["status"] != OK:
             continue
@@ -304,6 +307,9 @@ def add_speedups(op: OpBench, rows: list) -> None:
             continue
         if r["role"] != "peer":
             continue
+        plain = same_inputs.get((r["shape"], r["mode"], r["dtype"]))
+        if plain is not None:
+            r["speedup_same_inputs"] = r["median_ms"] / plain["median_ms"]
         matches = ours.get((r["shape"], r["mode"], _precision_of(r)), [])
         match = next((m for m in matches if m["dtype"] == r["dtype"]), matches[0] if matches else None)
         if match is None:

@@ -150,10 +150,11 @@ def headline_table(op, rows: list, dtype: str) -> tuple:
     modes = [m for m in op.modes if any(r["mode"] == m and r["dtype"] == dtype for r in rows)]
     shapes = list(dict.fromkeys(r["shape"] for r in rows if r["dtype"] == dtype))
     cell = {(r["shape"], r["mode"], r["provider"]): r for r in rows if r["dtype"] == dtype}
+    present = {r["provider"] for r in rows if r["dtype"] == dtype}
     header, columns = ["shape"], []
     for mode in modes:
         m = SHORT_MODES.get(mode, mode)
-        for p in op.headline:
+        for p in (p for p in op.headline if p in present):
             if p == op.baseline:
                 header.append(f"{m} {p} ms")
                 columns.append((mode, p, _time_cell))

@@ -193,6 +193,7 @@ def test_peers_are_compared_with_fastpeft_at_the_precision_they_compute_in():
     assert [r.get("fastpeft_speedup") for r in rows] == [1.0, 1.0, 0.5, 2.0, 2.0, None]
     assert [r.get("speedup_vs") for r in rows[:5]] == ["float32", "bfloat16", "bfloat16", "float32", "bfloat16"]
     assert rows[5]["speedup_vs"] == "no fastpeft row at bfloat16"
+    assert rows[2]["speedup_same_inputs"] == 0.2 and "speedup_same_inputs" not in rows[5]
 
     from benchmarks.tables import _speedup_cell, _time_cell
 
