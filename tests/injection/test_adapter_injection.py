@@ -367,3 +367,24 @@ def test_new_adapters_follow_the_models_eval_mode():
         assert torch.equal(_out(model, ids), _out(model, ids))
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_triton_path_gives_the_cpu_paths_result(monkeypatch):
+    """The placements call the fused op; under the Triton interpreter its kernels run instead of the CPU path."""
+    ids = token_ids(batch=1, seq=5)
+    model = tiny_llama()
+    apply_adapter(model, "double_seq_bn", name="t")
+    _perturb_adapters(model)
+    with torch.no_grad():
+        cpu = _out(model, ids)
+        monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+        triton = _out(model, ids)
+        monkeypatch.setenv("FASTPEFT_BACKEND", "cpu")
+        reference = _out(model.double(), ids)
+    assert rel_err(triton, reference) <= 4 * rel_err(cpu, reference) + 1e-6
+
+
+def _perturb_adapters(model):
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
