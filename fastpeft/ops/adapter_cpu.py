@@ -9,7 +9,8 @@ Forward: ``pre = addmm(b_d, x, W_dᵀ)``, the activation in place on it, then
 the up-projection lands in one ``addmm`` whose input is the residual (with
 ``alpha = s``) when the scale is a float and there is no dropout; otherwise
 ``u = addmm(b_u, z, W_uᵀ)`` is scaled, masked and gets the residual added in
-place. No temporary of size ``M x H`` besides the output.
+place. Without dropout there is no temporary of size ``M x H`` besides the
+output (with dropout, the keep-mask is one).
 
 Backward: ``g = keep ∘ dy / (1-p)``, ``ds = s ∘ g``; ``dW_u = dsᵀ z``,
 ``db_u = Σ ds``, ``dz = ds W_u``, ``da = dz ∘ act'(pre)``, ``dx = da W_d``,
