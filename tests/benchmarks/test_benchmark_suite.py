@@ -301,3 +301,16 @@ def test_a_reference_that_cannot_run_in_float64_leaves_the_error_out_and_says_wh
     assert rows["base"]["compute_dtype"] == "float32"  # the baseline is compared with its own float64 run
     assert "rel_err" not in rows["fastpeft"] and rows["fastpeft"]["status"] == OK
     assert "no float64 torch run, so no error: TypeError: float64 is not supported" in rows["fastpeft"]["note"]
+
+
+def test_kernel_report_is_one_line_and_skipped_by_default_without_a_gpu(tmp_path):
+    from benchmarks.tables import kernel_report_line
+
+    assert "without a GPU" in cli._kernel_report(None, torch.device("cpu"), tmp_path)["unavailable"]
+    assert "--no-kernel-report" in cli._kernel_report(False, torch.device("cuda"), tmp_path)["unavailable"]
+    rows = [dict(module="fastpeft.kernels.lora", name="fwd", arch=a, problems=p)
+            for a, p in ((80, []), (90, ["12 B spilled"]))]
+    line = kernel_report_line({"rows": rows, "seconds": 3.0}, tmp_path / "kernel_report.csv")
+    assert "\n" not in line
+    assert line.startswith("kernel report: 2 configs of 1 kernels for sm_80, sm_90 (compiled in 3 s): "
+                           "1 with problems (lora.fwd)") and line.endswith("kernel_report.csv")
