@@ -51,7 +51,7 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
     ``lora_A``, ...). Everything is checked before anything changes: the model
     is left untouched when anything is rejected.
     """
-    validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+    validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
     check_lora_dtype(lora_dtype)
     selection = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
                      layers_pattern=layers_pattern, modules_to_save=modules_to_save)

@@ -74,7 +74,7 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
     TypeError for a target of another type; every target is checked before
     any is converted, so the model is untouched when anything is rejected.
     """
-    validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+    validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
     check_lora_dtype(lora_dtype)
     check_blocksize(blocksize)
     check_double_quant(double_quant)

@@ -108,8 +108,15 @@ def init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights
     nn.init.zeros_(lora_B)
 
 
-def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+def check_use_rslora(use_rslora) -> bool:
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+    return use_rslora
+
+
+def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False) -> None:
     """Raise the ValueError/TypeError ``LoRALinear`` would raise for these values."""
+    check_use_rslora(use_rslora)
     _check_rank(r)
     _check_alpha(lora_alpha)
     _check_dropout(lora_dropout)
@@ -129,6 +136,8 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a LoRA layer computes in for input x: autocast's for ``linear`` when active, else x's."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     return autocast_dtype(x) or x.dtype
 
 
@@ -155,7 +164,7 @@ class LoraLayer(PeftLayer):
         self.r = _check_rank(r)
         self.lora_alpha = _check_alpha(lora_alpha)
         self.lora_dropout = _check_dropout(lora_dropout)
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = check_use_rslora(use_rslora)
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         init_lora_weights = _check_init(init_lora_weights)
         self.in_features, self.out_features = int(in_features), int(out_features)

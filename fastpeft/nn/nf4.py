@@ -135,6 +135,8 @@ class NF4Linear(nn.Module):
     def bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The bias in the compute dtype for x: autocast's for ``linear`` when active, else x's
         (a differentiable cast when they differ)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         dtype = autocast_dtype(x) or x.dtype
         if self.bias is None or self.bias.dtype == dtype:
             return self.bias

@@ -372,3 +372,21 @@ def test_torch_compile_fullgraph(kind):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
     layer.train()
     assert compiled(x).shape == y.shape  # the dropout branch traces without a graph break
+
+
+@pytest.mark.parametrize("make, call, match", [
+    (lambda: LoRALinear.from_linear(nn.Linear(4, 3)), lambda layer: layer(None), "x must be a torch.Tensor"),
+    (lambda: __import__("fastpeft").nn.NF4Linear.from_linear(nn.Linear(64, 3)), lambda layer: layer(None),
+     "x must be a torch.Tensor"),
+    (lambda: __import__("fastpeft").nn.QLoRALinear.from_linear(nn.Linear(64, 3)), lambda layer: layer(None),
+     "x must be a torch.Tensor"),
+    (lambda: None, lambda _: LoRALinear.from_linear(nn.Linear(4, 3), use_rslora=None), "use_rslora must be a bool"),
+    (lambda: None, lambda _: LoRALinear.from_linear(nn.Linear(4, 3), use_rslora="yes"), "use_rslora must be a bool"),
+    (lambda: None, lambda _: __import__("fastpeft").apply_lora(nn.Sequential(nn.Linear(4, 3)), ["0"],
+                                                               use_rslora=1), "use_rslora must be a bool"),
+    (lambda: None, lambda _: __import__("fastpeft").load_lora(nn.Linear(4, 3), None), "directory must be"),
+])
+def test_none_and_wrong_types_name_the_argument(make, call, match):
+    layer = make()
+    with pytest.raises(TypeError, match=match):
+        call(layer)

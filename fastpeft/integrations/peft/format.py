@@ -279,6 +279,8 @@ def _check_shapes(name: str, layer: nn.Module, pair: dict) -> None:
 
 def read_lora_config(directory: str | os.PathLike) -> dict:
     """The validated ``adapter_config.json`` of ``directory`` as a dict (defaults filled in)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {CONFIG_NAME}")
