@@ -11,7 +11,8 @@ runs ``fastpeft.ops.lora_linear`` (fused kernels) in the common case, a single
 active vanilla adapter that is not merged, and falls back to PEFT's forward
 for everything else (several active adapters, ``adapter_names`` mixed
 batches, DoRA and other variants, ``lora_bias``, disabled or merged adapters,
-an input whose dtype differs from the base weight). Parameter names,
+an input whose dtype differs from the base weight outside ``torch.autocast``;
+under autocast the fused op casts like torch's ``linear``). Parameter names,
 merge/unmerge, saving and loading are PEFT's, so adapters saved this way are
 ordinary PEFT adapters.
 
