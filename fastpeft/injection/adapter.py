@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from numbers import Real
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..nn.adapter import BottleneckAdapter
 from ..nn.adapter_config import BnConfig, resolve_bn_config
@@ -203,10 +205,13 @@ class PreLNBlockWithAdapters(nn.Module):
     original forward does.
     """
 
+    # transformers' gradient_checkpointing_enable() sets these on every module that has the attribute.
+    gradient_checkpointing = False
+
     def __init__(self, original: nn.Module, names: "_PreLNNames", layer_idx: int, drop_gate: LayerDropGate):
         super().__init__()
         for key, value in vars(original).items():
-            if not key.startswith("_") and key != "training":
+            if (not key.startswith("_") or key == "_gradient_checkpointing_func") and key != "training":
                 setattr(self, key, value)  # plain attributes the model may read (attention_type, layer_idx, ...)
         self._names = names
         self._signature = inspect.signature(type(original).forward)
@@ -235,6 +240,19 @@ class PreLNBlockWithAdapters(nn.Module):
         return out
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        """The block's forward; under gradient checkpointing (set by the model) it is recomputed in backward."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # As transformers' checkpointed layers: no cache is written while checkpointing (the replay would write twice).
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
+            run = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+            return run(partial(self._block_forward, **kwargs), hidden_states, *args)
+        return self._block_forward(hidden_states, *args, **kwargs)
+
+    def _block_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         n = self._names
         attn_kwargs = self._attention_kwargs(hidden_states, args, kwargs)
         residual = hidden_states

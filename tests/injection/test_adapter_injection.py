@@ -388,3 +388,29 @@ def _perturb_adapters(model):
     with torch.no_grad():
         for p in adapter_parameters(model):
             p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=lambda b: b.__name__)
+def test_gradient_checkpointing_recomputes_the_wrapped_blocks(builder, monkeypatch):
+    ids = token_ids()
+    grads = []
+    for checkpointed in (False, True):
+        model = builder()
+        torch.manual_seed(3)
+        apply_adapter(model, "double_seq_bn", name="t")
+        _perturb_adapters(model)
+        calls = []
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for _, m in model.named_modules():
+                if getattr(m, "gradient_checkpointing", False):
+                    real = m._gradient_checkpointing_func
+                    m._gradient_checkpointing_func = lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+        model.train()
+        r = model(input_ids=ids, use_cache=False)
+        r.logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in adapter_parameters(model)])
+        assert len(calls) == (2 if checkpointed else 0)  # both wrapped blocks went through the checkpoint
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
