@@ -138,9 +138,11 @@ def make_steps(built: Built, case: Case):
     raise ValueError(f"unknown mode {case.mode!r}")
 
 
-def _forward_output(built: Built, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return built.fn(x)
+def _forward_output(built: Built, x: torch.Tensor, mode: str = FORWARD) -> torch.Tensor:
+    """The forward output, computed the way ``mode`` runs it (with autograd in the backward modes,
+    so a compiled provider meets no grad mode that its timed calls do not), detached."""
+    with torch.set_grad_enabled(mode != FORWARD):
+        return built.fn(x).detach()
 
 
 def _sync(device: torch.device) -> None:
@@ -227,7 +229,7 @@ def _run_provider(task, provider, case, references, device, policy) -> dict:
         ref_name = task.op.baseline if row["role"] == "baseline" else task.op.reference
         reference = references.get(ref_name)
         if reference is not None:
-            row["rel_err"] = rel_err(_forward_output(built, case.xs[0]), reference)
+            row["rel_err"] = rel_err(_forward_output(built, case.xs[0], case.mode), reference)
             row["compute_dtype"] = compute_dtype(row["rel_err"], row["dtype"])
         elif ref_name in references["_failures"]:
             why = f"no float64 {ref_name} run, so no error: {references['_failures'][ref_name]}"

@@ -47,15 +47,21 @@ def trainable(t: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 _COMPILED: dict = {}
+# A suite recompiles one function for every input dtype, grad mode and size-1 dim it meets; past dynamo's
+# default limit (8 per function) it would silently run the function eagerly and time that as "compile".
+RECOMPILE_LIMIT = 64
 
 
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn, dynamic=True)``, built once per process and function.
 
     One compiled callable serves every shape, as in a real model; recompiles
-    (grad vs no grad, size-1 dims) happen in the untimed first call that the
-    runner makes while building each case.
+    (dtype, grad vs no grad, size-1 dims) happen in the untimed first call that
+    the runner makes while building each case, within ``RECOMPILE_LIMIT``.
     """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
