@@ -2,7 +2,7 @@
 
 Both sides hold the same non-zero LoRA weights; outputs and the gradient of
 every LoRA parameter are compared with a float64 PEFT model as reference and
-the float32 PEFT model as the "plain torch" budget (DESIGN.md §4).
+the float32 PEFT model as the "plain torch" budget (docs/architecture.md, "Numerics and tests").
 """
 import copy
 

@@ -1,7 +1,7 @@
 """save_lora / load_lora against HF PEFT's own save_pretrained / from_pretrained.
 
 Outputs of the two sides are compared with a float64 copy of the PEFT model as
-reference and the float32 PEFT model as the budget (DESIGN.md §4).
+reference and the float32 PEFT model as the budget (docs/architecture.md, "Numerics and tests").
 """
 import copy
 import json

@@ -1,6 +1,6 @@
 // CPU NF4 kernels on raw pointers (no torch types beyond c10's Half/BFloat16).
 //
-// Layout (docs/architecture.md, "NF4 format"): `packed` holds ceil(numel/2) bytes, element 2j in the
+// Layout (docs/architecture.md, "NF4 and bitsandbytes"): `packed` holds ceil(numel/2) bytes, element 2j in the
 // high nibble of byte j; `absmax` holds one fp32 scale per block of
 // `blocksize` consecutive elements of the row-major weight [N, K]. The matmul
 // kernels need K % blocksize == 0 so that a block never straddles two rows.

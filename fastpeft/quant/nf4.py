@@ -2,7 +2,7 @@
 
 This module is the format: the codebook, the pure-torch reference quantizer and
 dequantizer (vectorised, any device), and ``NF4Weight``, the container every
-NF4 kernel in fastpeft reads (Triton, CUDA C++, CPU C++). Facts (``docs/architecture.md``, "NF4 format"):
+NF4 kernel in fastpeft reads (Triton, CUDA C++, CPU C++). Facts (``docs/architecture.md``, "NF4 and bitsandbytes"):
 
 - a weight of ``numel`` elements is flattened row-major and cut into blocks of
   ``blocksize`` consecutive elements, each scaled by its fp32 ``absmax``;

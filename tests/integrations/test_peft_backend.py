@@ -3,7 +3,7 @@
 Each test checks that the fused op really ran (a counting wrapper around
 ``fastpeft.integrations.peft.lora_linear``) or, for the fallbacks, that it did
 not, and compares against stock PEFT on the same weights with a float64
-reference (DESIGN.md §4).
+reference (docs/architecture.md, "Numerics and tests").
 """
 import copy
 import json

@@ -1,7 +1,7 @@
 """The shared __host__ __device__ header (csrc/include/fastpeft/nf4_codec.h) through the CPU build.
 
 The CUDA kernels use the same functions, so this is the test of their element arithmetic.
-Expected values come from the pure-torch format module and DESIGN.md's table, never from C++.
+Expected values come from the pure-torch format module and the published NF4 table, never from C++.
 """
 import pytest
 import torch

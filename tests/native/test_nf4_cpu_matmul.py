@@ -1,4 +1,4 @@
-"""Fused CPU NF4 matmuls (C++) against float64 references, within DESIGN.md §4's budget.
+"""Fused CPU NF4 matmuls (C++) against float64 references, within the error budget of docs/architecture.md.
 
 ref = the same math in float64 (x and the exactly dequantized weight in float64);
 the budget is c x the error of plain torch in the same dtype (x @ dequant(W)ᵀ).

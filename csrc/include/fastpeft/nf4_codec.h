@@ -1,7 +1,7 @@
 // NF4 element arithmetic shared by the CPU (C++) and CUDA kernels.
 //
 // Everything here is the scalar definition of the bitsandbytes-compatible NF4
-// format (docs/architecture.md, "NF4 format"): code table, encoding by fp32 midpoints with strict
+// format (docs/architecture.md, "NF4 and bitsandbytes"): code table, encoding by fp32 midpoints with strict
 // `>`, nibble order (element 2j is the high nibble of byte j), one-multiply
 // decode, and the double-quantized block scale. The CPU build tests these
 // functions directly, so the GPU kernels run arithmetic that is checked here.

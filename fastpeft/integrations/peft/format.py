@@ -32,8 +32,8 @@ from torch import nn
 
 from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
 from ...injection.modules_to_save import ModulesToSave, modules_to_save_names, saved_modules, wrap_modules_to_save
-from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target, replace_modules,
-                                  selected_modules)
+from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target,
+                                  replace_modules, selected_modules)
 from ...nn.lora import LoRALinear, is_lora_target, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
