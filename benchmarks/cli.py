@@ -150,8 +150,8 @@ def main(argv=None) -> int:
                   f"{task.op.shape_label(task.shape)}", flush=True)
         rows += run_task(task, providers[task.op.name], device, policy, ceilings, progress)
         if i + 1 == len(tasks) or tasks[i + 1].op is not task.op:
-            add_speedups(task.op, rows)
             add_flags([r for r in rows if r["op"] == task.op.name])
+            add_speedups(task.op, rows)
             _print_op(task.op, rows, device, meta, progress)
     if progress is not None:
         progress.close()

@@ -293,6 +293,7 @@ def add_speedups(op: OpBench, rows: list) -> None:
     float32 peer that computes in bfloat16 is compared with fastpeft in
     bfloat16). ``speedup_vs`` names that fastpeft row's input dtype; without a
     match the ratio is left out and ``speedup_vs`` says why. fastpeft rows get 1.
+    Run ``add_flags`` first: ``speedup_vs_flags`` copies the flags of the fastpeft row divided by.
     ``speedup_same_inputs`` is the plain ratio to fastpeft on the same inputs,
     whatever precision either computed at (for the record; tables show the first).
     """
@@ -319,6 +320,7 @@ def add_speedups(op: OpBench, rows: list) -> None:
             continue
         r["fastpeft_speedup"] = r["median_ms"] / match["median_ms"]
         r["speedup_vs"] = match["dtype"]
+        r["speedup_vs_flags"] = match.get("flags", "")  # a ratio is as shaky as either of its times
 
 
 def add_flags(rows: list) -> None:

@@ -43,8 +43,18 @@ def fmt_num(v) -> str:
     return f"{v:.3g}"
 
 
-def flag_marks(row) -> str:
-    return "".join(_MARKS.get(f, "") for f in (row.get("flags") or "").split("; ") if f)
+def flag_marks(*rows) -> str:
+    """``~``/``^`` for the flags of ``rows`` (None ignored): a ratio carries the marks of both its times."""
+    flags = {f for row in rows if row for f in (row.get("flags") or "").split("; ") if f}
+    return "".join(mark for flag, mark in _MARKS.items() if flag in flags)
+
+
+def _ratio_marks(row, other=None) -> str:
+    """Marks of a ratio cell: the row's flags, ``other``'s, and those of the fastpeft row it divides by."""
+    if row is None or row.get("status") != OK:
+        return ""
+    vs = {"flags": row.get("speedup_vs_flags", "")}
+    return flag_marks(row, other, vs)
 
 
 def _time_cell(row) -> str:
@@ -157,16 +167,17 @@ def headline_table(op, rows: list, dtype: str) -> tuple:
         for p in (p for p in op.headline if p in present):
             if p == op.baseline:
                 header.append(f"{m} {p} ms")
-                columns.append((mode, p, _time_cell))
+                columns.append((mode, p, lambda row, base: _time_cell(row)))
             elif p == op.ours:
                 header.append(f"{m} {p}/{op.baseline}")
-                columns.append((mode, p, lambda row: _ratio_cell(row, "overhead") + (flag_marks(row) if row else "")))
+                columns.append((mode, p, lambda row, base: _ratio_cell(row, "overhead") + _ratio_marks(row, base)))
             else:
                 header.append(f"{m} {p}/{op.ours}")
-                columns.append((mode, p, lambda row: _speedup_cell(row) + (flag_marks(row) if row else "")))
+                columns.append((mode, p, lambda row, base: _speedup_cell(row) + _ratio_marks(row)))
     body = []
     for shape in shapes:
-        body.append([shape] + [fmt(cell.get((shape, mode, p))) for mode, p, fmt in columns])
+        body.append([shape] + [fmt(cell.get((shape, mode, p)), cell.get((shape, mode, op.baseline)))
+                               for mode, p, fmt in columns])
     return header, body
 
 
