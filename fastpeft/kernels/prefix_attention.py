@@ -53,26 +53,26 @@ def head_block(d: int) -> int:
 
 
 # --------------------------------------------------------------------------- launch configs
-# Picked with the kernel report (0 spills, tensor cores) at 4 warps unless noted; fp32 "ieee"
-# dots run on FMA units and keep their tiles smaller.
+# Picked with the kernel report (sm_80 and sm_90: 0 spills, tensor cores for fp16/bf16). fp32 "ieee"
+# dots run on FMA units, whose operand layouts need many more registers: small tiles there.
 _FWD = {
-    (False, 64): LaunchConfig("fwd_d64", 128, 64, 0, num_warps=4, num_stages=3),
-    (False, 128): LaunchConfig("fwd_d128", 64, 64, 0, num_warps=4, num_stages=3),
-    (True, 64): LaunchConfig("fwd_fp32_d64", 64, 32, 0, num_warps=4, num_stages=2),
-    (True, 128): LaunchConfig("fwd_fp32_d128", 32, 32, 0, num_warps=4, num_stages=2),
+    (False, 64): LaunchConfig("fwd_d64", 128, 64, 0, num_warps=8, num_stages=3),
+    (False, 128): LaunchConfig("fwd_d128", 64, 64, 0, num_warps=8, num_stages=3),
+    (True, 64): LaunchConfig("fwd_fp32_d64", 32, 16, 0, num_warps=4, num_stages=1),
+    (True, 128): LaunchConfig("fwd_fp32_d128", 32, 16, 0, num_warps=8, num_stages=1),
 }
-_FWD_DECODE = LaunchConfig("fwd_decode", 16, 64, 0, num_warps=4, num_stages=3)  # Sq <= 16
+_FWD_DECODE = LaunchConfig("fwd_decode", 16, 32, 0, num_warps=4, num_stages=3)  # Sq <= 16, fp16/bf16
 _DKDV = {
-    (False, 64): LaunchConfig("dkdv_d64", 32, 64, 0, num_warps=4, num_stages=2),
+    (False, 64): LaunchConfig("dkdv_d64", 32, 64, 0, num_warps=8, num_stages=2),
     (False, 128): LaunchConfig("dkdv_d128", 32, 64, 0, num_warps=8, num_stages=2),
-    (True, 64): LaunchConfig("dkdv_fp32_d64", 32, 32, 0, num_warps=4, num_stages=1),
-    (True, 128): LaunchConfig("dkdv_fp32_d128", 16, 32, 0, num_warps=8, num_stages=1),
+    (True, 64): LaunchConfig("dkdv_fp32_d64", 16, 32, 0, num_warps=4, num_stages=1),
+    (True, 128): LaunchConfig("dkdv_fp32_d128", 16, 32, 0, num_warps=4, num_stages=1),
 }
 _DQ = {
     (False, 64): LaunchConfig("dq_d64", 64, 64, 0, num_warps=4, num_stages=2),
     (False, 128): LaunchConfig("dq_d128", 64, 32, 0, num_warps=4, num_stages=2),
     (True, 64): LaunchConfig("dq_fp32_d64", 32, 32, 0, num_warps=4, num_stages=1),
-    (True, 128): LaunchConfig("dq_fp32_d128", 32, 32, 0, num_warps=4, num_stages=1),
+    (True, 128): LaunchConfig("dq_fp32_d128", 32, 16, 0, num_warps=8, num_stages=1),
 }
 _DELTA = LaunchConfig("delta", 64, 0, 0, num_warps=4, num_stages=1)
 
