@@ -12,17 +12,39 @@ kernels accumulate in fp32 and return x's dtype. Matmuls need K % blocksize == 0
 
 bf16 activations (``bf16_forward_kernel`` says which kernel runs; nothing is
 cached between calls, fp32 accumulation everywhere):
-- ``BF16_AMX_MIN_ROWS`` rows or more (forward), ``BF16_GEMM_MIN_ROWS_TRANSPOSED``
-  (input gradient), on a CPU with AMX-BF16: fused AMX kernels
+- from ``BF16_AMX_MIN_ROWS`` rows (forward) or ``BF16_GEMM_MIN_ROWS_TRANSPOSED``
+  (input gradient) up to ``BF16_AMX_MAX_ROWS``, on a CPU with AMX-BF16: fused AMX kernels
   (``csrc/cpu/nf4_amx.cpp``): W decoded to bf16 a block at a time into L2
   (32 rows for the forward, 32 columns in VNNI pairs for the input gradient),
   TDPBF16PS tiles; W never exists in memory;
-- the same row counts without AMX (``BF16_GEMM_MIN_ROWS`` for the forward): W
+- more rows, or no AMX (from ``BF16_GEMM_MIN_ROWS`` for the forward): W
   dequantized to bf16 (bit-equal to ``NF4Weight.dequantize(torch.bfloat16)``,
   AVX-512 table lookups, at most 16 MiB of bf16 W at a time), then torch's
   bf16 GEMM (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
 - fewer rows: the fp32 kernels (decode GEMVs that read only the packed bytes).
-MEASUREMENTS_PLACEHOLDER
+
+Measured (``python tests/native/nf4_cpu_bf16_speed.py --m 1 64 256 --rounds 30
+--threads 1 --clock thread-cpu --sweep 1 4 6 8 16 64 256``; Xeon with AMX,
+N = K = 2048, blocksize 64, one thread, CPU time of the calling thread because
+the 2-core machine was shared; medians), native kernels on bf16 inputs, ms:
+
+    M     forward: fp32 fused / dequant+mm / AMX    input grad: fp32 / dequant+mm / AMX
+    1     0.46 / 1.59 / 1.17                        0.48 / 1.88 / 1.81
+    4     0.87 / 1.76 / 1.24                        1.13 / 1.99 / 2.03
+    6     1.48 / 2.27 / 1.52                        2.12 / 2.58 / 2.05
+    8     2.09 / 2.47 / 1.61                        1.71 / 2.21 / 2.08
+    16    6.38 / 2.31 / 1.51                        1.95 / 2.06 / 2.01
+    64    8.22 / 2.58 / 1.26                        5.07 / 2.70 / 2.71
+    256   20.8 / 4.56 / 3.63                        18.4 / 4.68 / 4.87
+
+(the input-grad AMX column is from ``/tmp/amxb``-style runs of the same
+script; the crossovers, about 6 rows forward and 12 for the input gradient,
+set the thresholds). Whole layers (same command), fastpeft / peer time, bf16:
+NF4 vs bitsandbytes ``Linear4bit`` 0.32 / 0.54 / 0.59 forward and 0.18 / 0.52
+/ 0.60 forward+backward at M = 1 / 64 / 256; QLoRA (r = 16) vs PEFT on
+bitsandbytes 0.33 / 0.54 / 0.63 and 0.26 / 0.55 / 0.65. Errors against float64
+equal plain torch bf16's (2.3e-3 NF4, 2.5e-3 QLoRA) or better (the fp32 GEMV
+rows).
 The extension is compiled on first call (see fastpeft/_native).
 """
 from __future__ import annotations
@@ -42,6 +64,7 @@ ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # bf16 rows from which each bf16 kernel beats the fused fp32 decode GEMV (module docstring: measurements).
 BF16_AMX_MIN_ROWS = 6  # forward, fused AMX kernel (where available)
 BF16_GEMM_MIN_ROWS = 9  # forward without AMX: dequantize to bf16 + torch's bf16 GEMM
+BF16_AMX_MAX_ROWS = 256  # above, oneDNN's blocking wins (the AMX kernels re-read x per block of W)
 BF16_GEMM_MIN_ROWS_TRANSPOSED = 12  # input gradient: fused AMX kernel, or dequantize + torch's bf16 GEMM
 
 
@@ -102,7 +125,7 @@ def bf16_forward_kernel(x2d: Tensor) -> Optional[str]:
     if x2d.dtype != torch.bfloat16:
         return None
     m = x2d.shape[0]
-    if m >= BF16_AMX_MIN_ROWS and amx_available():
+    if BF16_AMX_MIN_ROWS <= m <= BF16_AMX_MAX_ROWS and amx_available():
         return "nf4_matmul_bf16_amx"
     return "nf4_matmul_bf16" if m >= BF16_GEMM_MIN_ROWS else None
 
@@ -130,9 +153,11 @@ def nf4_matmul_transposed_packed(dy2d: Tensor, packed: Tensor, absmax: Tensor, n
 
 def bf16_input_grad_kernel(dy2d: Tensor) -> Optional[str]:
     """Name of the native bf16 op that ``nf4_matmul_transposed_packed`` runs for ``dy2d``; None: the fp32 kernels."""
-    if dy2d.dtype != torch.bfloat16 or dy2d.shape[0] < BF16_GEMM_MIN_ROWS_TRANSPOSED:
+    m = dy2d.shape[0]
+    if dy2d.dtype != torch.bfloat16 or m < BF16_GEMM_MIN_ROWS_TRANSPOSED:
         return None
-    return "nf4_matmul_transposed_bf16_amx" if amx_available() else "nf4_matmul_transposed_bf16"
+    return "nf4_matmul_transposed_bf16_amx" if m <= BF16_AMX_MAX_ROWS and amx_available() else \
+        "nf4_matmul_transposed_bf16"
 
 
 def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

@@ -192,6 +192,8 @@ def run_sweep(args, q):
             fwd["amx"] = lambda: native.nf4_matmul_bf16_amx(x, q.packed, absmax, n, k, BLOCKSIZE, None)
         bwd = {"fp32 fused": lambda: native.nf4_matmul_transposed(dy, q.packed, absmax, n, k, BLOCKSIZE),
                "dequant+mm": lambda: native.nf4_matmul_transposed_bf16(dy, q.packed, absmax, n, k, BLOCKSIZE)}
+        if nf4_cpu.amx_available():
+            bwd["amx"] = lambda: native.nf4_matmul_transposed_bf16_amx(dy, q.packed, absmax, n, k, BLOCKSIZE)
         for what, fns in (("forward", fwd), ("input grad", bwd)):
             t = interleaved(list(fns.values()), args.rounds)
             parts = [f"{name} {statistics.median(ti) * 1e3:7.3f} ms (x{statistics.median([a / b for a, b in zip(ti, t[0])]):4.2f})"

@@ -210,6 +210,9 @@ def test_kernel_choice_by_rows():
     assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(1, 64).bfloat16()) is None
     grad = nf4_cpu.bf16_input_grad_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED, 64).bfloat16())
     assert grad == ("nf4_matmul_transposed_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_transposed_bf16")
+    above = torch.zeros(nf4_cpu.BF16_AMX_MAX_ROWS + 1, 64).bfloat16()
+    assert nf4_cpu.bf16_forward_kernel(above) == "nf4_matmul_bf16"
+    assert nf4_cpu.bf16_input_grad_kernel(above) == "nf4_matmul_transposed_bf16"
 
 
 @pytest.mark.parametrize("m", [1, 4, 6, 8, 9, 12, 40])

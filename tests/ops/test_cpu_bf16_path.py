@@ -56,7 +56,7 @@ def test_nf4_linear_bf16(backend, m):
 
 
 @pytest.mark.parametrize("backend", ["cpu"], indirect=True)
-@pytest.mark.parametrize("m", [1, 5, 9, 64])
+@pytest.mark.parametrize("m", [1, 5, 9, 12, 64, 300])
 def test_qlora_linear_bf16(backend, m):
     n, k, r, s = 80, 256, 8, 2.0
     w = NF4Weight.from_float(torch.randn(n, k) * 0.05, 64)
