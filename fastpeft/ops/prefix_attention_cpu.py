@@ -1,43 +1,50 @@
 """CPU path of prefix attention: the same functions as ``fastpeft.kernels.prefix_attention``.
 
-Two partial attentions merged by their log-sum-exps, on torch's fused CPU
-flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``,
-which returns the LSE and has a matching backward):
+Two partial attentions merged by their log-sum-exps:
 
-- the prefix partial: ``q`` over ``pk, pv`` (no mask; a shared prefix is
-  broadcast over the batch as a stride-0 view, not copied);
-- the sequence partial: ``q`` over ``k, v`` with the causal rule and the
-  padding mask (``is_causal`` when ``Sq == Skv`` and no padding, else an
-  additive mask that broadcasts over heads, and over rows when only padding);
+- the prefix partial: ``q`` over ``pk, pv`` in two explicit matmuls (fp32
+  for half inputs; with tens of prefix keys this is about 2x faster than the
+  flash kernel), a shared prefix broadcast over the batch, not copied;
+- the sequence partial: torch's fused CPU flash-attention kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the
+  LSE and has a matching backward) with the causal rule and the padding mask
+  (``is_causal`` when ``Sq == Skv`` and no padding, else an additive mask that
+  broadcasts over heads, and over rows when only padding);
 - merge: ``lse = logaddexp(lse_a, lse_b)``, ``out = Σ exp(lse_i − lse) · out_i``.
 
-Backward calls the fused CPU backward once per partial with the *merged*
-output and LSE: with the global LSE each partial's probabilities are the
-true ones and ``Δ = rowsum(dO ∘ O)`` is the global one, so each call returns
-exactly its keys' share of the gradients (FlashAttention-2's split-KV rule);
-the two ``dq`` add up.
+Backward runs each partial's backward with the *merged* output and LSE: with
+the global LSE each partial's probabilities are the true ones and
+``Δ = rowsum(dO ∘ O)`` is the global one, so each returns exactly its keys'
+share of the gradients (FlashAttention-2's split-KV rule); the two ``dq`` add.
 
-GQA: when every query row sees the same keys (no causal rule, or decode)
-the query heads of one KV group are folded into the row axis (``[B, Hkv,
-G·Sq, D]``, no K/V copies); a causal sequence partial with ``G > 1`` expands
-K/V over the query heads instead (``O(S·D)`` copy next to ``O(S²·D)`` work).
+GQA: when every query row sees the same keys (no causal rule, or decode) the
+query heads of one KV group are folded into the row axis (``[B, Hkv, G·Sq,
+D]``, no K/V copies); a causal sequence partial with ``G > 1`` expands K/V
+over the query heads instead (an ``O(S·D)`` copy next to ``O(S²·D)`` work).
 
-Why not SDPA on the concatenation (what PEFT runs): it copies K and V once
-more per call, and the causal rule with a prefix is not top-left causal, so
-it needs an explicit ``[Sq, P + Skv]`` mask. Measured on this 2-core AMD EPYC
-(fp32, Hq=8, Hkv=2, D=64, P=30, forward, median ms):
+Why not SDPA on the concatenation (what PEFT runs): it copies K and V on
+every call, and with a prefix the causal rule is no longer SDPA's top-left
+``is_causal``, so it needs an explicit ``[Sq, P + Skv]`` mask. Measured on the
+shared 2-core CPU of the build machine (fp32, Hq=8, Hkv=2, D=64, P=30, one
+thread, min of repeated runs, ms; the machine was loaded, so +-30% noise):
 
-================================  ==========  ==============  ===========
-shape                             merged LSE  concat + mask   concat+SDPA
-================================  ==========  ==============  ===========
-B=1 Sq=Skv=512 causal                0.93          1.62          2.36
-B=1 Sq=Skv=2048 causal              10.5          20.3          26.6
-B=4 Sq=1 Skv=512 (decode)            0.09          0.29          0.28
-================================  ==========  ==============  ===========
+============================  =========  ======  ==============  ===========
+shape                         SDPA, no   merged  concat + flash  concat+SDPA
+                              prefix             + explicit mask  (PEFT)
+============================  =========  ======  ==============  ===========
+fwd B=1 S=512 causal             9.3      17.7       20.5           20.5
+fwd B=4 S=512 causal            61.0      85.3       82.5           74.9
+fwd B=4 decode, cache 512        0.23      0.57       2.42           0.64
+fwd+bwd B=1 S=512 causal          -       91.1         -            57.7
+fwd+bwd B=4 S=512 causal          -      317           -           258
+fwd+bwd B=4 decode                -        1.35        -             1.75
+============================  =========  ======  ==============  ===========
 
-("concat + mask": the flash CPU kernel on the concatenation with an explicit
-additive mask; "concat+SDPA": ``F.scaled_dot_product_attention`` on the
-concatenation with a boolean mask, PEFT's path.)
+So on this CPU the merged path wins for decode and is on par in the forward
+pass; its backward (the flash CPU backward on head-expanded K/V plus the
+explicit prefix backward) is slower than SDPA's on the concatenation at
+training lengths: a known gap of the CPU path (the GPU path is the Triton
+kernels).
 
 Rows that see no key (only possible without a prefix) get output 0 and LSE
 ``-inf`` and no gradient, as on the Triton path. LSE is fp32 (fp64 for fp64
@@ -125,7 +132,11 @@ class _SequencePlan:
         return _fold(t, hkv) if self.fold else t
 
     def keys(self, t: Tensor) -> Tensor:
-        return t.repeat_interleave(self.expand, 1) if self.expand > 1 else t
+        """K or V for the flash kernel, heads repeated for a causal GQA partial (any strides otherwise)."""
+        if self.expand > 1:
+            b, hkv, s, d = t.shape
+            return t[:, :, None].expand(b, hkv, self.expand, s, d).reshape(b, hkv * self.expand, s, d)
+        return t
 
     def key_grad(self, g: Tensor, hkv: int) -> Tensor:
         if self.expand > 1:
@@ -154,7 +165,7 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
 
     partials = []
     if prefix_k is not None and prefix_k.shape[2] > 0:
-        out_p, lse_p = _flash(_fold(q, hkv), _batch(prefix_k, b), _batch(prefix_v, b), scale=sm_scale)
+        out_p, lse_p = _prefix_partial(_fold(q, hkv), prefix_k, prefix_v, sm_scale)
         partials.append((_unfold(out_p, hq), _unfold(lse_p, hq)))
     if skv > 0:
         plan = _SequencePlan(q, k, key_padding_mask, causal)
@@ -171,6 +182,40 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
     return out, lse.to(lse_dtype)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _prefix_scores(q_folded: Tensor, prefix_k: Tensor, scale: float) -> Tensor:
+    """``[B, Hkv, G·Sq, P]`` scores of the folded queries against the prefix keys (fp32 for half inputs)."""
+    work = _work_dtype(q_folded.dtype)
+    return torch.matmul(q_folded.to(work), prefix_k.to(work).transpose(-1, -2)) * scale
+
+
+def _prefix_partial(q_folded: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention over the prefix alone, explicit: with tens of keys two matmuls beat the flash kernel (~2x)."""
+    scores = _prefix_scores(q_folded, prefix_k, scale)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, prefix_v.to(probs.dtype)), lse
+
+
+def _prefix_partial_backward(dout_f: Tensor, q_f: Tensor, out_f: Tensor, lse_f: Tensor, prefix_k: Tensor,
+                             prefix_v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq [B, Hkv, G·Sq, D], per-sample dpk, dpv [B, Hkv, P, D]) of the prefix keys' share, from the merged
+    output and LSE (so the probabilities and Δ are the global ones)."""
+    work = _work_dtype(q_f.dtype)
+    dout_w, q_w = dout_f.to(work), q_f.to(work)
+    probs = torch.exp(_prefix_scores(q_f, prefix_k, scale) - lse_f.to(work).unsqueeze(-1))
+    delta = (dout_w * out_f.to(work)).sum(-1, keepdim=True)
+    dp = torch.matmul(dout_w, prefix_v.to(work).transpose(-1, -2))
+    ds = probs * (dp - delta)
+    dq = torch.matmul(ds, prefix_k.to(work)) * scale
+    dpk = torch.matmul(ds.transpose(-1, -2), q_w) * scale
+    dpv = torch.matmul(probs.transpose(-1, -2), dout_w)
+    return dq, dpk, dpv
+
+
 def _merge(partials: list, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if len(partials) == 1:
         out, lse = partials[0]
@@ -179,11 +224,8 @@ def _merge(partials: list, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     lse = torch.logaddexp(lse_a, lse_b)
     w_a = torch.exp(lse_a - lse).unsqueeze(-1)
     w_b = torch.exp(lse_b - lse).unsqueeze(-1)
-    if dtype in (torch.float32, torch.float64):
-        out = torch.addcmul(out_b * w_b, out_a, w_a)
-    else:
-        out = (out_a.float() * w_a + out_b.float() * w_b).to(dtype)
-    return out, lse
+    out = torch.addcmul(out_b.to(w_b.dtype) * w_b, out_a.to(w_a.dtype), w_a)
+    return out.to(dtype), lse
 
 
 # --------------------------------------------------------------------------- backward
@@ -208,8 +250,8 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
     lse_flash = lse.float() if q.dtype != torch.float64 else lse
     dout, out = dout.contiguous(), out.contiguous()
     if has_prefix and (need_q or need_prefix) and sq > 0:
-        gq, gk, gv = _flash_backward(_fold(dout, hkv), _fold(q, hkv), _batch(prefix_k, b), _batch(prefix_v, b),
-                                     _fold(out, hkv), _fold(lse_flash, hkv), 0.0, False, scale=sm_scale)
+        gq, gk, gv = _prefix_partial_backward(_fold(dout, hkv), _fold(q, hkv), _fold(out, hkv), _fold(lse_flash, hkv),
+                                              prefix_k, prefix_v, sm_scale)
         if need_q:
             dq += _unfold(gq, hq)
         if need_prefix:
