@@ -23,28 +23,31 @@ cached between calls, fp32 accumulation everywhere):
   bf16 GEMM (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
 - fewer rows: the fp32 kernels (decode GEMVs that read only the packed bytes).
 
-Measured (``python tests/native/nf4_cpu_bf16_speed.py --m 1 64 256 --rounds 30
---threads 1 --clock thread-cpu --sweep 1 4 6 8 16 64 256``; Xeon with AMX,
-N = K = 2048, blocksize 64, one thread, CPU time of the calling thread because
-the 2-core machine was shared; medians), native kernels on bf16 inputs, ms:
+Measured with ``python tests/native/nf4_cpu_bf16_speed.py --m 1 64 256
+--rounds 30 --threads 1 --clock thread-cpu --sweep 1 4 6 8 12 16 64 256``
+(Xeon with AMX-BF16, N = K = 2048, blocksize 64, double quant; one thread and
+the calling thread's CPU time, because the 2-core machine was shared; medians
+of 30 interleaved rounds). Native kernels on bf16 inputs, ms:
 
     M     forward: fp32 fused / dequant+mm / AMX    input grad: fp32 / dequant+mm / AMX
-    1     0.46 / 1.59 / 1.17                        0.48 / 1.88 / 1.81
-    4     0.87 / 1.76 / 1.24                        1.13 / 1.99 / 2.03
-    6     1.48 / 2.27 / 1.52                        2.12 / 2.58 / 2.05
-    8     2.09 / 2.47 / 1.61                        1.71 / 2.21 / 2.08
-    16    6.38 / 2.31 / 1.51                        1.95 / 2.06 / 2.01
-    64    8.22 / 2.58 / 1.26                        5.07 / 2.70 / 2.71
-    256   20.8 / 4.56 / 3.63                        18.4 / 4.68 / 4.87
+    1     0.52 / 2.08 / 0.96                        0.63 / 2.62 / 1.83
+    4     1.01 / 2.10 / 1.40                        1.76 / 2.67 / 2.15
+    6     1.39 / 2.31 / 1.49                        1.59 / 2.50 / 2.03
+    8     2.14 / 2.28 / 1.39                        1.67 / 2.50 / 1.99
+    12    2.10 / 2.32 / 1.40                        1.99 / 2.31 / 1.99
+    16    5.70 / 2.46 / 1.57                        2.42 / 2.69 / 2.42
+    64    8.64 / 2.76 / 1.49                        5.77 / 3.15 / 2.89
+    256   28.9 / 9.38 / 6.45                        19.8 / 6.45 / 6.45
 
-(the input-grad AMX column is from ``/tmp/amxb``-style runs of the same
-script; the crossovers, about 6 rows forward and 12 for the input gradient,
-set the thresholds). Whole layers (same command), fastpeft / peer time, bf16:
-NF4 vs bitsandbytes ``Linear4bit`` 0.32 / 0.54 / 0.59 forward and 0.18 / 0.52
-/ 0.60 forward+backward at M = 1 / 64 / 256; QLoRA (r = 16) vs PEFT on
-bitsandbytes 0.33 / 0.54 / 0.63 and 0.26 / 0.55 / 0.65. Errors against float64
-equal plain torch bf16's (2.3e-3 NF4, 2.5e-3 QLoRA) or better (the fp32 GEMV
-rows).
+Where two kernels tie, the fp32 one (more accurate) keeps the rows: AMX from
+8 rows forward, from 16 for the input gradient (which saves the 8 MiB bf16
+copy of W there more than time). At 512-2048 rows dequant+mm beat the AMX
+kernels by 1.0-1.5x, hence ``BF16_AMX_MAX_ROWS``. Whole layers, fastpeft /
+peer time (median of per-round ratios), bf16, M = 1 / 64 / 256: NF4 vs
+bitsandbytes ``Linear4bit`` 0.31 / 0.42 / 0.60 forward, 0.19 / 0.46 / 0.73
+forward+backward; QLoRA (r = 16) vs PEFT on bitsandbytes 0.38 / 0.55 / 0.55
+and 0.25 / 0.54 / 0.70. Errors against float64 equal plain torch bf16's
+(2.3e-3 NF4, 2.5e-3 QLoRA) or are lower (1.6e-3: the fp32 GEMV at M = 1).
 The extension is compiled on first call (see fastpeft/_native).
 """
 from __future__ import annotations
@@ -62,10 +65,10 @@ from .nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_qua
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # bf16 rows from which each bf16 kernel beats the fused fp32 decode GEMV (module docstring: measurements).
-BF16_AMX_MIN_ROWS = 6  # forward, fused AMX kernel (where available)
+BF16_AMX_MIN_ROWS = 8  # forward, fused AMX kernel (where available)
 BF16_GEMM_MIN_ROWS = 9  # forward without AMX: dequantize to bf16 + torch's bf16 GEMM
 BF16_AMX_MAX_ROWS = 256  # above, oneDNN's blocking wins (the AMX kernels re-read x per block of W)
-BF16_GEMM_MIN_ROWS_TRANSPOSED = 12  # input gradient: fused AMX kernel, or dequantize + torch's bf16 GEMM
+BF16_GEMM_MIN_ROWS_TRANSPOSED = 16  # input gradient: fused AMX kernel, or dequantize + torch's bf16 GEMM
 
 
 def _check_weight(w) -> NF4Weight:
