@@ -5,7 +5,11 @@ Dispatch contract (``docs/architecture.md``): the same functions as
 kernels of ``fastpeft.quant.nf4_cpu`` run when the native extension builds on
 this machine; otherwise (no compiler, or float64 inputs, which the native
 kernels do not take) an explicit dequantize-then-matmul in torch runs
-(``cpu_path_uses_native`` says which). Also runs on CUDA tensors when
+(``cpu_path_uses_native`` says which). bf16 inputs take the native bf16
+kernels from a few rows on (fused AMX tiles, or bf16 dequantization + torch's
+bf16 GEMM; ``fastpeft.quant.nf4_cpu.bf16_forward_kernel`` says which, its
+docstring has the measurements); QLoRA's CPU path reaches them through
+``nf4_forward`` / ``nf4_input_grad``. Also runs on CUDA tensors when
 ``FASTPEFT_BACKEND=cpu`` forces it (the torch form).
 """
 from __future__ import annotations
