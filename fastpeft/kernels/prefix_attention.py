@@ -244,36 +244,38 @@ def _reduce_prefix_grad(partial: Tensor, prefix: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- AOT report
 def aot_launches() -> None:
-    """Every kernel variant the launchers run: each dtype, D in {64, 128}, causal and not, with and
-    without a padding mask and a prefix, training-length and decode-length queries."""
-    b, hq, hkv, s, p = 2, 8, 2, 256, 32
+    """Every kernel variant the launchers run: each dtype, D in {64, 128}; HF's transposed layout;
+    sequence lengths and prefix lengths that are multiples of 16 or not, decode (one query, against a
+    cache or alone); causal and not, and with a padding mask or without a prefix."""
+    hq, hkv = 8, 2
+    shapes = ((2, 128, 128, 32), (2, 100, 100, 10), (1, 1, 1, 10), (2, 1, 100, 10))  # (B, Sq, Skv, P)
     for dtype, t in _common.TRITON_DTYPE.items():
         is_gemm = _common.runs_on_tensor_cores(dtype, dot_precision(dtype))
         for d in (64, 128):
-            def rand(*shape):
-                return torch.randn(*shape, dtype=dtype)
+            def hf(b, s, h):  # [B, S, H, D] viewed as [B, H, S, D]
+                return torch.zeros(b, s, h, d, dtype=dtype).transpose(1, 2)
 
-            k, v = rand(b, hkv, s, d), rand(b, hkv, s, d)
-            mask = torch.ones(b, s, dtype=torch.bool)
-            pk, pv = rand(1, hkv, p, d), rand(1, hkv, p, d)
-            for has_prefix, causal, has_mask in ((True, False, False), (True, True, True), (False, True, False)):
-                tag = ("prefix" if has_prefix else "noprefix") + ("_causal" if causal else "") + \
-                      ("_mask" if has_mask else "")
-                prefix = (pk, pv) if has_prefix else (None, None)
-                m = mask if has_mask else None
-                for sq in (s, 1):
-                    q = rand(b, hq, sq, d)
-                    cfg = forward_config(sq, dtype, head_block(d))
-                    with launch_label(f"{t},d{d},{tag},sq{sq},{cfg.name}", is_gemm=is_gemm):
-                        out, lse = prefix_attention_forward(q, k, v, *prefix, m, causal, None)
-                q = rand(b, hq, s, d)
-                out, lse = torch.empty_like(q), torch.zeros(b, hq, s)
-                dkdv_cfg, dq_cfg = backward_configs(dtype, head_block(d))
-                with launch_label(f"{t},d{d},delta", is_gemm=False):  # first label wins: not a GEMM
-                    row_delta(out, rand(b, hq, s, d))
-                with launch_label(f"{t},d{d},{tag},{dkdv_cfg.name}+{dq_cfg.name}", is_gemm=is_gemm):
-                    prefix_attention_backward(rand(b, hq, s, d), q, k, v, *prefix, m, out, lse, causal, None,
-                                              True, True, True)
+            for b, sq, skv, p in shapes:
+                q, k, v = hf(b, sq, hq), hf(b, skv, hkv), hf(b, skv, hkv)
+                pk, pv = torch.zeros(1, hkv, p, d, dtype=dtype), torch.zeros(1, hkv, p, d, dtype=dtype)
+                flags = [(True, False, False), (True, True, False)]
+                if sq == skv == 100:
+                    flags += [(True, True, True), (False, True, False)]
+                for has_prefix, causal, has_mask in flags:
+                    tag = (f"sq{sq},skv{skv},p{p if has_prefix else 0}" + (",causal" if causal else "") +
+                           (",mask" if has_mask else ""))
+                    prefix = (pk, pv) if has_prefix else (None, None)
+                    mask = torch.ones(b, skv, dtype=torch.bool) if has_mask else None
+                    fwd_cfg = forward_config(sq, dtype, head_block(d))
+                    with launch_label(f"{t},d{d},{tag},{fwd_cfg.name}", is_gemm=is_gemm):
+                        out, lse = prefix_attention_forward(q, k, v, *prefix, mask, causal, None)
+                    dout = torch.empty_like(out)
+                    with launch_label(f"{t},d{d},sq{sq},delta", is_gemm=False):  # first label wins: not a GEMM
+                        row_delta(out, dout)
+                    dkdv_cfg, dq_cfg = backward_configs(dtype, head_block(d))
+                    with launch_label(f"{t},d{d},{tag},{dkdv_cfg.name}+{dq_cfg.name}", is_gemm=is_gemm):
+                        prefix_attention_backward(dout, q, k, v, *prefix, mask, out, lse, causal, None,
+                                                  True, True, True)
 
 
 def aot_specs():
