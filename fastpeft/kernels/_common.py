@@ -46,6 +46,9 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 KERNEL_DTYPES = tuple(TRITON_DTYPE)
 SEED_LIMIT = 2**62  # fastpeft.ops draws dropout seeds in [0, SEED_LIMIT)
 SEED_ARGS = ["seed_lo", "seed_hi"]  # never specialised: every seed shares one compiled kernel
+# The token count changes from call to call: not specialised either (no recompile for M = 1 or for an M that
+# is a multiple of 16; M only bounds masks), so one variant per launch config serves every M.
+TOKEN_ARGS = ["M"]
 
 
 def on_device_of(where):

@@ -31,9 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SEED_ARGS, grouped_tile, keep_mask, mma
+from ._common import SEED_ARGS, TOKEN_ARGS, grouped_tile, keep_mask, mma
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _lora_shrink_kernel(src_ptr, mat_ptr, out_ptr, M, L, R,
                         stride_sm, stride_sl, stride_ml, stride_mr,
                         scale, p, seed_lo, seed_hi,
@@ -63,7 +63,7 @@ def _lora_shrink_kernel(src_ptr, mat_ptr, out_ptr, M, L, R,
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_ptr, M, N, L, R,
                             stride_sm, stride_sl, stride_ml, stride_mn, stride_lr, stride_ln, stride_bias,
                             lora_scale, p, seed_lo, seed_hi,
@@ -111,7 +111,7 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
                         stride_sm, stride_sp, stride_os, stride_op, stride_or,
                         scale, p, seed_lo, seed_hi,
@@ -147,7 +147,7 @@ def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
              mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _dropout_keep_kernel(out_ptr, M, K, p, seed_lo, seed_hi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SEED_ARGS, grouped_tile, keep_mask, mma
+from ._common import SEED_ARGS, TOKEN_ARGS, grouped_tile, keep_mask, mma
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K,
              mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
                        M, N, K, R,
                        stride_xm, stride_xk, stride_ym, stride_yn, stride_bias,
@@ -122,7 +122,7 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
                      M, N, K, R,
                      stride_xm, stride_xk, stride_ym, stride_yn, stride_bias,
@@ -161,7 +161,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, l
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_ptr, dx_ptr,
                          M, N, K, R,
                          stride_dym, stride_dyn, stride_dxm, stride_dxk,

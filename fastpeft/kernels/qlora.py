@@ -47,7 +47,8 @@ def qlora_backward(dy, x2d, packed, absmax, code, n: int, k: int, blocksize: int
 
 # --------------------------------------------------------------------------- AOT report
 # The NF4 kernels with their LoRA term (the LoRA shrink/reduce launches are lora's own variants, the NF4
-# token classes are nf4's): r = 8, 16 (one R_PAD) and 64, with and without dropout.
+# token classes are nf4's): r = 8, 16 and 64; with and without a bias (Llama's projections have none) and
+# dropout.
 AOT_RANKS = (8, 16, 64)
 AOT_TOKENS = nf4.AOT_TOKENS
 
@@ -63,8 +64,9 @@ def aot_launches() -> None:
             for m in AOT_TOKENS:
                 x, dy = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype)
                 h = torch.empty((m, r), dtype=dtype)
-                with launch_label(f"{t},r{r},m{m},fwd", gemm and m > GEMV_MAX_M):
-                    qlora_forward(x, *weight, n, k, AOT_BLOCKSIZE, bias, lora_A, lora_B, 2.0, 0.1, 1)
+                for p, layer_bias, tag in ((0.0, None, "fwd"), (0.0, bias, "fwd_bias"), (0.1, None, "fwd_dropout")):
+                    with launch_label(f"{t},r{r},m{m},{tag}", gemm and m > GEMV_MAX_M):
+                        qlora_forward(x, *weight, n, k, AOT_BLOCKSIZE, layer_bias, lora_A, lora_B, 2.0, p, 1)
                 for p, tag in ((0.0, "bwd"), (0.1, "bwd_dropout")):
                     with launch_label(f"{t},r{r},m{m},{tag}", gemm):
                         qlora_backward(dy, x, *weight, n, k, AOT_BLOCKSIZE, lora_A, lora_B, h, 2.0, p, 1,
