@@ -87,3 +87,27 @@ def test_unload_argument_and_root_layer_errors():
     with pytest.raises(ValueError, match="model itself is a LoRA layer"):
         fastpeft.merge_lora(layer, unload=True)
     assert not layer.merged  # nothing changed
+
+
+def test_modules_to_save_copies_are_merged_or_dropped(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ids = token_ids()
+    original = _logits(tiny_llama(seed=2), ids)
+    model = fastpeft.apply_lora(tiny_llama(seed=2), ["q_proj"], r=4, modules_to_save=["lm_head"])
+    _randomize_lora(model)
+    with torch.no_grad():
+        model.lm_head.trainable_copy.weight.mul_(1.5)
+    trained = _logits(model, ids)
+    fastpeft.merge_lora(model, unload=True)
+    assert type(model.lm_head) is nn.Linear
+    torch.testing.assert_close(_logits(model, ids), trained, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(LlamaForCausalLM.from_pretrained(tmp_path).eval(), ids), _logits(model, ids))
+
+    model = fastpeft.apply_lora(tiny_llama(seed=2), ["q_proj"], r=4, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.trainable_copy.weight.mul_(1.5)
+    fastpeft.unload_lora(model)
+    assert type(model.lm_head) is nn.Linear
+    torch.testing.assert_close(_logits(model, ids), original, rtol=1e-5, atol=1e-5)

@@ -119,7 +119,8 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     merged weights: a ``LoRALinear`` becomes its own base ``nn.Linear`` /
     ``Conv1D`` holding ``W + s·BA``; a ``QLoRALinear`` becomes a dense
     ``nn.Linear`` with ``dequant(W) + s·BA`` in the original weight's dtype
-    (``QLoRALinear.to_dense_linear``). The LoRA parameters are dropped.
+    (``QLoRALinear.to_dense_linear``). The LoRA parameters are dropped, and
+    each ``modules_to_save`` wrapper is replaced by its trained copy.
     """
     if not isinstance(unload, bool):
         raise TypeError(f"unload must be a bool, got {type(unload).__name__}")
@@ -127,6 +128,7 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     if unload:
         _check_not_root(layers)
         _swap_back(model, [(name, layer, _merged_plain_layer(layer)) for name, layer in layers])
+        _swap_back(model, [(name, wrapper, wrapper.unwrap()) for name, wrapper in saved_modules(model)])
         return model
     for _, m in layers:
         m.merge()
@@ -137,14 +139,16 @@ def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer without merging: each goes back to its base layer; returns ``model``.
 
     A ``LoRALinear`` gives back its base ``nn.Linear``/``Conv1D`` (unmerged
-    first if it was merged), a ``QLoRALinear`` its frozen ``NF4Linear``. For
-    serving with the update folded in, use ``merge_lora(model, unload=True)``.
+    first if it was merged), a ``QLoRALinear`` its frozen ``NF4Linear``, a
+    ``modules_to_save`` wrapper its original module. For serving with the
+    update folded in, use ``merge_lora(model, unload=True)``.
     """
     layers = lora_modules(model)
     _check_not_root(layers)
     for _, layer in layers:
         layer.unmerge()
     _swap_back(model, [(name, layer, layer.base_layer) for name, layer in layers])
+    _swap_back(model, [(name, wrapper, wrapper.original_module) for name, wrapper in saved_modules(model)])
     return model
 
 
