@@ -216,24 +216,33 @@ Tensor nf4_matmul_transposed(const Tensor& dy, const Tensor& packed, const Tenso
   return dy.scalar_type() == at::kFloat ? dx : dx.to(dy.scalar_type());
 }
 
-// ---- bf16 matmuls: W dequantized to bf16 tile by tile, then torch's bf16 GEMM ------------
-// (oneDNN: AMX / AVX512-BF16 where the CPU has them, fp32 accumulation). Each output element comes
-// from one GEMM over the whole reduction, so nothing is rounded to bf16 before the end.
+// ---- dequantized matmuls: W dequantized to x's dtype (bf16 or fp32) in large tiles, then torch's GEMM ----
+// (bf16: oneDNN with AMX / AVX512-BF16 where the CPU has them, fp32 accumulation). Each output element
+// comes from one GEMM over the whole reduction, so nothing is rounded to bf16 before the end.
 
-// bf16 elements of W dequantized per tile (16 MiB): W up to this size is dequantized once per call.
-constexpr int64_t kBf16TileElements = int64_t{1} << 23;
+// Bytes of dequantized W per tile (16 MiB): W up to this size is dequantized once per call.
+constexpr int64_t kTileBytes = int64_t{1} << 24;
 
 void check_bf16(const Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name, " must be bfloat16 for the bf16 NF4 path, got ",
                    t.scalar_type());
 }
 
-// A [rows, cols] view over the front of `buffer` holding W[r0:r0+rows, c0:c0+cols] in bf16.
-Tensor dequantize_bf16_into(const Tensor& buffer, const Tensor& packed, const Tensor& absmax, int64_t K,
+void check_f32(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32 for this fp32 NF4 op, got ", t.scalar_type());
+}
+
+// A [rows, cols] view over the front of `buffer` (bf16 or fp32) holding W[r0:r0+rows, c0:c0+cols].
+Tensor dequantize_tile_into(const Tensor& buffer, const Tensor& packed, const Tensor& absmax, int64_t K,
                             int64_t blocksize, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
   Tensor tile = buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
-  cpu::nf4_dequantize_tile_bf16(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), K, blocksize, r0, r0 + rows,
-                                c0, c0 + cols, tile.data_ptr<at::BFloat16>(), cols);
+  if (buffer.scalar_type() == at::kFloat) {
+    cpu::nf4_dequantize_tile_f32(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), K, blocksize, r0, r0 + rows,
+                                 c0, c0 + cols, tile.data_ptr<float>(), cols);
+  } else {
+    cpu::nf4_dequantize_tile_bf16(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), K, blocksize, r0, r0 + rows,
+                                  c0, c0 + cols, tile.data_ptr<at::BFloat16>(), cols);
+  }
   return tile;
 }
 
@@ -252,29 +261,26 @@ Tensor nf4_dequantize_bf16_tile(const Tensor& packed, const Tensor& absmax, int6
   const int64_t rows = row_end - row_begin, cols = col_end - col_begin;
   Tensor out = new_output({rows, cols}, packed.options().dtype(at::kBFloat16));
   if (rows == 0 || cols == 0) return out;
-  return dequantize_bf16_into(out, packed, absmax, K, blocksize, row_begin, rows, col_begin, cols);
+  return dequantize_tile_into(out, packed, absmax, K, blocksize, row_begin, rows, col_begin, cols);
 }
 
-Tensor nf4_matmul_bf16(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
-                       int64_t blocksize, const c10::optional<Tensor>& bias) {
-  check_cpu(packed, "packed");
-  check_cpu(absmax, "absmax");
-  check_matrix_format(packed, absmax, N, K, blocksize);
-  check_activation(x, "x", K, "K");
-  check_bf16(x, "x");
+// x · dequant(W)ᵀ (+ bias) in x's dtype (bf16 or fp32): W dequantized to that dtype in row tiles, torch's GEMM.
+Tensor dequantized_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                          int64_t blocksize, const c10::optional<Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_cpu(*bias, "bias");
-    check_bf16(*bias, "bias");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias has dtype ", bias->scalar_type(), " but x has ",
+                     x.scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, ",), got ", bias->sizes());
   }
   const int64_t M = x.size(0);
   if (M == 0) return new_output({0, N}, x.options());
   const Tensor xc = x.contiguous();
-  const int64_t rows = std::min(N, std::max<int64_t>(16, kBf16TileElements / K));
+  const int64_t rows = std::min(N, std::max<int64_t>(16, kTileBytes / x.element_size() / K));
   Tensor buffer = new_output({rows, K}, x.options());
   auto panel_product = [&](int64_t n0, int64_t r) {
-    const Tensor w = dequantize_bf16_into(buffer, packed, absmax, K, blocksize, n0, r, 0, K);
+    const Tensor w = dequantize_tile_into(buffer, packed, absmax, K, blocksize, n0, r, 0, K);
     return has_bias ? at::addmm(bias->narrow(0, n0, r), xc, w.t()) : at::mm(xc, w.t());
   };
   if (rows == N) return panel_product(0, N);
@@ -286,6 +292,34 @@ Tensor nf4_matmul_bf16(const Tensor& x, const Tensor& packed, const Tensor& absm
   return y;
 }
 
+// dy · dequant(W) in dy's dtype: column tiles of W (all N rows), so each dx column is one GEMM over all of N.
+Tensor dequantized_matmul_transposed(const Tensor& dy, const Tensor& packed, const Tensor& absmax, int64_t N,
+                                     int64_t K, int64_t blocksize) {
+  const int64_t M = dy.size(0);
+  if (M == 0) return new_output({0, K}, dy.options());
+  const Tensor g = dy.contiguous();
+  const int64_t align = cpu::kBf16TileColumnAlign;
+  const int64_t cols = std::min(K, std::max(align, kTileBytes / dy.element_size() / N / align * align));
+  Tensor buffer = new_output({N, cols}, dy.options());
+  if (cols == K) return at::mm(g, dequantize_tile_into(buffer, packed, absmax, K, blocksize, 0, N, 0, K));
+  Tensor dx = new_output({M, K}, dy.options());
+  for (int64_t c0 = 0; c0 < K; c0 += cols) {
+    const int64_t c = std::min(cols, K - c0);
+    dx.narrow(1, c0, c).copy_(at::mm(g, dequantize_tile_into(buffer, packed, absmax, K, blocksize, 0, N, c0, c)));
+  }
+  return dx;
+}
+
+Tensor nf4_matmul_bf16(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                       int64_t blocksize, const c10::optional<Tensor>& bias) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(x, "x", K, "K");
+  check_bf16(x, "x");
+  return dequantized_matmul(x, packed, absmax, N, K, blocksize, bias);
+}
+
 Tensor nf4_matmul_transposed_bf16(const Tensor& dy, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
                                   int64_t blocksize) {
   check_cpu(packed, "packed");
@@ -293,20 +327,27 @@ Tensor nf4_matmul_transposed_bf16(const Tensor& dy, const Tensor& packed, const 
   check_matrix_format(packed, absmax, N, K, blocksize);
   check_activation(dy, "dy", N, "N");
   check_bf16(dy, "dy");
-  const int64_t M = dy.size(0);
-  if (M == 0) return new_output({0, K}, dy.options());
-  const Tensor g = dy.contiguous();
-  // column tiles of W (all N rows): each dx column is one GEMM over all of N
-  const int64_t align = cpu::kBf16TileColumnAlign;
-  const int64_t cols = std::min(K, std::max(align, kBf16TileElements / N / align * align));
-  Tensor buffer = new_output({N, cols}, dy.options());
-  if (cols == K) return at::mm(g, dequantize_bf16_into(buffer, packed, absmax, K, blocksize, 0, N, 0, K));
-  Tensor dx = new_output({M, K}, dy.options());
-  for (int64_t c0 = 0; c0 < K; c0 += cols) {
-    const int64_t c = std::min(cols, K - c0);
-    dx.narrow(1, c0, c).copy_(at::mm(g, dequantize_bf16_into(buffer, packed, absmax, K, blocksize, 0, N, c0, c)));
-  }
-  return dx;
+  return dequantized_matmul_transposed(dy, packed, absmax, N, K, blocksize);
+}
+
+Tensor nf4_matmul_f32_dequantized(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
+                                  int64_t blocksize, const c10::optional<Tensor>& bias) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(x, "x", K, "K");
+  check_f32(x, "x");
+  return dequantized_matmul(x, packed, absmax, N, K, blocksize, bias);
+}
+
+Tensor nf4_matmul_transposed_f32_dequantized(const Tensor& dy, const Tensor& packed, const Tensor& absmax, int64_t N,
+                                             int64_t K, int64_t blocksize) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_matrix_format(packed, absmax, N, K, blocksize);
+  check_activation(dy, "dy", N, "N");
+  check_f32(dy, "dy");
+  return dequantized_matmul_transposed(dy, packed, absmax, N, K, blocksize);
 }
 
 Tensor nf4_matmul_bf16_amx(const Tensor& x, const Tensor& packed, const Tensor& absmax, int64_t N, int64_t K,
@@ -430,6 +471,8 @@ TORCH_LIBRARY(fastpeft_native, m) {
   m.def("nf4_matmul_bf16_amx(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
   m.def("nf4_matmul_transposed_bf16_amx(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
   m.def("amx_bf16_available() -> bool", &fastpeft::amx_bf16_available);
+  m.def("nf4_matmul_f32_dequantized(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_transposed_f32_dequantized(Tensor dy, Tensor packed, Tensor absmax, int N, int K, int blocksize) -> Tensor");
   m.def("set_output_poison(bool on) -> bool", &fastpeft::set_output_poison);
 }
 
@@ -445,6 +488,8 @@ TORCH_LIBRARY_IMPL(fastpeft_native, CPU, m) {
   m.impl("nf4_matmul_transposed_bf16", &fastpeft::nf4_matmul_transposed_bf16);
   m.impl("nf4_matmul_bf16_amx", &fastpeft::nf4_matmul_bf16_amx);
   m.impl("nf4_matmul_transposed_bf16_amx", &fastpeft::nf4_matmul_transposed_bf16_amx);
+  m.impl("nf4_matmul_f32_dequantized", &fastpeft::nf4_matmul_f32_dequantized);
+  m.impl("nf4_matmul_transposed_f32_dequantized", &fastpeft::nf4_matmul_transposed_f32_dequantized);
   m.impl("codec_encode", &fastpeft::codec_encode);
   m.impl("codec_decode", &fastpeft::codec_decode);
   m.impl("codec_unpack", &fastpeft::codec_unpack);

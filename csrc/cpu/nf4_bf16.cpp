@@ -88,6 +88,45 @@ void nf4_dequantize_tile_bf16(const std::uint8_t* packed, const float* absmax, s
   }
 }
 
+void nf4_dequantize_tile_f32(const std::uint8_t* packed, const float* absmax, std::int64_t K, std::int64_t blocksize,
+                             std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin,
+                             std::int64_t col_end, float* out, std::int64_t ld_out) {
+#if defined(FASTPEFT_NF4_BF16_AVX512)
+  alignas(64) float code_array[nf4::kNumCodes];
+  for (int i = 0; i < nf4::kNumCodes; ++i) code_array[i] = nf4::code_value(i);
+  const __m512 codes = _mm512_load_ps(code_array);
+  const __m512i low_nibble = _mm512_set1_epi64(0x0F);
+#endif
+#pragma omp parallel for schedule(static)
+  for (std::int64_t n = row_begin; n < row_end; ++n) {
+    const std::uint8_t* row = packed + n * (K / 2);
+    const float* scales = absmax + n * (K / blocksize);
+    float* dst = out + (n - row_begin) * ld_out - col_begin;
+    for (std::int64_t k0 = col_begin; k0 < col_end;) {
+      const std::int64_t block = k0 / blocksize;
+      const std::int64_t k1 = std::min(col_end, (block + 1) * blocksize);
+#if defined(FASTPEFT_NF4_BF16_AVX512)
+      // table[c] = fp32(code[c] * absmax): the format's exact product; 8 bytes -> 16 indices, one vpermps
+      const __m512 table = _mm512_mul_ps(codes, _mm512_set1_ps(scales[block]));
+      for (std::int64_t k = k0; k < k1; k += 16) {
+        const __m512i b = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m512i idx = _mm512_or_si512(_mm512_srli_epi64(b, 4), _mm512_slli_epi64(_mm512_and_si512(b, low_nibble), 32));
+        _mm512_storeu_ps(dst + k, _mm512_permutexvar_ps(idx, table));
+      }
+#else
+      float table[nf4::kNumCodes];
+      for (int c = 0; c < nf4::kNumCodes; ++c) table[c] = nf4::decode(static_cast<std::uint8_t>(c), scales[block]);
+      for (std::int64_t k = k0; k < k1; k += 2) {
+        const std::uint8_t byte = row[k / 2];
+        dst[k] = table[nf4::high_nibble(byte)];
+        dst[k + 1] = table[nf4::low_nibble(byte)];
+      }
+#endif
+      k0 = k1;
+    }
+  }
+}
+
 bool bf16_simd_enabled() {
 #if defined(FASTPEFT_NF4_BF16_AVX512)
   return true;

@@ -24,7 +24,12 @@ void nf4_dequantize_tile_bf16(const std::uint8_t* packed, const float* absmax, s
                               std::int64_t blocksize, std::int64_t row_begin, std::int64_t row_end,
                               std::int64_t col_begin, std::int64_t col_end, c10::BFloat16* out, std::int64_t ld_out);
 
-// True when this build dequantizes to bf16 with AVX-512 (otherwise a portable scalar loop).
+// The same tile in fp32 (fp32(code[q] * absmax), bit-equal to NF4Weight.dequantize(torch.float32)).
+void nf4_dequantize_tile_f32(const std::uint8_t* packed, const float* absmax, std::int64_t K, std::int64_t blocksize,
+                             std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin,
+                             std::int64_t col_end, float* out, std::int64_t ld_out);
+
+// True when this build dequantizes tiles with AVX-512 (otherwise a portable scalar loop).
 bool bf16_simd_enabled();
 
 // ---- fused NF4 x bf16 GEMM on AMX tiles (nf4_amx.cpp) ---------------------------------------------

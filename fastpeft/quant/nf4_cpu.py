@@ -2,7 +2,9 @@
 
 - ``nf4_matmul(x, w, bias)``: ``x @ dequant(W)ᵀ (+ bias)`` fused: for up to 8
   rows a decode-GEMV that never materialises W, for more rows W is dequantized
-  panel by panel (about 1 MiB of fp32 at a time) into a BLAS GEMM.
+  panel by panel (about 1 MiB of fp32 at a time) into a BLAS GEMM; from
+  ``F32_DEQUANT_MIN_ROWS`` fp32 rows W is dequantized in one piece of up to
+  16 MiB and multiplied by one GEMM; bf16 below.
 - ``nf4_matmul_transposed(dy, w)``: ``dy @ dequant(W)``, the input gradient.
 - ``quantize`` / ``dequantize``: the format in C++, bytes equal to the
   pure-torch reference in ``nf4.py`` and to bitsandbytes.
@@ -68,6 +70,10 @@ ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BF16_AMX_MIN_ROWS = 8  # forward, fused AMX kernel (where available)
 BF16_GEMM_MIN_ROWS = 9  # forward without AMX: dequantize to bf16 + torch's bf16 GEMM
 BF16_AMX_MAX_ROWS = 256  # above, oneDNN's blocking wins (the AMX kernels re-read x per block of W)
+# fp32 forward from this many rows: W dequantized once (AVX-512 table lookups, up to 16 MiB at a time) and one
+# GEMM, instead of the fused kernel's 1 MiB panels (M = 64: 9.9 vs 12.1 ms, M = 256: 19.7 vs 21.1 ms; same setup
+# as the table above; ties below 16 rows). The fp32 input gradient keeps the fused kernel (it won or tied).
+F32_DEQUANT_MIN_ROWS = 16
 BF16_GEMM_MIN_ROWS_TRANSPOSED = 16  # input gradient: fused AMX kernel, or dequantize + torch's bf16 GEMM
 
 
@@ -120,7 +126,17 @@ def nf4_matmul_packed(x2d: Tensor, packed: Tensor, absmax: Tensor, n: int, k: in
     ``fastpeft.ops.nf4`` calls this per step; skipping the container and its
     checks saves about 40 µs a call, a twentieth of a 4096² decode GEMV.
     """
-    return _native.op(bf16_forward_kernel(x2d) or "nf4_matmul")(x2d, packed, absmax, n, k, blocksize, bias)
+    return _native.op(forward_kernel(x2d))(x2d, packed, absmax, n, k, blocksize, bias)
+
+
+def forward_kernel(x2d: Tensor) -> str:
+    """Name of the native op that ``nf4_matmul_packed`` runs for ``x2d`` (by dtype and row count)."""
+    bf16 = bf16_forward_kernel(x2d)
+    if bf16 is not None:
+        return bf16
+    if x2d.dtype == torch.float32 and x2d.shape[0] >= F32_DEQUANT_MIN_ROWS:
+        return "nf4_matmul_f32_dequantized"
+    return "nf4_matmul"
 
 
 def bf16_forward_kernel(x2d: Tensor) -> Optional[str]:

@@ -226,7 +226,7 @@ def test_python_entry_points_route_bf16(m, monkeypatch):
     monkeypatch.setattr(nf4_cpu._native, "op", lambda name, *a: called.append(name) or real_op(name, *a))
     x = torch.randn(1, m, k).bfloat16()
     y = nf4_cpu.nf4_matmul(x, w)
-    assert called == [nf4_cpu.bf16_forward_kernel(x.view(m, k)) or "nf4_matmul"]
+    assert called == [nf4_cpu.forward_kernel(x.view(m, k))]
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
     assert_close_to_ref(y, F.linear(x.double(), dense64), F.linear(x, dense), what="y")
     called.clear()
@@ -246,3 +246,34 @@ def test_kernel_choice_without_amx(monkeypatch):
     assert nf4_cpu.bf16_forward_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_bf16"
     rows = nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
     assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_transposed_bf16"
+
+
+@pytest.mark.parametrize("m", [16, 40])
+def test_f32_dequantized_matmuls(m):
+    """The fp32 forward from F32_DEQUANT_MIN_ROWS rows: bit-equal to torch on NF4Weight.dequantize(float32)."""
+    n, k = 72, 384
+    w = _weight(n, k, double_quant=True)
+    dense = w.dequantize(torch.float32)
+    x, dy, bias = torch.randn(m, k), torch.randn(m, n), torch.randn(n)
+    y = ops().nf4_matmul_f32_dequantized(x, w.packed, w.absmax_float(), n, k, 64, bias)
+    assert torch.equal(y, F.linear(x, dense, bias))
+    dx = ops().nf4_matmul_transposed_f32_dequantized(dy, w.packed, w.absmax_float(), n, k, 64)
+    assert torch.equal(dx, dy @ dense)
+    assert nf4_cpu.forward_kernel(x) == ("nf4_matmul_f32_dequantized" if m >= nf4_cpu.F32_DEQUANT_MIN_ROWS
+                                         else "nf4_matmul")
+    assert torch.equal(nf4_cpu.nf4_matmul(x, w, bias), y)
+    with pytest.raises(TypeError):
+        ops().nf4_matmul_f32_dequantized(x.bfloat16(), w.packed, w.absmax_float(), n, k, 64, None)
+    with pytest.raises(TypeError):
+        ops().nf4_matmul_f32_dequantized(x, w.packed, w.absmax_float(), n, k, 64, bias.bfloat16())
+
+
+def test_f32_dequantized_over_several_tiles():
+    n, k = 2100, 2048  # above 16 MiB of fp32: two row tiles / two column tiles, the last partial
+    w = nf4_cpu.quantize(torch.randn(n, k) * 0.05, 64)
+    dense = w.dequantize(torch.float32)
+    x, dy = torch.randn(17, k), torch.randn(17, n)
+    y = ops().nf4_matmul_f32_dequantized(x, w.packed, w.absmax_float(), n, k, 64, None)
+    assert_close_to_ref(y, F.linear(x.double(), dense.double()), F.linear(x, dense), what="y")
+    dx = ops().nf4_matmul_transposed_f32_dequantized(dy, w.packed, w.absmax_float(), n, k, 64)
+    assert_close_to_ref(dx, dy.double() @ dense.double(), dy @ dense, what="dx")
