@@ -6,6 +6,8 @@
   ``load_fastpeft_adapter``, ...); importing it imports ``peft``, so its names
   are loaded on first access.
 """
+import importlib
+
 from .format import load_lora, read_lora_config, save_lora
 
 _BACKEND_NAMES = ("FastLoraLinear", "FusedLoraTarget", "fastpeft_lora_config", "load_fastpeft_adapter",
@@ -13,9 +15,8 @@ _BACKEND_NAMES = ("FastLoraLinear", "FusedLoraTarget", "fastpeft_lora_config", "
 
 
 def __getattr__(name):
-    if name in _BACKEND_NAMES or name in ("backend", "lora_linear"):
-        from . import backend
-
+    if name in _BACKEND_NAMES or name == "backend":
+        backend = importlib.import_module(f"{__name__}.backend")  # imports peft
         return backend if name == "backend" else getattr(backend, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
