@@ -3,15 +3,25 @@
 ``targets`` holds what every method shares (PEFT's target matching and the
 swap itself); each method has one file: ``lora`` (``apply_lora`` and the
 model-level LoRA helpers, which also serve QLoRA layers), ``qlora``
-(``apply_qlora``).
+(``apply_qlora``), ``adapter`` (bottleneck adapters, AdapterFusion and
+AdapterDrop in BERT/RoBERTa, GPT-2 and Llama-family blocks).
 """
+from .adapter import (ARCHITECTURES, AdapterLayer, adapter_fusion_regularization_loss, adapter_layers,
+                      adapter_parameters, apply_adapter, apply_adapter_fusion, set_active_adapter, set_adapter_drop)
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
                    merge_lora, unload_lora, unmerge_lora)
 from .qlora import apply_qlora
 from .targets import TargetModules, find_target_modules, matches_target, replace_modules
 
 __all__ = [
+    "ARCHITECTURES",
+    "AdapterLayer",
     "TargetModules",
+    "adapter_fusion_regularization_loss",
+    "adapter_layers",
+    "adapter_parameters",
+    "apply_adapter",
+    "apply_adapter_fusion",
     "apply_lora",
     "apply_qlora",
     "check_lora_targets",
@@ -22,6 +32,8 @@ __all__ = [
     "matches_target",
     "merge_lora",
     "replace_modules",
+    "set_active_adapter",
+    "set_adapter_drop",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -3,11 +3,16 @@
 Modules hold parameters, initialisation, merge/unmerge and repr; the maths is
 done by ``fastpeft.ops``. Every module with trainable PEFT parameters follows
 the protocol of ``fastpeft.nn.base.PeftLayer``. One file per op, as in
-``fastpeft.ops``.
+``fastpeft.ops``, plus the adapter configurations (AdapterHub's field names).
 """
+from .adapter import BottleneckAdapter
+from .adapter_config import ADAPTER_PRESETS, BnConfig
+from .adapter_fusion import FUSION_PRESETS, AdapterFusion, AdapterFusionConfig
 from .base import PEFT_LAYER_KINDS, PeftLayer, peft_layers
 from .lora import LoraLayer, LoRALinear
 from .nf4 import NF4Linear
 from .qlora import QLoRALinear
 
-__all__ = ["LoRALinear", "LoraLayer", "NF4Linear", "PEFT_LAYER_KINDS", "PeftLayer", "QLoRALinear", "peft_layers"]
+__all__ = ["ADAPTER_PRESETS", "AdapterFusion", "AdapterFusionConfig", "BnConfig", "BottleneckAdapter",
+           "FUSION_PRESETS", "LoRALinear", "LoraLayer", "NF4Linear", "PEFT_LAYER_KINDS", "PeftLayer", "QLoRALinear",
+           "peft_layers"]

@@ -4,16 +4,23 @@ One file per op (``<op>.py``: validation, autograd, custom ops) and one CPU
 implementation per op (``<op>_cpu.py``), with the Triton implementation in
 ``fastpeft.kernels.<op>``.
 """
+from .adapter import BottleneckAdapterFunction, adapter_dropout_mask, bottleneck_adapter
 from .lora import LoRALinearFunction, lora_dropout_mask, lora_linear
 from .nf4 import NF4LinearFunction, nf4_linear
+from .prefix_attention import PrefixAttentionFunction, prefix_attention
 from .qlora import QLoRALinearFunction, qlora_linear
 
 __all__ = [
+    "BottleneckAdapterFunction",
     "LoRALinearFunction",
     "NF4LinearFunction",
+    "PrefixAttentionFunction",
     "QLoRALinearFunction",
+    "adapter_dropout_mask",
+    "bottleneck_adapter",
     "lora_dropout_mask",
     "lora_linear",
     "nf4_linear",
+    "prefix_attention",
     "qlora_linear",
 ]
