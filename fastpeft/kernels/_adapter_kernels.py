@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SEED_ARGS, keep_mask, mma
+from ._common import SEED_ARGS, TOKEN_ARGS, keep_mask, mma
 
 # --- activations (ids: fastpeft.ops.activations) -----------------------------------------------------------
 
@@ -155,7 +155,7 @@ def _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, k_start, k_
 # --- kernels ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _adapter_down_kernel(x_ptr, down_w_ptr, part_ptr, M, H, B, k_per_split,
                          stride_xm, stride_xh, stride_dwb, stride_dwh,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -175,7 +175,7 @@ def _adapter_down_kernel(x_ptr, down_w_ptr, part_ptr, M, H, B, k_per_split,
     tl.store(part_ptrs, part, mask=in_rows[:, None] & in_b[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _adapter_forward_kernel(
         x_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, residual_ptr, scale_ptr, y_ptr, pre_ptr, part_ptr,
         M, H, B, n_step, n_parts,
@@ -228,7 +228,7 @@ def _adapter_forward_kernel(
                  mask=in_tile)
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _adapter_backward_rows_kernel(
         dy_ptr, pre_ptr, up_w_ptr, up_b_ptr, down_w_ptr, scale_ptr, da_ptr, dx_ptr, dscale_part_ptr, dbu_part_ptr,
         M, H, B,
@@ -290,7 +290,7 @@ def _adapter_backward_rows_kernel(
                          mask=in_rows[:, None] & in_cols[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _adapter_reduce_kernel(
         src_ptr, h_ptr, out_ptr, M, P, R, rows_per_split,
         stride_sm, stride_sp, stride_os, stride_op, stride_or,
@@ -328,7 +328,7 @@ def _adapter_reduce_kernel(
     tl.store(out_ptrs, acc, mask=in_p[:, None] & in_r[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS + TOKEN_ARGS)
 def _adapter_keep_kernel(out_ptr, M, H, p, seed_lo, seed_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
