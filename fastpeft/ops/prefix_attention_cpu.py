@@ -17,34 +17,33 @@ the global LSE each partial's probabilities are the true ones and
 ``Δ = rowsum(dO ∘ O)`` is the global one, so each returns exactly its keys'
 share of the gradients (FlashAttention-2's split-KV rule); the two ``dq`` add.
 
-GQA: when every query row sees the same keys (no causal rule, or decode) the
-query heads of one KV group are folded into the row axis (``[B, Hkv, G·Sq,
-D]``, no K/V copies); a causal sequence partial with ``G > 1`` expands K/V
-over the query heads instead (an ``O(S·D)`` copy next to ``O(S²·D)`` work).
+GQA without copies: the flash kernel (forward and backward) takes fewer KV
+heads than query heads; the prefix partial views ``q`` as ``[B, Hkv, G, Sq,
+D]`` and broadcasts the prefix over the group.
 
 Why not SDPA on the concatenation (what PEFT runs): it copies K and V on
 every call, and with a prefix the causal rule is no longer SDPA's top-left
 ``is_causal``, so it needs an explicit ``[Sq, P + Skv]`` mask. Measured on the
 shared 2-core CPU of the build machine (fp32, Hq=8, Hkv=2, D=64, P=30, one
-thread, min of repeated runs, ms; the machine was loaded, so +-30% noise):
+thread, min of repeated runs, ms; other jobs were running, expect +-20%):
 
 ============================  =========  ======  ==============  ===========
 shape                         SDPA, no   merged  concat + flash  concat+SDPA
                               prefix             + explicit mask  (PEFT)
 ============================  =========  ======  ==============  ===========
-fwd B=1 S=512 causal             9.3      17.7       20.5           20.5
-fwd B=4 S=512 causal            61.0      85.3       82.5           74.9
-fwd B=4 decode, cache 512        0.23      0.57       2.42           0.64
-fwd+bwd B=1 S=512 causal          -       91.1         -            57.7
-fwd+bwd B=4 S=512 causal          -      317           -           258
-fwd+bwd B=4 decode                -        1.35        -             1.75
+fwd B=1 S=512 causal             4.75      6.57       6.74           6.38
+fwd B=4 S=512 causal            19.5      25.6       27.0           24.8
+fwd B=4 decode, cache 512        0.22      0.51       1.36           0.47
+fwd+bwd B=1 S=512 causal          -       19.7         -            19.2
+fwd+bwd B=4 S=512 causal          -       93.5         -            76.5
+fwd+bwd B=4 decode                -        1.81        -             1.64
 ============================  =========  ======  ==============  ===========
 
-So on this CPU the merged path wins for decode and is on par in the forward
-pass; its backward (the flash CPU backward on head-expanded K/V plus the
-explicit prefix backward) is slower than SDPA's on the concatenation at
-training lengths: a known gap of the CPU path (the GPU path is the Triton
-kernels).
+So on a CPU the merged path is on par with SDPA on the concatenation (it
+is chosen for what it does not build: no ``P + Skv`` copy of K/V, no mask
+for the common causal case), and its backward is up to ~20% slower at
+training lengths (the explicit prefix backward and the merge are a dozen
+small elementwise ops); the GPU path is the Triton kernels.
 
 Rows that see no key (only possible without a prefix) get output 0 and LSE
 ``-inf`` and no gradient, as on the Triton path. LSE is fp32 (fp64 for fp64
@@ -76,17 +75,6 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- layout helpers
-def _fold(t: Tensor, hkv: int) -> Tensor:
-    """``[B, Hq, S, ...]`` -> ``[B, Hkv, G·S, ...]``: the query heads of one KV group as extra rows."""
-    b, hq, s = t.shape[:3]
-    return t.reshape(b, hkv, (hq // hkv) * s, *t.shape[3:])
-
-
-def _unfold(t: Tensor, hq: int) -> Tensor:
-    b, hkv, rows = t.shape[:3]
-    return t.reshape(b, hq, rows * hkv // hq, *t.shape[3:])
-
-
 def _batch(prefix: Tensor, b: int) -> Tensor:
     return prefix.expand(b, -1, -1, -1)
 
@@ -110,14 +98,11 @@ def _empty_rows(mask: Optional[Tensor], causal: bool, b: int, sq: int, skv: int,
 
 
 class _SequencePlan:
-    """How the sequence partial calls the flash kernel: folded or expanded heads, causal flag, mask."""
+    """How the sequence partial calls the flash kernel (which takes GQA heads natively): causal flag, mask."""
 
     def __init__(self, q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool):
-        b, hq, sq, _ = q.shape
-        hkv, skv = k.shape[1], k.shape[2]
+        sq, skv = q.shape[2], k.shape[2]
         row_dependent = causal and sq > 1  # decode (Sq == 1) sees every key under the causal rule
-        self.fold = hq != hkv and not row_dependent
-        self.expand = hq // hkv if (hq != hkv and row_dependent) else 1
         self.is_causal = row_dependent and sq == skv and mask is None
         self.attn_mask = None
         if row_dependent and not self.is_causal:
@@ -127,22 +112,6 @@ class _SequencePlan:
             self.attn_mask = _additive(visible, q.dtype)
         elif mask is not None:
             self.attn_mask = _additive(mask[:, None, None, :], q.dtype)
-
-    def queries(self, t: Tensor, hkv: int) -> Tensor:
-        return _fold(t, hkv) if self.fold else t
-
-    def keys(self, t: Tensor) -> Tensor:
-        """K or V for the flash kernel, heads repeated for a causal GQA partial (any strides otherwise)."""
-        if self.expand > 1:
-            b, hkv, s, d = t.shape
-            return t[:, :, None].expand(b, hkv, self.expand, s, d).reshape(b, hkv * self.expand, s, d)
-        return t
-
-    def key_grad(self, g: Tensor, hkv: int) -> Tensor:
-        if self.expand > 1:
-            b, _, s, d = g.shape
-            return g.view(b, hkv, self.expand, s, d).sum(2)
-        return g
 
 
 def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
@@ -165,13 +134,10 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
 
     partials = []
     if prefix_k is not None and prefix_k.shape[2] > 0:
-        out_p, lse_p = _prefix_partial(_fold(q, hkv), prefix_k, prefix_v, sm_scale)
-        partials.append((_unfold(out_p, hq), _unfold(lse_p, hq)))
+        partials.append(_prefix_partial(q, prefix_k, prefix_v, sm_scale))
     if skv > 0:
         plan = _SequencePlan(q, k, key_padding_mask, causal)
-        out_s, lse_s = _flash(plan.queries(q, hkv), plan.keys(k), plan.keys(v), is_causal=plan.is_causal,
-                              attn_mask=plan.attn_mask, scale=sm_scale)
-        out_s, lse_s = (_unfold(out_s, hq), _unfold(lse_s, hq)) if plan.fold else (out_s, lse_s)
+        out_s, lse_s = _flash(q, k, v, is_causal=plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
         empty = _empty_rows(key_padding_mask, causal, b, sq, skv, q.device)
         if empty is not None:  # the flash kernel reports LSE 0 for a row without keys
             lse_s = lse_s.masked_fill(empty, -math.inf)
@@ -186,34 +152,47 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _prefix_scores(q_folded: Tensor, prefix_k: Tensor, scale: float) -> Tensor:
-    """``[B, Hkv, G·Sq, P]`` scores of the folded queries against the prefix keys (fp32 for half inputs)."""
-    work = _work_dtype(q_folded.dtype)
-    return torch.matmul(q_folded.to(work), prefix_k.to(work).transpose(-1, -2)) * scale
+def _grouped(t: Tensor, hkv: int) -> Tensor:
+    """``[B, Hq, S, X]`` -> ``[B, Hkv, G, S, X]``: a view (splitting the head axis never copies)."""
+    b, hq = t.shape[:2]
+    return t.view(b, hkv, hq // hkv, *t.shape[2:])
 
 
-def _prefix_partial(q_folded: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention over the prefix alone, explicit: with tens of keys two matmuls beat the flash kernel (~2x)."""
-    scores = _prefix_scores(q_folded, prefix_k, scale)
+def _prefix_scores(q5: Tensor, prefix_k: Tensor, scale: float) -> Tensor:
+    """``[B, Hkv, G, Sq, P]`` scores of the grouped queries against the prefix keys (fp32 for half inputs)."""
+    work = _work_dtype(q5.dtype)
+    return torch.matmul(q5.to(work), prefix_k.to(work)[:, :, None].transpose(-1, -2)) * scale
+
+
+def _prefix_partial(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention over the prefix alone, explicit: with tens of keys two matmuls beat the flash kernel (~2x).
+
+    The query heads of a KV group broadcast against the prefix through a 5-D view, so HF's transposed
+    ``q`` is never copied.
+    """
+    b, hq, sq, d = q.shape
+    scores = _prefix_scores(_grouped(q, prefix_k.shape[1]), prefix_k, scale)
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.matmul(probs, prefix_v.to(probs.dtype)), lse
+    out = torch.matmul(probs, prefix_v.to(probs.dtype)[:, :, None])
+    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
 
 
-def _prefix_partial_backward(dout_f: Tensor, q_f: Tensor, out_f: Tensor, lse_f: Tensor, prefix_k: Tensor,
+def _prefix_partial_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, prefix_k: Tensor,
                              prefix_v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq [B, Hkv, G·Sq, D], per-sample dpk, dpv [B, Hkv, P, D]) of the prefix keys' share, from the merged
+    """(dq [B, Hq, Sq, D], per-sample dpk, dpv [B, Hkv, P, D]) of the prefix keys' share, from the merged
     output and LSE (so the probabilities and Δ are the global ones)."""
-    work = _work_dtype(q_f.dtype)
-    dout_w, q_w = dout_f.to(work), q_f.to(work)
-    probs = torch.exp(_prefix_scores(q_f, prefix_k, scale) - lse_f.to(work).unsqueeze(-1))
-    delta = (dout_w * out_f.to(work)).sum(-1, keepdim=True)
-    dp = torch.matmul(dout_w, prefix_v.to(work).transpose(-1, -2))
+    hkv = prefix_k.shape[1]
+    work = _work_dtype(q.dtype)
+    q5, dout5 = _grouped(q, hkv).to(work), _grouped(dout, hkv).to(work)
+    probs = torch.exp(_prefix_scores(q5, prefix_k, scale) - _grouped(lse, hkv).to(work).unsqueeze(-1))
+    delta = (dout5 * _grouped(out, hkv).to(work)).sum(-1, keepdim=True)
+    dp = torch.matmul(dout5, prefix_v.to(work)[:, :, None].transpose(-1, -2))
     ds = probs * (dp - delta)
-    dq = torch.matmul(ds, prefix_k.to(work)) * scale
-    dpk = torch.matmul(ds.transpose(-1, -2), q_w) * scale
-    dpv = torch.matmul(probs.transpose(-1, -2), dout_w)
-    return dq, dpk, dpv
+    dq = torch.matmul(ds, prefix_k.to(work)[:, :, None]) * scale
+    dpk = torch.matmul(ds.transpose(-1, -2), q5).sum(2) * scale
+    dpv = torch.matmul(probs.transpose(-1, -2), dout5).sum(2)
+    return dq.reshape(q.shape), dpk, dpv
 
 
 def _merge(partials: list, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -250,21 +229,19 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
     lse_flash = lse.float() if q.dtype != torch.float64 else lse
     dout, out = dout.contiguous(), out.contiguous()
     if has_prefix and (need_q or need_prefix) and sq > 0:
-        gq, gk, gv = _prefix_partial_backward(_fold(dout, hkv), _fold(q, hkv), _fold(out, hkv), _fold(lse_flash, hkv),
-                                              prefix_k, prefix_v, sm_scale)
+        gq, gk, gv = _prefix_partial_backward(dout, q, out, lse_flash, prefix_k, prefix_v, sm_scale)
         if need_q:
-            dq += _unfold(gq, hq)
+            dq += gq
         if need_prefix:
             dpk, dpv = _prefix_grad(gk, prefix_k), _prefix_grad(gv, prefix_v)
     if skv > 0 and (need_q or need_kv) and sq > 0:
         plan = _SequencePlan(q, k, key_padding_mask, causal)
-        gq, gk, gv = _flash_backward(plan.queries(dout, hkv), plan.queries(q, hkv), plan.keys(k), plan.keys(v),
-                                     plan.queries(out, hkv), plan.queries(lse_flash, hkv), 0.0, plan.is_causal,
-                                     attn_mask=plan.attn_mask, scale=sm_scale)
+        gq, gk, gv = _flash_backward(dout, q, k, v, out, lse_flash, 0.0, plan.is_causal, attn_mask=plan.attn_mask,
+                                     scale=sm_scale)
         if need_q:
-            dq += _unfold(gq, hq) if plan.fold else gq
+            dq += gq
         if need_kv:
-            dk, dv = plan.key_grad(gk, hkv), plan.key_grad(gv, hkv)
+            dk, dv = gk, gv
     if need_kv and dk is None:
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     if need_prefix and dpk is None:
