@@ -44,12 +44,20 @@ of 30 interleaved rounds). Native kernels on bf16 inputs, ms:
 Where two kernels tie, the fp32 one (more accurate) keeps the rows: AMX from
 8 rows forward, from 16 for the input gradient (which saves the 8 MiB bf16
 copy of W there more than time). At 512-2048 rows dequant+mm beat the AMX
-kernels by 1.0-1.5x, hence ``BF16_AMX_MAX_ROWS``. Whole layers, fastpeft /
-peer time (median of per-round ratios), bf16, M = 1 / 64 / 256: NF4 vs
-bitsandbytes ``Linear4bit`` 0.31 / 0.42 / 0.60 forward, 0.19 / 0.46 / 0.73
-forward+backward; QLoRA (r = 16) vs PEFT on bitsandbytes 0.38 / 0.55 / 0.55
-and 0.25 / 0.54 / 0.70. Errors against float64 equal plain torch bf16's
-(2.3e-3 NF4, 2.5e-3 QLoRA) or are lower (1.6e-3: the fp32 GEMV at M = 1).
+kernels by 1.0-1.5x, hence ``BF16_AMX_MAX_ROWS``.
+
+Whole layers (``--m 1 64 256 --rounds 30 --threads 1 --clock thread-cpu``, final
+code), fastpeft / peer time, median of per-round ratios, M = 1 / 64 / 256:
+
+    bf16  NF4 vs bitsandbytes Linear4bit   fwd 0.29 / 0.57 / 0.68   fwd+bwd 0.20 / 0.52 / 0.63
+    bf16  QLoRA r=16 vs PEFT on bnb        fwd 0.37 / 0.65 / 0.65   fwd+bwd 0.26 / 0.56 / 0.73
+    fp32  NF4 vs bitsandbytes Linear4bit   fwd 0.24 / 1.04 / 0.99   fwd+bwd 0.23 / 0.81 / 0.96
+    fp32  QLoRA r=16 vs PEFT on bnb        fwd 0.25 / 1.01 / 0.93   fwd+bwd 0.30 / 0.81 / 0.93
+
+Errors against float64 equal plain torch bf16's (2.3e-3 NF4, 2.5e-3 QLoRA) or
+are lower (1.6e-3: the fp32 GEMV at M = 1); fp32 errors are within 1.3x of
+torch fp32's (the M = 1 input-gradient GEMV) or equal to them.
+
 The extension is compiled on first call (see fastpeft/_native).
 """
 from __future__ import annotations
