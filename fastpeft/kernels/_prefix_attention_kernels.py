@@ -36,6 +36,10 @@ import triton.language as tl
 
 from ._common import mma
 
+# Lengths and head counts only bound loops and masks (never the contiguous head-dim axis): specialising
+# them (== 1, % 16) buys nothing and made fp32 variants spill, so they are not specialised.
+_LENGTHS = ["Hq", "Hkv", "Sq", "Skv", "P", "GROUP", "num_seq_blocks"]
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -75,7 +79,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale,
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _prefix_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, o_ptr, lse_ptr,
         Hq, Sq, Skv, P, GROUP, D,
@@ -148,7 +152,7 @@ def _prefix_attention_fwd_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rows, lse, mask=in_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _prefix_attention_delta_kernel(
         o_ptr, do_ptr, delta_ptr, Hq, Sq, D,
         stride_ob, stride_oh, stride_om, stride_od,
@@ -219,7 +223,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_row, b, hk
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _prefix_attention_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
         dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
@@ -297,7 +301,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, visible, qk_scale,
     return mma(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _prefix_attention_dq_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         Hq, Sq, Skv, P, GROUP, D,

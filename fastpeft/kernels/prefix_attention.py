@@ -245,8 +245,8 @@ def _reduce_prefix_grad(partial: Tensor, prefix: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- AOT report
 def aot_launches() -> None:
     """Every kernel variant the launchers run: each dtype, D in {64, 128}; HF's transposed layout;
-    sequence lengths and prefix lengths that are multiples of 16 or not, decode (one query, against a
-    cache or alone); causal and not, and with a padding mask or without a prefix."""
+    training and decode lengths (lengths are not specialised, so one variant serves every length
+    of a config); causal and not, with a padding mask, without a prefix."""
     hq, hkv = 8, 2
     shapes = ((2, 128, 128, 32), (2, 100, 100, 10), (1, 1, 1, 10), (2, 1, 100, 10))  # (B, Sq, Skv, P)
     for dtype, t in _common.TRITON_DTYPE.items():
@@ -262,15 +262,15 @@ def aot_launches() -> None:
                 if sq == skv == 100:
                     flags += [(True, True, True), (False, True, False)]
                 for has_prefix, causal, has_mask in flags:
-                    tag = (f"sq{sq},skv{skv},p{p if has_prefix else 0}" + (",causal" if causal else "") +
-                           (",mask" if has_mask else ""))
+                    tag = ("prefix" if has_prefix else "noprefix") + (",causal" if causal else "") + \
+                          (",mask" if has_mask else "")
                     prefix = (pk, pv) if has_prefix else (None, None)
                     mask = torch.ones(b, skv, dtype=torch.bool) if has_mask else None
                     fwd_cfg = forward_config(sq, dtype, head_block(d))
                     with launch_label(f"{t},d{d},{tag},{fwd_cfg.name}", is_gemm=is_gemm):
                         out, lse = prefix_attention_forward(q, k, v, *prefix, mask, causal, None)
                     dout = torch.empty_like(out)
-                    with launch_label(f"{t},d{d},sq{sq},delta", is_gemm=False):  # first label wins: not a GEMM
+                    with launch_label(f"{t},d{d},delta", is_gemm=False):  # first label wins: not a GEMM
                         row_delta(out, dout)
                     dkdv_cfg, dq_cfg = backward_configs(dtype, head_block(d))
                     with launch_label(f"{t},d{d},{tag},{dkdv_cfg.name}+{dq_cfg.name}", is_gemm=is_gemm):

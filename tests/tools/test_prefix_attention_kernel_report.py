@@ -27,21 +27,22 @@ def rows(report_rows):
 
 def test_every_variant_is_compiled_for_every_arch(rows):
     names = {r.name for r in rows}
-    assert len(names) > 100
+    assert len(names) > 60
     for arch in ARCHES:
         assert sorted(r.name for r in rows if r.arch == arch) == sorted(names)
 
 
-def test_variants_cover_every_kernel_dtype_head_dim_shape_class_and_flag(rows):
+def test_variants_cover_every_kernel_dtype_head_dim_and_flag(rows):
     names = {r.name for r in rows}
     for kernel in ("fwd", "dkdv", "dq"):
         for dtype in ("fp32", "fp16", "bf16"):
             for d in ("d64", "d128"):
-                prefix = f"prefix_attention_{kernel}[{dtype},{d},"
-                for tag in ("sq128,skv128,p32,", "sq100,skv100,p10,", "sq1,skv1,p10,", "sq1,skv100,p10,",
-                            "sq100,skv100,p10,causal,", "sq100,skv100,p10,causal,mask,", "sq100,skv100,p0,causal,"):
-                    assert any(n.startswith(prefix + tag) for n in names), prefix + tag
-    assert any(",fwd_decode" in n for n in names)
+                for tag in ("prefix,", "prefix,causal,", "prefix,causal,mask,", "noprefix,causal,"):
+                    assert any(n.startswith(f"prefix_attention_{kernel}[{dtype},{d},{tag}") for n in names), \
+                        (kernel, dtype, d, tag)
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert f"prefix_attention_delta[{dtype},d64,delta]" in names
+    assert any(",fwd_decode]" in n for n in names)
 
 
 def test_every_variant_passes_the_gate_but_wgmma_overlap(rows):
