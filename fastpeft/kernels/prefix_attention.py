@@ -58,7 +58,7 @@ def head_block(d: int) -> int:
 _FWD = {
     (False, 64): LaunchConfig("fwd_d64", 128, 64, 0, num_warps=8, num_stages=3),
     (False, 128): LaunchConfig("fwd_d128", 64, 64, 0, num_warps=8, num_stages=3),
-    (True, 64): LaunchConfig("fwd_fp32_d64", 32, 16, 0, num_warps=4, num_stages=1),
+    (True, 64): LaunchConfig("fwd_fp32_d64", 32, 16, 0, num_warps=8, num_stages=1),
     (True, 128): LaunchConfig("fwd_fp32_d128", 32, 16, 0, num_warps=8, num_stages=1),
 }
 _FWD_DECODE = LaunchConfig("fwd_decode", 16, 32, 0, num_warps=4, num_stages=3)  # Sq <= 16, fp16/bf16
