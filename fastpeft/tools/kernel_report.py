@@ -22,9 +22,9 @@ a cubin. From them:
   the number of asynchronous copies (``LDGSTS`` and sm_90's TMA ``UTMALDG``):
   narrow, synchronous loads are what a vectorisation or pipelining regression
   looks like;
-- ``wgmma_async``: on sm_90, whether the wgmma main loop keeps a group in
-  flight (some ``WARPGROUP.DEPBAR.LE gsb0`` waits for a count above 0) rather
-  than waiting for every wgmma to finish;
+- ``wgmma_async``: on sm_90, whether the main wgmma loop (the loop with the
+  most wgmmas) keeps a group in flight (one of its ``WARPGROUP.DEPBAR.LE
+  gsb0`` waits leaves a count above 0) rather than waiting for every wgmma;
 - ``ctas_per_sm``: resident CTAs per SM from registers (allocated per warp in
   units of 256), shared memory (plus 1 KB reserved per CTA) and threads.
 
@@ -149,9 +149,31 @@ def _load_widths(sass: str) -> tuple[int, int]:
     return (max(widths) if widths else 0), asynchronous
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
 def _wgmma_async(sass: str) -> bool:
-    """Some wgmma wait leaves a group in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x1`` or more)."""
-    return any(int(count, 16) > 0 for count in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", sass))
+    """Whether the main wgmma loop keeps a wgmma group in flight (True when no loop issues wgmma).
+
+    Loops are the backward branches of the SASS (``BRA`` to a lower address);
+    the main wgmma loop is the one with the most ``HGMMA`` instructions. It is
+    asynchronous when one of its ``WARPGROUP.DEPBAR.LE gsb0`` waits leaves a
+    group in flight (a count above 0); a kernel whose wgmmas run outside any
+    loop (one product per program) has nothing to overlap.
+    """
+    lines = [(int(address, 16), text) for address, text in _SASS_LINE.findall(sass)]
+    loops = [(int(target, 16), address) for address, text in lines
+             for target in re.findall(r"\bBRA\s+(0x[0-9a-f]+)", text) if int(target, 16) < address]
+    best, best_count = None, 0
+    for start, end in loops:
+        body = [text for address, text in lines if start <= address <= end]
+        count = sum(text.startswith("HGMMA") for text in body)
+        if count and count >= best_count:
+            best, best_count = body, count
+    if best is None:
+        return True
+    waits = [int(n, 16) for text in best for n in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", text)]
+    return any(n > 0 for n in waits)
 
 
 def _cubin_usage(cubin: bytes) -> tuple:

@@ -109,11 +109,23 @@ def test_occupancy_estimate():
     assert _row(arch=90, num_warps=16, registers=32, shared_bytes=0).ctas_per_sm == 4
 
 
-def test_wgmma_async_is_read_from_sass():
+def _sass(*instructions):
+    return "\n".join(f"        /*{16 * i:04x}*/   {text} ;   /* 0x0 */" for i, text in enumerate(instructions))
+
+
+def test_wgmma_async_is_read_from_the_main_wgmma_loop():
     from fastpeft.tools.kernel_report import _wgmma_async
 
-    assert _wgmma_async("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x1 ;")
-    assert not _wgmma_async("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;")
+    wgmma, wait0, wait1 = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0", \
+        "WARPGROUP.DEPBAR.LE gsb0, 0x1"
+    # a prologue loop that waits to 0 (the LoRA rank loop) and a main loop with more wgmmas that keeps one in flight
+    prologue_sync_main_async = _sass("NOP", wgmma, wait0, "@!P0 BRA 0x0010", "NOP", wgmma, wgmma, wait1,
+                                     "@!P1 BRA 0x0050", wait0, "EXIT")
+    assert _wgmma_async(prologue_sync_main_async)
+    main_sync = _sass("NOP", wgmma, wgmma, wait0, "@!P1 BRA 0x0010", "EXIT")
+    assert not _wgmma_async(main_sync)
+    assert _wgmma_async(_sass(wgmma, wait0, "EXIT"))  # one product per program: no loop to overlap
+    assert _wgmma_async(_sass("NOP", "BRA 0x0000"))     # no wgmma at all
 
 
 def test_load_widths_are_read_from_sass():
