@@ -220,13 +220,25 @@ class BottleneckAdapter(PeftLayer):
                 hidden_states = hidden_states + input_tensor
         if not self.residual_before_ln:
             residual = hidden_states
+        if residual is None:
+            # AdapterHub fails here too (it takes the residual after the LayerNorm it does not have).
+            raise ValueError("residual_before_ln='post_add' needs the block's layer_norm: without one (a pre-LN "
+                             "block) there is no post-add residual; use residual_before_ln=True or False")
         if query_before_ln is not None and not query_before_ln:
             query = hidden_states
         return hidden_states, query, residual
 
     def post_forward(self, hidden_states: Tensor, input_tensor: Optional[Tensor],
-                     layer_norm: Optional[nn.Module]) -> Tensor:
-        """AdapterHub's ``post_forward``: the block's residual and LayerNorm after the adapter (original_ln_after)."""
+                     layer_norm: Optional[nn.Module], input_hidden_states: Optional[Tensor] = None) -> Tensor:
+        """AdapterHub's ``post_forward``: the block's residual and LayerNorm after the adapter (original_ln_after).
+
+        A parallel adapter first adds ``input_hidden_states`` (the sub-layer
+        output its branch runs beside), as AdapterHub's ``ParallelAdapter`` does.
+        """
+        if self.is_parallel:
+            if input_hidden_states is None:
+                raise ValueError("a parallel adapter's post_forward needs input_hidden_states (the sub-layer output)")
+            hidden_states = hidden_states + input_hidden_states
         if self.original_ln_after:
             if layer_norm is not None:
                 return layer_norm(hidden_states + input_tensor)

@@ -221,8 +221,12 @@ def test_pre_forward_is_adapterhubs(residual_before_ln, original_ln_before, quer
     module = BottleneckAdapter(H, residual_before_ln=residual_before_ln, original_ln_before=original_ln_before)
     ln = nn.LayerNorm(H) if with_ln else None
     h, inp = torch.randn(2, 3, H), torch.randn(2, 3, H)
-    got = module.pre_forward(h, inp, ln, query_before_ln)
     want = adapterhub_pre_forward(h, inp, ln, residual_before_ln, original_ln_before, query_before_ln)
+    if want[2] is None:  # no residual: AdapterHub's forward then fails on it; fastpeft says why up front
+        with pytest.raises(ValueError, match="post_add"):
+            module.pre_forward(h, inp, ln, query_before_ln)
+        return
+    got = module.pre_forward(h, inp, ln, query_before_ln)
     for g, w in zip(got, want):
         assert (g is None) == (w is None)
         if w is not None:
@@ -235,6 +239,17 @@ def test_parallel_pre_forward_returns_the_block_input():
     out, query, residual = module.pre_forward(h, inp, nn.LayerNorm(H), query_before_ln=True)
     assert out is inp and query is inp and residual is inp
     assert module.pre_forward(h, inp, None)[1] is None
+
+
+def test_parallel_post_forward_adds_the_sublayer_output_first():
+    """AdapterHub's ParallelAdapter.post_forward: (adapter out + sub-layer out), then the block's residual and LN."""
+    module = BottleneckAdapter(H, is_parallel=True, original_ln_after=True)
+    ln = nn.LayerNorm(H)
+    adapter_out, sublayer_out, block_in = torch.randn(2, 3, H), torch.randn(2, 3, H), torch.randn(2, 3, H)
+    got = module.post_forward(adapter_out, block_in, ln, input_hidden_states=sublayer_out)
+    torch.testing.assert_close(got, ln(adapter_out + sublayer_out + block_in))
+    with pytest.raises(ValueError, match="input_hidden_states"):
+        module.post_forward(adapter_out, block_in, ln)
 
 
 @pytest.mark.parametrize("original_ln_after", BOOLS)
