@@ -48,11 +48,11 @@ _SHRINK_HALF = (
     LaunchConfig("shrink_m64", 64, 0, 64, 4, 3),
 )
 _SHRINK_FP32 = (
-    LaunchConfig("shrink32_m16", 16, 0, 64, 4, 3),
+    LaunchConfig("shrink32_m16", 16, 0, 64, 4, 2),
     LaunchConfig("shrink32_m64", 64, 0, 16, 8, 3),
 )
 # Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_m cols, block_k = loop step over M.
-_REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 8, 3),)
+_REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 4, 3),)  # 8 warps spill on sm_80 for r <= 16
 _REDUCE_FP32 = (LaunchConfig("reduce32", 64, 0, 32, 8, 3),)
 
 MASK_BLOCK = (32, 64)  # dropout_mask kernel tile [rows, cols]

@@ -72,7 +72,7 @@ def _config_table(block_b: int, fp32: bool) -> tuple[LaunchConfig, LaunchConfig,
     warps = 4 if block_b <= 64 else 8
     if fp32:
         forward = LaunchConfig(name, 32, 64, 32, warps, 2)
-        rows = LaunchConfig(name, 16, 32, 0, warps, 1 if block_b <= 64 else 2)
+        rows = LaunchConfig(name, 16, 32 if block_b <= 64 else 16, 0, warps, 1 if block_b <= 64 else 2)
     else:
         forward = LaunchConfig(name, 32 if block_b == 256 else 64, 64, 64 if block_b <= 64 else 32, warps,
                                3 if block_b <= 64 else 2)

@@ -35,6 +35,8 @@ GEMV_MAX_M = 16
 # in between.
 _GEMM = {
     "16bit": dict(small=LaunchConfig("small", 64, 64, 64, 4, 3), large=LaunchConfig("large", 128, 128, 64, 8, 3),
+                  # with the LoRA term the 128 x 128 tile spills on sm_80 (r = 8: 200 B); 128 x 64 does not
+                  large_lora=LaunchConfig("large_lora", 128, 64, 64, 8, 3),
                   bwd=LaunchConfig("bwd", 64, 64, 64, 4, 3)),
     "tf32": dict(small=LaunchConfig("small", 64, 64, 32, 4, 3), large=LaunchConfig("large", 128, 64, 32, 8, 3),
                  bwd=LaunchConfig("bwd", 64, 32, 64, 4, 3)),
@@ -63,10 +65,13 @@ def _gemm_family(dtype: torch.dtype) -> str:
     return "16bit" if dtype != torch.float32 else dot_precision(dtype)
 
 
-def forward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16) -> LaunchConfig:
+def forward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
+                   has_lora: bool = False) -> LaunchConfig:
     if m <= GEMV_MAX_M:
         return _cap_block_k(_GEMV[triton.next_power_of_2(max(m, 1))], blocksize)
-    return _cap_block_k(_GEMM[_gemm_family(dtype)]["large" if m >= 1024 else "small"], blocksize)
+    family = _GEMM[_gemm_family(dtype)]
+    label = "small" if m < 1024 else ("large_lora" if has_lora and "large_lora" in family else "large")
+    return _cap_block_k(family[label], blocksize)
 
 
 def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16) -> LaunchConfig:
@@ -137,8 +142,8 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     y = _output(out, (m, n), x2d, "out")
     if m == 0 or n == 0:
         return y
-    cfg = config or forward_config(m, blocksize, x2d.dtype)
     has_lora = lora_h is not None
+    cfg = config or forward_config(m, blocksize, x2d.dtype, has_lora)
     r = lora_h.shape[1] if has_lora else 0
     h = lora_h if has_lora else y
     lb = lora_B if has_lora else y
