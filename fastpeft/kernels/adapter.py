@@ -301,11 +301,13 @@ def _aot_layer(h: int, b: int, dtype: torch.dtype, act: str, every_variant: bool
     down_w, up_w, down_b, up_b, channel = rand(b, h), rand(h, b), rand(b), rand(h), rand(h)
     big_x = rand(AOT_LONG_TOKENS, h)  # enough rows for the fused forward without split-K
     _, pre = adapter_forward(x, down_w, up_w, down_b, up_b, residual, 1.0, channel, act, 0.1, 1, True)
+    adapter_forward(x[:1], down_w, up_w, down_b, up_b, x[:1], 1.0, channel, act, 0.1, 1, True)  # few rows: split-K
     adapter_forward(big_x, down_w, up_w, down_b, up_b, big_x, 1.0, channel, act, 0.1, 1, True)
     adapter_backward(dy, x, down_w, up_w, up_b, pre, 1.0, rand(), act, 0.1, 1, *[True] * 6)
     if every_variant:
-        for inference_x in (x[:1], big_x):  # one token (split-K) and many
-            adapter_forward(inference_x, down_w, up_w, None, None, inference_x, 2.0, None, act, 0.0, 0, False)
+        for inference_x in (x[:1], big_x):  # one token (split-K) and many; with AdapterHub's biases and without
+            for biases in ((down_b, up_b), (None, None)):
+                adapter_forward(inference_x, down_w, up_w, *biases, inference_x, 2.0, None, act, 0.0, 0, False)
         adapter_backward(dy, x, down_w, up_w, None, pre, 4.0, None, act, 0.0, 0, False, True, True, True, True, False)
 
 

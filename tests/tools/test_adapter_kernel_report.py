@@ -37,7 +37,7 @@ def test_half_precision_adapter_variants_use_tensor_cores(adapter_rows):
         else:
             assert not r.is_gemm, r.name
     kernels = {r.name.split("[")[0] for r in adapter_rows if r.is_gemm}
-    assert kernels == {"adapter_forward", "adapter_backward_rows", "adapter_reduce"}
+    assert kernels == {"adapter_forward", "adapter_down", "adapter_backward_rows", "adapter_reduce"}
 
 
 def test_the_largest_bottleneck_and_every_activation_are_covered(adapter_rows):

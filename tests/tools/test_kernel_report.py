@@ -220,7 +220,7 @@ def test_dropout_code_compiles_away_when_off():
         "from triton.backends.compiler import GPUTarget\n"
         "from triton.compiler import ASTSource\n"
         "for spec in lora.aot_specs():\n"
-        "    if spec.name not in ('lora_shrink[fp16,r16,m64,fwd]', 'lora_reduce[fp16,r16,m1,bwd_dropout]'):\n"
+        "    if spec.name not in ('lora_shrink[fp16,r16,m64,fwd]', 'lora_reduce[fp16,r16,m16,bwd_dropout]'):\n"
         "        continue\n"
         "    for drop in (True, False):\n"
         "        src = ASTSource(spec.fn, spec.signature, dict(spec.constexprs, DROPOUT=drop), spec.attrs)\n"
