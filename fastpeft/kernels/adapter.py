@@ -74,8 +74,9 @@ def _config_table(block_b: int, fp32: bool) -> tuple[LaunchConfig, LaunchConfig,
         forward = LaunchConfig(name, 32, 64, 32, warps, 2)
         rows = LaunchConfig(name, 16, 32 if block_b <= 64 else 16, 0, warps, 1 if block_b <= 64 else 2)
     else:
-        forward = LaunchConfig(name, 32 if block_b == 256 else 64, 64, 64 if block_b <= 64 else 32, warps,
-                               3 if block_b <= 64 else 2)
+        # b = 256: 32-wide output tiles (64-wide ones spill 8 B on sm_80 in the few-rows path with biases)
+        forward = LaunchConfig(name, 32 if block_b == 256 else 64, 32 if block_b == 256 else 64,
+                               64 if block_b <= 64 else 32, warps, 3 if block_b <= 64 else 2)
         rows = LaunchConfig(name, 32 if block_b == 256 else 64, 32, 0, 8, 2)
     reduce = LaunchConfig(name, 64, min(block_b, 128), 32, warps, 1 if fp32 else 2)
     return forward, rows, reduce
