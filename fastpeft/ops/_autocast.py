@@ -18,6 +18,8 @@ never recast by autocast behind their back.
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 from typing import Optional
 
@@ -60,3 +62,13 @@ def autocast_off(device_type: str):
 
 def _eligible(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dtype != torch.float64
+
+
+def outside_autocast(backward):
+    """Decorates a Function's ``backward(ctx, dy)``: a backward run inside an autocast region must not recast."""
+    @functools.wraps(backward)
+    def run(ctx, dy):
+        with autocast_off(dy.device.type):
+            return backward(ctx, dy)
+
+    return run

@@ -29,7 +29,7 @@ from .._backend import Backend, select_backend
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
                            check_scaling, check_tensor)
 from . import lora_cpu
-from ._autocast import autocast_inputs, autocast_off
+from ._autocast import autocast_inputs, autocast_off, outside_autocast
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import check_seed, draw_seed, seed_value
@@ -90,12 +90,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @outside_autocast
     def backward(ctx, dy):
-        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
-            return LoRALinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         need = needs(ctx, LORA_INPUTS)
         dy2d = dy.reshape(-1, dy.shape[-1])

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .._validation import FLOAT_DTYPES, check_dim, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
-from ._autocast import autocast_inputs, autocast_off
+from ._autocast import autocast_inputs, autocast_off, outside_autocast
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation
 from .nf4_cpu import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
@@ -78,12 +78,8 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @outside_autocast
     def backward(ctx, dy):
-        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
-            return NF4LinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         packed, absmax, code = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, NF4_INPUTS)

@@ -26,7 +26,7 @@ from .._validation import FLOAT_DTYPES, check_lora_adapter, check_probability, c
     check_tensor
 from ..quant.nf4 import NF4Weight
 from . import lora_cpu
-from ._autocast import autocast_inputs, autocast_off
+from ._autocast import autocast_inputs, autocast_off, outside_autocast
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
@@ -99,12 +99,8 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @outside_autocast
     def backward(ctx, dy):
-        with autocast_off(dy.device.type):  # a backward inside an autocast region must not recast (_autocast)
-            return QLoRALinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         x2d, packed, absmax, code, lora_A, lora_B, h, seed = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, QLORA_INPUTS)
