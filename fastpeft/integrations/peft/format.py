@@ -53,8 +53,11 @@ _UNSUPPORTED_WHEN_SET = {
 _LOADABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: Optional[str] = None) -> None:
+def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: Optional[str] = None,
+              task_type: Optional[str] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the LoRA layers of ``model``.
+
+    ``task_type`` is PEFT's (e.g. ``"CAUSAL_LM"``; None: PEFT wraps the model in a plain ``PeftModel``).
 
     LoRA layers are those of the "lora" kind (``fastpeft.nn.base``) (``LoRALinear``, ``QLoRALinear``).
     The LoRA tensors are saved in their own dtype. Raises ValueError when the
@@ -65,6 +68,8 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a str or None, got {type(task_type).__name__}")
     layers = lora_modules(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save; call fastpeft.apply_lora first")
@@ -78,7 +83,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
 
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -277,8 +282,8 @@ def _check_shapes(name: str, layer: nn.Module, pair: dict) -> None:
             )
 
 
-def read_lora_config(directory: str | os.PathLike) -> dict:
-    """The validated ``adapter_config.json`` of ``directory`` as a dict (defaults filled in)."""
+def read_config_json(directory: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of ``directory`` as a dict, unvalidated (any ``peft_type``)."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     path = os.path.join(directory, CONFIG_NAME)
@@ -291,6 +296,12 @@ def read_lora_config(directory: str | os.PathLike) -> dict:
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object")
+    return config
+
+
+def read_lora_config(directory: str | os.PathLike) -> dict:
+    """The validated ``adapter_config.json`` of ``directory`` as a dict (defaults filled in)."""
+    config = read_config_json(directory)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{CONFIG_NAME}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     for key, unused in _UNSUPPORTED_WHEN_SET.items():
