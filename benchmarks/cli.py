@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = machine.choose_device(args.device)
+    refuse_interpreter_on_gpu(device)
     out_dir = args.out or new_run_folder(device)
     readme_target = readme.check_target(out_dir, device.type) if args.update_readme else None
     policy = POLICIES[(device.type, args.level)]
@@ -190,6 +191,13 @@ def _remove_previous_outputs(out_dir: Path) -> None:
     for path in [out_dir / n for n in ("results.csv", "results.json", "summary.md", "kernel_report.csv")] + sorted(
             out_dir.glob("speedup_*.png")):
         path.unlink(missing_ok=True)
+
+
+def refuse_interpreter_on_gpu(device) -> None:
+    """On a GPU, TRITON_INTERPRET=1 would time the interpreter: refuse instead of printing numbers."""
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("TRITON_INTERPRET=1 runs fastpeft's Triton kernels in the interpreter; unset it to "
+                         "benchmark on a GPU")
 
 
 def _warn_about_machine(device, meta) -> None:

@@ -6,8 +6,11 @@ that a backward-only measurement needs, flush the GPU L2) and a timed
 cache that still holds the last input does not flatter anyone.
 
 - CPU: ``time.perf_counter`` around each step.
-- CUDA: a pair of CUDA events around each step, read after one final sync;
-  the L2 cache is flushed in ``prepare`` by writing a buffer larger than it.
+- CUDA: a pair of CUDA events around each step, recorded on the current
+  stream of the measured device (not of whichever GPU is current), read
+  after one final sync. Before each step the L2 cache is flushed by *reading*
+  a buffer twice its size: the lines left behind are clean, so no write-back
+  of flush data lands in the timed window.
 """
 from __future__ import annotations
 
@@ -62,17 +65,21 @@ def summarize(samples: list) -> Timing:
 
 
 class L2Flusher:
-    """Evicts the GPU L2 cache by zeroing a buffer larger than it (a no-op on CPU)."""
+    """Evicts the GPU L2 cache by reading a buffer twice its size (a no-op on CPU).
+
+    A read leaves clean lines: dirty lines of the previous step are written back
+    during the flush, and the flush's own lines need no write-back later.
+    """
 
     def __init__(self, device: torch.device):
         self.buffer = None
         if device.type == "cuda":
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20
-            self.buffer = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+            self.buffer = torch.ones(2 * l2 // 4, dtype=torch.int32, device=device)
 
     def __call__(self) -> None:
         if self.buffer is not None:
-            self.buffer.zero_()
+            self.buffer.sum()
 
 
 def measure(step: Callable[[int], object], prepare: Callable[[int], object], device: torch.device,
@@ -108,7 +115,13 @@ def _measure_cpu(step, prepare, policy: Policy) -> Timing:
 
 
 def _measure_cuda(step, prepare, device: torch.device, policy: Policy) -> Timing:
+    with torch.cuda.device(device):
+        return _measure_on_current_cuda_device(step, prepare, device, policy)
+
+
+def _measure_on_current_cuda_device(step, prepare, device: torch.device, policy: Policy) -> Timing:
     flush = L2Flusher(device)
+    stream = torch.cuda.current_stream(device)
 
     def run(n: int) -> list:
         pairs = []
@@ -116,9 +129,9 @@ def _measure_cuda(step, prepare, device: torch.device, policy: Policy) -> Timing
             prepare(i)
             flush()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             step(i)
-            end.record()
+            end.record(stream)
             pairs.append((start, end))
         torch.cuda.synchronize(device)
         return [s.elapsed_time(e) / 1e3 for s, e in pairs]

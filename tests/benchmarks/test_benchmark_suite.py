@@ -314,3 +314,60 @@ def test_kernel_report_is_one_line_and_skipped_by_default_without_a_gpu(tmp_path
     assert "\n" not in line
     assert line.startswith("kernel report: 2 configs of 1 kernels for sm_80, sm_90 (compiled in 3 s): "
                            "1 with problems (lora.fwd)") and line.endswith("kernel_report.csv")
+
+
+def test_cuda_timing_uses_the_measured_device_and_its_stream(monkeypatch):
+    """With ``--device cuda:1`` the events go on cuda:1's stream inside a cuda:1 device context (mocked CUDA)."""
+    from benchmarks import harness
+
+    entered, recorded = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(harness, "L2Flusher", lambda device: (lambda: None))
+    device = torch.device("cuda:1")
+    timing = harness.measure(lambda i: None, lambda i: None, device, harness.POLICIES[("cuda", "quick")])
+    assert timing.median_s == pytest.approx(1e-3)
+    assert entered == [device]
+    assert recorded and all(stream == ("stream of", device) for stream in recorded)
+
+
+def test_interpreter_is_refused_on_a_gpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET"):
+        cli.refuse_interpreter_on_gpu(torch.device("cuda"))
+    cli.refuse_interpreter_on_gpu(torch.device("cpu"))  # on CPU it only warns, later
+
+
+def test_l2_flush_reads_and_does_not_write():
+    """The flush reads its buffer (clean lines), it does not fill it (dirty lines to write back later)."""
+    from benchmarks.harness import L2Flusher
+
+    flusher = L2Flusher(torch.device("cpu"))
+    assert flusher.buffer is None
+    flusher()  # a no-op on CPU
+    flusher.buffer = torch.arange(1, 9, dtype=torch.int32)  # what a GPU flusher holds, here on CPU
+    flusher()
+    assert torch.equal(flusher.buffer, torch.arange(1, 9, dtype=torch.int32))
