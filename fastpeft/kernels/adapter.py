@@ -43,7 +43,8 @@ from ..ops.activations import activation_id
 from . import _common
 from ._adapter_kernels import (_adapter_backward_rows_kernel, _adapter_down_kernel, _adapter_forward_kernel,
                                _adapter_keep_kernel, _adapter_reduce_kernel)
-from ._common import LaunchConfig, cdiv, dot_precision, dropout_args, interpreter_upcast, split_seed
+from ._common import (LaunchConfig, cdiv, dot_precision, dropout_args, interpreter_upcast, launcher, on_device_of,
+                      split_seed)
 from .aot_spec import launch_label, module_specs
 
 check_kernel_dtype = _common.check_kernel_dtype
@@ -109,6 +110,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=interpreter_upcast(dtype))
 
 
+@launcher
 def adapter_forward(x2d: Tensor, down_weight: Tensor, up_weight: Tensor, down_bias: Optional[Tensor],
                     up_bias: Optional[Tensor], residual2d: Optional[Tensor], scaling: float, scale: Optional[Tensor],
                     act: str, dropout_p: float, seed: int, store_pre: bool):
@@ -183,6 +185,7 @@ def _reduce(src: Tensor, h: Tensor, activate: bool, act: str, dropout_p: float, 
     return partial[0] if splits == 1 else partial.sum(0)
 
 
+@launcher
 def adapter_backward(dy: Tensor, x2d: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Optional[Tensor],
                      pre: Tensor, scaling: float, scale: Optional[Tensor], act: str, dropout_p: float, seed: int,
                      need_dx: bool, need_down_weight: bool, need_up_weight: bool, need_down_bias: bool,
@@ -252,9 +255,10 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
         return out.bool()
     seed_lo, seed_hi = split_seed(seed)
     block_m, block_n = MASK_BLOCK
-    _adapter_keep_kernel[(cdiv(m, block_m), cdiv(h, block_n))](out, m, h, float(dropout_p), seed_lo, seed_hi,
-                                                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-                                                               num_stages=1)
+    with on_device_of(out):
+        _adapter_keep_kernel[(cdiv(m, block_m), cdiv(h, block_n))](out, m, h, float(dropout_p), seed_lo, seed_hi,
+                                                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                                                                   num_stages=1)
     return out.bool()
 
 

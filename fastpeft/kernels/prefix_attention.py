@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._common import LaunchConfig, cdiv, dot_precision, interpreter_upcast
+from ._common import LaunchConfig, cdiv, dot_precision, interpreter_upcast, launcher
 from ._prefix_attention_kernels import (_prefix_attention_delta_kernel, _prefix_attention_dkdv_kernel,
                                         _prefix_attention_dq_kernel, _prefix_attention_fwd_kernel)
 from .aot_spec import launch_label, module_specs
@@ -118,6 +118,7 @@ def _scale(scale: Optional[float], d: int) -> float:
 
 
 # --------------------------------------------------------------------------- forward
+@launcher
 def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
                              prefix_v: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
                              scale: Optional[float], config: Optional[LaunchConfig] = None) -> tuple[Tensor, Tensor]:
@@ -155,6 +156,7 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
 
 
 # --------------------------------------------------------------------------- backward
+@launcher
 def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
                               prefix_v: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor,
                               lse: Tensor, causal: bool, scale: Optional[float], need_q: bool, need_kv: bool,
@@ -225,6 +227,7 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
     return dq, dk, dv, dpk, dpv
 
 
+@launcher
 def row_delta(out: Tensor, dout: Tensor) -> Tensor:
     """``Δ = rowsum(out ∘ dout)`` as fp32 ``[B, Hq, Sq]``."""
     b, hq, sq, d = out.shape
