@@ -1,0 +1,232 @@
+"""Prefix tuning / P-tuning v2 in a transformers model, in place: ``apply_prefix_tuning``.
+
+What HF PEFT does (``PrefixTuningConfig``), without its KV-cache tricks
+(``docs/architecture.md``, "Modules"):
+
+- a ``PrefixEncoder`` (PEFT's parameters and names) is registered on the model
+  as ``PROMPT_MODULE_NAME``; every base parameter is frozen;
+- the model's attention implementation becomes ``"fastpeft_prefix"``: each
+  attention layer reads its prefix keys/values from the encoder and runs
+  ``fastpeft.ops.prefix_attention`` (``_prefix_attention_function``). The
+  KV cache of ``generate`` holds only the real tokens; gradient checkpointing
+  and ``torch.compile`` work (PEFT refuses checkpointing);
+- positions: PEFT puts the prefix in the cache, so the model numbers the real
+  tokens from ``P`` on (and PEFT adds ``P`` to ``position_ids`` a caller
+  passes). ``shift_positions=True`` (default) reproduces that exactly with one
+  forward pre-hook per model (``FAMILIES``): Llama family, the rotary
+  embedding gets ``position_ids + P``; GPT-2, the position embedding ``wpe``
+  gets ``position_ids + P``; BERT/RoBERTa, the embeddings module gets
+  ``cache_length + P`` (or ``position_ids + P``), so RoBERTa's padding tokens
+  keep the padding index and its ``inputs_embeds`` path stays unshifted, as
+  with PEFT. ``shift_positions=False`` leaves the positions the model would
+  give without a prefix (RoPE/absolute embeddings as trained, and no
+  ``P + S <= max_position_embeddings`` limit), at the price of PEFT parity.
+
+Supported: Llama (``LlamaModel`` and its heads, GQA and an explicit
+``head_dim``), GPT-2, BERT and RoBERTa (their ``*ForCausalLM`` /
+``*ForSequenceClassification`` / ... heads). Every argument is checked before
+the model is changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..nn.prefix_encoder import PrefixEncoder, _check_positive_int
+from ..nn.prompt_learning import PROMPT_MODULE_NAME, check_no_prompt_learning
+from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, register_attention_function
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Position shift hooks (forward pre-hooks with kwargs: they return the changed (args, kwargs))
+# ----------------------------------------------------------------------------------------------------------------
+
+def _shift_rotary_positions(shift: int) -> Callable:
+    """``rotary_emb(x, position_ids)``: ``position_ids + shift``."""
+    def hook(module, args, kwargs):
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = kwargs["position_ids"] + shift
+        else:
+            args = (args[0], args[1] + shift, *args[2:])
+        return args, kwargs
+    return hook
+
+
+def _shift_embedding_input(shift: int) -> Callable:
+    """A position ``nn.Embedding`` (GPT-2's ``wpe``): ``ids + shift``."""
+    def hook(module, args, kwargs):
+        if "input" in kwargs:
+            kwargs["input"] = kwargs["input"] + shift
+        else:
+            args = (args[0] + shift, *args[1:])
+        return args, kwargs
+    return hook
+
+
+def _shift_bert_embeddings(shift: int) -> Callable:
+    """``BertEmbeddings`` / ``RobertaEmbeddings``: ``position_ids + shift``, else ``cache_length + shift``.
+
+    BertModel/RobertaModel call their embeddings with keywords only.
+    """
+    def hook(module, args, kwargs):
+        if args:
+            raise TypeError(f"{type(module).__name__} was called with positional arguments; prefix tuning's "
+                            "position shift expects the keyword call BertModel/RobertaModel make")
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + shift
+        else:
+            kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
+        return args, kwargs
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model families
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefixFamily:
+    """Where a family keeps its attention layers and what numbers its positions."""
+
+    name: str
+    model_types: tuple[str, ...]
+    attention_modules: Callable[[nn.Module], list]   # backbone -> one self-attention module per layer
+    position_module: Callable[[nn.Module], nn.Module]  # backbone -> the module whose input the shift changes
+    position_hook: Callable[[int], Callable]
+
+
+FAMILIES = (
+    PrefixFamily("llama", ("llama",), lambda b: [layer.self_attn for layer in b.layers],
+                 lambda b: b.rotary_emb, _shift_rotary_positions),
+    PrefixFamily("gpt2", ("gpt2",), lambda b: [block.attn for block in b.h],
+                 lambda b: b.wpe, _shift_embedding_input),
+    PrefixFamily("bert", ("bert", "roberta"), lambda b: [layer.attention.self for layer in b.encoder.layer],
+                 lambda b: b.embeddings, _shift_bert_embeddings),
+)
+SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
+
+
+def _family(model: nn.Module) -> PrefixFamily:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    what = type(model).__name__ if config is None else f"{type(model).__name__} (model_type {model_type!r})"
+    raise TypeError(f"model: prefix tuning supports transformers models of type {list(SUPPORTED_MODEL_TYPES)} "
+                    f"(Llama family, GPT-2, BERT, RoBERTa and their heads); got {what}")
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The bare transformer inside a head model (``model.model``, ``.transformer``, ``.bert``, ...)."""
+    base = getattr(model, "base_model", model)
+    return model if base is None else base
+
+
+def _kv_geometry(model: nn.Module, attentions: list) -> tuple[int, int]:
+    """``(num_kv_heads, head_dim)`` the way PEFT derives them from the config, checked against the modules."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for attention in attentions:
+        module_dim = getattr(attention, "head_dim", getattr(attention, "attention_head_size", head_dim))
+        if module_dim != head_dim:
+            raise ValueError(f"model: attention head_dim {module_dim} differs from the config's {head_dim}")
+    return kv_heads, head_dim
+
+
+def _check_config(model: nn.Module, family: PrefixFamily) -> None:
+    config = model.config
+    if getattr(config, "sliding_window", None) is not None or getattr(config, "layer_types", None) and any(
+            t != "full_attention" for t in config.layer_types):
+        raise ValueError("model: sliding-window attention layers are not supported by prefix tuning")
+    if getattr(config, "add_cross_attention", False) or getattr(config, "is_encoder_decoder", False):
+        raise ValueError("model: cross-attention (encoder-decoder) models are not supported by prefix tuning")
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise TypeError(f"model: {type(model).__name__} does not dispatch attention through transformers' "
+                        "AttentionInterface, which prefix tuning needs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projection: bool = False,
+                        encoder_hidden_size: int | None = None, *, inference_mode: bool = False,
+                        shift_positions: bool = True) -> nn.Module:
+    """Prefix tuning (P-tuning v2) on ``model`` in place, as HF PEFT's ``PrefixTuningConfig``; returns ``model``.
+
+    - ``num_virtual_tokens``: ``P``, the prefix length of every attention layer;
+    - ``prefix_projection`` / ``encoder_hidden_size``: train the prefix through
+      PEFT's ``Embedding(P, token_dim) -> Linear -> Tanh -> Linear`` (the
+      hidden size is required then); otherwise the prefix is the parameter;
+    - ``inference_mode``: build only ``embedding [P, 2·L·token_dim]`` (frozen),
+      the form PEFT saves (``prompt_embeddings``) and loads;
+    - ``shift_positions``: number the real tokens from ``P`` on, as PEFT does
+      (default); False keeps the model's own positions (see module docstring).
+
+    The model's base parameters are frozen; only the ``PrefixEncoder``
+    (``model.fastpeft_prompt``) trains. Raises TypeError for an unsupported
+    model, ValueError for bad arguments or a model that already has a
+    prompt-learning method, before anything is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_positive_int("num_virtual_tokens", num_virtual_tokens)
+    for name, flag in (("prefix_projection", prefix_projection), ("inference_mode", inference_mode),
+                       ("shift_positions", shift_positions)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if prefix_projection and encoder_hidden_size is None:
+        raise ValueError("encoder_hidden_size is required with prefix_projection=True")
+    if encoder_hidden_size is not None:
+        _check_positive_int("encoder_hidden_size", encoder_hidden_size)
+    family = _family(model)
+    check_no_prompt_learning(model)
+    _check_config(model, family)
+    backbone = _backbone(model)
+    try:
+        attentions = family.attention_modules(backbone)
+        position_module = family.position_module(backbone)
+    except AttributeError as err:
+        raise TypeError(f"model: {type(model).__name__} does not have the {family.name} layout prefix tuning "
+                        f"expects ({err})") from None
+    if len(attentions) != model.config.num_hidden_layers:
+        raise ValueError(f"model: found {len(attentions)} attention layers, config says "
+                         f"{model.config.num_hidden_layers}")
+    kv_heads, head_dim = _kv_geometry(model, attentions)
+    first = next(model.parameters(), None)
+    encoder = PrefixEncoder(num_virtual_tokens, len(attentions), kv_heads, head_dim, prefix_projection,
+                            encoder_hidden_size, inference_mode=inference_mode,
+                            device=None if first is None else first.device)
+
+    # Everything checked: change the model.
+    register_attention_function()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.add_module(PROMPT_MODULE_NAME, encoder)
+    for layer, attention in enumerate(attentions):
+        bind_attention(attention, encoder, layer)
+    if shift_positions:
+        position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
+    encoder.shift_positions = shift_positions
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def prefix_encoder(model: nn.Module) -> PrefixEncoder:
+    """The ``PrefixEncoder`` ``apply_prefix_tuning`` put on ``model`` (ValueError if there is none)."""
+    encoder = getattr(model, PROMPT_MODULE_NAME, None)
+    if not isinstance(encoder, PrefixEncoder):
+        raise ValueError("model has no prefix tuning applied (fastpeft.apply_prefix_tuning)")
+    return encoder
+
+
+def prefix_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable prefix parameters of ``model`` (for the optimizer)."""
+    return prefix_encoder(model).peft_parameters()
