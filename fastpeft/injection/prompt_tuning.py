@@ -160,8 +160,11 @@ def _prepend_prompts(model: nn.Module, args: tuple, kwargs: dict, *, arg_names: 
 
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    prompts = layer.prompts().to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-    kw["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), inputs_embeds), dim=1)
+    # Cast after the expand, as PEFT does: the batch sum of the prompt's gradient then runs in the prompt's
+    # float32, not in a bf16 model's dtype.
+    prompts = layer.prompts().unsqueeze(0).expand(batch, -1, -1)
+    prompts = prompts.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+    kw["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
     kw["input_ids"] = None
     if task_type == CAUSAL_LM and kw.get("labels") is not None:
         kw["labels"] = _with_leading(kw["labels"], batch, num_virtual, IGNORE_INDEX, "labels")

@@ -187,12 +187,15 @@ class PromptEncoder(PromptLearningLayer):
         return self.mlp_head(weight)
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """The encoder's output (what PEFT saves), computed without dropout whatever the layer's mode."""
+        """The encoder's output (what PEFT saves), computed without dropout whatever the layer's mode.
+
+        Computed with autograd on, as PEFT does: under ``no_grad`` torch's CPU LSTM takes another kernel whose
+        result differs in the last bit.
+        """
         was_training = self.training
         self.train(False)
         try:
-            with torch.no_grad():
-                return self.prompts().detach()
+            return self.prompts().detach()
         finally:
             self.train(was_training)
 
