@@ -194,6 +194,25 @@ def test_generate_prepends_once_and_decode_steps_see_the_prompt(encoder):
     assert torch.equal(no_cache, expected)
 
 
+def test_generate_from_inputs_embeds():
+    model = _prompted("llama", encoder="mlp")
+    ids, mask = _ids(batch=2, seq=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_ids = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
+                                     max_new_tokens=4, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 5:])
+
+
+def test_mlp_encoder_ignores_encoder_num_layers_with_a_warning_as_peft():
+    with pytest.warns(UserWarning, match="encoder_num_layers=3 is ignored"):
+        model = apply_prompt_tuning(tiny_llama(), P, encoder="mlp", encoder_num_layers=3)
+    layer = prompt_learning_layer(model)
+    assert [type(m) for m in layer.mlp_head] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert layer.peft_config()["encoder_num_layers"] == 3
+
+
 def test_bf16_model_trains_fp32_prompt_and_generates():
     model = apply_prompt_tuning(tiny_llama(dtype=torch.bfloat16), P, encoder="lstm")
     layer = prompt_learning_layer(model)
