@@ -7,7 +7,9 @@ permuted strides:
   (fp32 accumulate, out in its own dtype). Forward ``h = drop(x) Aᵀ / (1-p)``; backward ``dh = dy B``.
 - ``_lora_fused_gemm_kernel``: ``out[M, N] = lora_scale · drop'(lhs @ lmat) + src @ mat + bias``
   where the accumulator starts as the LoRA term ``lhs[M, R] @ lmat[R, N]``,
-  scaled in fp32 (and masked by dropout when asked). Forward
+  scaled in fp32 (and masked by dropout when asked). The rank is padded with
+  zeros to whole 16-wide chunks (masked loads) and the chunks are unrolled
+  (``RANK_STEPS``), so every r keeps the main loop's registers and occupancy. Forward
   ``y = s · h Bᵀ + x Wᵀ + b``; backward ``dx = s/(1-p) · drop'(dh A) + dy W``.
   The LoRA scaling is applied to the fp32 accumulator, never to an fp16/bf16
   operand, so ``s · (x Aᵀ)`` cannot overflow before ``Bᵀ`` brings it down.
@@ -69,7 +71,7 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
                             lora_scale, p, seed_lo, seed_hi,
                             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-                            BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                            BLOCK_R: tl.constexpr, RANK_STEPS: tl.constexpr, GROUP_M: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,18 +79,17 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
     rows = offs_m % M
     cols = offs_n % N
 
-    # The LoRA term initialises the accumulator (lhs is [M, R], contiguous).
+    # The LoRA term initialises the accumulator (lhs is [M, R], contiguous). The rank is padded with zeros
+    # (masked loads) to RANK_STEPS chunks of BLOCK_R, unrolled: no runtime loop precedes the main loop.
     offs_r = tl.arange(0, BLOCK_R)
-    l_ptrs = lhs_ptr + rows[:, None].to(tl.int64) * R + offs_r[None, :]
-    lm_ptrs = lmat_ptr + offs_r[:, None] * stride_lr + cols[None, :] * stride_ln
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        in_r = offs_r < R - r0
-        lm = tl.load(lm_ptrs, mask=in_r[:, None], other=0.0)
-        h = tl.load(l_ptrs, mask=in_r[None, :], other=0.0).to(lm.dtype)
-        acc = mma(h, lm, acc, DOT_PRECISION, UPCAST)
-        l_ptrs += BLOCK_R
-        lm_ptrs += BLOCK_R * stride_lr
+    for step in tl.static_range(RANK_STEPS):
+        ranks = step * BLOCK_R + offs_r
+        in_r = ranks < R
+        lm = tl.load(lmat_ptr + ranks[:, None] * stride_lr + cols[None, :] * stride_ln,
+                     mask=in_r[:, None], other=0.0)
+        h = tl.load(lhs_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], mask=in_r[None, :], other=0.0)
+        acc = mma(h.to(lm.dtype), lm, acc, DOT_PRECISION, UPCAST)
     if DROPOUT:
         keep = keep_mask(seed_lo, seed_hi, offs_m, offs_n, N, p)
         acc = tl.where(keep, acc * lora_scale, 0.0)

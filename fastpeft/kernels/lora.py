@@ -84,7 +84,8 @@ def lora_fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs:
         float(lora_scale), **dropout_args(dropout_p, seed),
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_L=config.block_k,
-        BLOCK_R=cfg.GEMM_RANK_BLOCK, GROUP_M=config.group_m, **_precision_args(src.dtype),
+        BLOCK_R=cfg.GEMM_RANK_BLOCK, RANK_STEPS=cfg.gemm_rank_steps(r), GROUP_M=config.group_m,
+        **_precision_args(src.dtype),
         **config.launch_options(),
     )
 
@@ -220,10 +221,13 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
 
 
 # --------------------------------------------------------------------------- AOT report
-# What the report launches: r = 8 (not a multiple of 16: no divisibility hint on R; r = 4 specialises
-# alike), 16 and 64 (r = 32 ... 256 specialise like 64); one token count M per row-tile config (M is never
-# specialised); K = N = 4096 as in the benchmark's Llama-style layers.
-AOT_RANKS = (8, 16, 64)
+# What the report launches: r = 8 (PEFT's default; not a multiple of 16, so R carries no divisibility hint)
+# and r = 4 (the same variants as r = 8, reported under r8), 16, 32, 64 and 128. The fused GEMM unrolls a
+# power-of-two number of 16-wide rank chunks (``_lora_configs.gemm_rank_steps``), so each of 16 ... 128 is a
+# variant of its own (the longest unroll with dropout is the register-heaviest; r = 256 compiles alike);
+# the shrink and reduce kernels compile alike for every r >= 64. One token count M per row-tile config (M is
+# never specialised); K = N = 4096 as in the benchmark's Llama-style layers.
+AOT_RANKS = (8, 4, 16, 32, 64, 128)
 AOT_TOKENS = (16, 64, 2048)
 AOT_FEATURES = 4096
 
