@@ -19,7 +19,8 @@ for these methods, so PEFT's checkpoints give PEFT's outputs:
 
 Generation: a forward whose cache already holds tokens is a decode step; its
 virtual tokens are in the cache, so nothing is prepended and only the attention
-mask gets its ``P`` leading ones. ``model.generate`` therefore prepends the
+mask gets its ``P`` leading ones (a mask passed to the model always covers the
+real tokens only). ``model.generate`` therefore prepends the
 prompt once (at prefill) and decode steps still attend to it, which is what
 PEFT's ``generate`` means to do. (PEFT 0.21.2 on transformers 5.24 looks for
 the cache under its old name ``past_key_values`` and prepends the prompt again on
@@ -28,6 +29,9 @@ every step; the tests check against PEFT's forward instead.)
 Supported: decoder-only causal LMs (``GenerationMixin``), ``*ForSequenceClassification``
 and bare backbones (``BertModel``, ``LlamaModel``) whose input embedding is an
 ``nn.Embedding``. Everything is checked before the model is touched.
+Classifiers that pool the last non-padding token (``LlamaForSequenceClassification``,
+``GPT2ForSequenceClassification``) see ``inputs_embeds``, not ids, so they pool
+the last position, as under PEFT: pad such inputs on the left.
 """
 from __future__ import annotations
 

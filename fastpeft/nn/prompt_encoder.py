@@ -75,6 +75,9 @@ class PromptEmbedding(PromptLearningLayer):
 
     peft_kind: ClassVar[str] = "prompt"
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    # PEFT's task type of the model the layer was applied to (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION); set by
+    # fastpeft.injection.prompt_tuning.apply_prompt_tuning, None for a free-standing layer.
+    task_type: Optional[str] = None
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, *, num_attention_heads: Optional[int] = None,
                  num_layers: Optional[int] = None, init: str = "random", init_text: Optional[str] = None,
@@ -127,7 +130,7 @@ class PromptEmbedding(PromptLearningLayer):
 
 
 class PromptEncoder(PromptLearningLayer):
-    """P-tuning: virtual tokens produced by an MLP or LSTM encoder from a trainable embedding (PEFT's ``PromptEncoder``).
+    """P-tuning: virtual tokens made by an MLP or LSTM encoder from a trainable embedding (PEFT's PromptEncoder).
 
     ``encoder_hidden_size`` defaults to ``token_dim`` (as PEFT fills it in).
     See the module docstring for the architecture and ``inference_mode``.
@@ -135,6 +138,9 @@ class PromptEncoder(PromptLearningLayer):
 
     peft_kind: ClassVar[str] = "prompt"
     peft_type: ClassVar[str] = "P_TUNING"
+    # PEFT's task type of the model the layer was applied to (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION); set by
+    # fastpeft.injection.prompt_tuning.apply_prompt_tuning, None for a free-standing layer.
+    task_type: Optional[str] = None
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, *, encoder: str = "mlp",
                  encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2,

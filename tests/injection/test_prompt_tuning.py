@@ -333,6 +333,13 @@ def test_bad_arguments_raise_before_the_model_changes(kwargs, exc, match):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_bare_decoder_is_feature_extraction():
+    model = apply_prompt_tuning(tiny_llama().model, P)
+    assert prompt_learning_layer(model).task_type == "FEATURE_EXTRACTION"
+    ids, mask = _ids()
+    assert model(ids, mask).last_hidden_state.shape == (3, P + 6, 64)
+
+
 def test_unsupported_models_and_applying_twice():
     from transformers import BertConfig, BertForMaskedLM
 
