@@ -48,8 +48,8 @@ def _lora_shrink_kernel(src_ptr, mat_ptr, out_ptr, M, L, R,
     offs_l = tl.arange(0, BLOCK_L)
     rows = offs_m % M
     ranks = offs_r % R
-    s_ptrs = src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_l[None, :] * stride_sl
-    m_ptrs = mat_ptr + offs_l[:, None] * stride_ml + ranks[None, :] * stride_mr
+    s_ptrs = src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_l[None, :].to(tl.int64) * stride_sl
+    m_ptrs = mat_ptr + offs_l[:, None].to(tl.int64) * stride_ml + ranks[None, :].to(tl.int64) * stride_mr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         in_l = offs_l < L - l0
@@ -59,8 +59,8 @@ def _lora_shrink_kernel(src_ptr, mat_ptr, out_ptr, M, L, R,
             a = tl.where(keep, a, tl.zeros_like(a))
         b = tl.load(m_ptrs, mask=in_l[:, None], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST)
-        s_ptrs += BLOCK_L * stride_sl
-        m_ptrs += BLOCK_L * stride_ml
+        s_ptrs += BLOCK_L * tl.cast(stride_sl, tl.int64)
+        m_ptrs += BLOCK_L * tl.cast(stride_ml, tl.int64)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
@@ -86,7 +86,7 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
     for step in tl.static_range(RANK_STEPS):
         ranks = step * BLOCK_R + offs_r
         in_r = ranks < R
-        lm = tl.load(lmat_ptr + ranks[:, None] * stride_lr + cols[None, :] * stride_ln,
+        lm = tl.load(lmat_ptr + ranks[:, None].to(tl.int64) * stride_lr + cols[None, :].to(tl.int64) * stride_ln,
                      mask=in_r[:, None], other=0.0)
         h = tl.load(lhs_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], mask=in_r[None, :], other=0.0)
         acc = mma(h.to(lm.dtype), lm, acc, DOT_PRECISION, UPCAST)
@@ -97,15 +97,15 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
         acc = acc * lora_scale
 
     offs_l = tl.arange(0, BLOCK_L)
-    s_ptrs = src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_l[None, :] * stride_sl
+    s_ptrs = src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_l[None, :].to(tl.int64) * stride_sl
     m_ptrs = mat_ptr + offs_l[:, None].to(tl.int64) * stride_ml + cols[None, :].to(tl.int64) * stride_mn
     for l0 in range(0, L, BLOCK_L):
         in_l = offs_l < L - l0
         a = tl.load(s_ptrs, mask=in_l[None, :], other=0.0)
         b = tl.load(m_ptrs, mask=in_l[:, None], other=0.0)
         acc = mma(a, b, acc, DOT_PRECISION, UPCAST)
-        s_ptrs += BLOCK_L * stride_sl
-        m_ptrs += BLOCK_L * stride_ml
+        s_ptrs += BLOCK_L * tl.cast(stride_sl, tl.int64)
+        m_ptrs += BLOCK_L * tl.cast(stride_ml, tl.int64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols.to(tl.int64) * stride_bias).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -122,7 +122,7 @@ def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    m_start = pid_s * rows_per_split
+    m_start = tl.minimum(pid_s.to(tl.int64) * rows_per_split, M).to(tl.int32)  # < 2**31: i32 from here on
     m_end = min(M, m_start + rows_per_split)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -141,9 +141,10 @@ def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
             a = tl.where(keep, a, tl.zeros_like(a))
         h = tl.load(h_ptrs, mask=in_m[:, None], other=0.0).to(a.dtype)
         acc = mma(tl.trans(a), h, acc, DOT_PRECISION, UPCAST)
-        s_ptrs += BLOCK_M * stride_sm
+        s_ptrs += BLOCK_M * tl.cast(stride_sm, tl.int64)
         h_ptrs += BLOCK_M * R
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
+    out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None].to(tl.int64) * stride_op
+                + offs_r[None, :].to(tl.int64) * stride_or)
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty),
              mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
 
