@@ -26,7 +26,7 @@ KEY = {"llama": "logits", "gpt2": "logits", "bert_cls": "logits", "bert": "last_
 
 def _ids(batch=3, seq=6, seed=1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g, device="cpu").to(torch.get_default_device())
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     return ids, mask
@@ -162,6 +162,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in prompt_learning_layer(model).parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_traces_the_hook():
+    """Dynamo traces the pre-hook with the model in one graph (aot_eager: no codegen, same numbers as eager)."""
+    torch.manual_seed(6)
+    model = _prompted("llama", encoder="mlp")
+    ids, mask = _ids()
+    eager = model(ids, mask, labels=ids)
+    eager.loss.backward()
+    eager_grads = [p.grad.clone() for p in prompt_learning_layer(model).parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, mask, labels=ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=0, atol=0)
+    compiled.loss.backward()
+    for p, g in zip(prompt_learning_layer(model).parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-9)
 
 
 def _greedy_without_cache(model, ids, mask, steps):

@@ -74,7 +74,7 @@ def _pair(model_name, method, seed=11, prepare=None):
 
 def _inputs(task, batch=3, seq=6, seed=2):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g, device="cpu")
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
     mask[1, :1] = 0
@@ -84,9 +84,10 @@ def _inputs(task, batch=3, seq=6, seed=2):
         labels[mask == 0] = -100
         kwargs["labels"] = labels
     elif task == "SEQ_CLS":
-        kwargs["labels"] = torch.randint(0, 3, (batch,), generator=g)
-        kwargs["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=g)
-    return ids, kwargs
+        kwargs["labels"] = torch.randint(0, 3, (batch,), generator=g, device="cpu")
+        kwargs["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=g, device="cpu")
+    device = torch.get_default_device()
+    return ids.to(device), {k: v.to(device) for k, v in kwargs.items()}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -128,7 +129,7 @@ def test_outputs_loss_and_prompt_gradients_match_peft(model_name, method):
         assert outs[0][key].shape[1] == P + ids.shape[1]  # PEFT's shape: the virtual positions included
     assert_close_to_ref(outs[0][key], outs[2][key], outs[1][key], what=key, tiny=MODEL_TINY)
     g = torch.Generator().manual_seed(3)
-    weights = torch.randn(outs[0][key].shape, generator=g, dtype=torch.float64)
+    weights = torch.randn(outs[0][key].shape, generator=g, dtype=torch.float64, device="cpu").to(ids.device)
     objectives = [(o[key] * weights.to(o[key].dtype)).sum() for o in outs]
     if task != "FEATURE_EXTRACTION":
         assert_close_to_ref(outs[0].loss.reshape(1), outs[2].loss.reshape(1), outs[1].loss.reshape(1), what="loss",
@@ -182,7 +183,7 @@ def _livelier(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.25)
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * 0.25)
 
 
 @pytest.mark.parametrize("method", ["prompt_random", "ptuning_lstm"])
