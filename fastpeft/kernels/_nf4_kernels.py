@@ -103,22 +103,23 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr,
         offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
             in_r = offs_r < R - r0
-            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + (r0 + offs_r[None, :]) * stride_hr,
+            ranks = (r0 + offs_r).to(tl.int64)
+            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ranks[None, :] * stride_hr,
                         mask=m_mask[:, None] & in_r[None, :], other=0.0)
-            b_t = tl.load(lb_ptr + offs_n[None, :].to(tl.int64) * stride_lbn + (r0 + offs_r[:, None]) * stride_lbr,
+            b_t = tl.load(lb_ptr + offs_n[None, :].to(tl.int64) * stride_lbn + ranks[:, None] * stride_lbr,
                           mask=n_mask[None, :] & in_r[:, None], other=0.0)
             acc = mma(h.to(dtype), b_t.to(dtype), acc, DOT_PRECISION, UPCAST)
         acc = acc * lora_scale
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         w_t = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, k_start, N, K,
                             BLOCKSIZE, BLOCK_K, True)
         acc = mma(x, w_t.to(dtype), acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -138,7 +139,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, l
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         # Round the weight to x's dtype first, as the tl.dot kernel and torch do.
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, k_start, N, K,
@@ -149,15 +150,16 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, l
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             in_r = offs_r < R - r0
-            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + (r0 + offs_r[None, :]) * stride_hr,
+            ranks = (r0 + offs_r).to(tl.int64)
+            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ranks[None, :] * stride_hr,
                         mask=m_mask[:, None] & in_r[None, :], other=0.0).to(dtype).to(tl.float32)
-            b = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + (r0 + offs_r[None, :]) * stride_lbr,
+            b = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + ranks[None, :] * stride_lbr,
                         mask=n_mask[:, None] & in_r[None, :], other=0.0).to(tl.float32)
             lora += tl.sum(h[:, None, :] * b[None, :, :], axis=2)
         acc += lora * lora_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -182,9 +184,10 @@ def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_pt
         offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
             in_r = offs_r < R - r0
-            dh = tl.load(dh_ptr + offs_m[:, None].to(tl.int64) * stride_hm + (r0 + offs_r[None, :]) * stride_hr,
+            ranks = (r0 + offs_r).to(tl.int64)
+            dh = tl.load(dh_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ranks[None, :] * stride_hr,
                          mask=m_mask[:, None] & in_r[None, :], other=0.0)
-            a = tl.load(la_ptr + (r0 + offs_r[:, None]) * stride_lar + offs_k[None, :].to(tl.int64) * stride_lak,
+            a = tl.load(la_ptr + ranks[:, None] * stride_lar + offs_k[None, :].to(tl.int64) * stride_lak,
                         mask=in_r[:, None] & k_mask[None, :], other=0.0)
             acc = mma(dh.to(dtype), a.to(dtype), acc, DOT_PRECISION, UPCAST)
         if DROPOUT:
@@ -195,10 +198,10 @@ def _nf4_matmul_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dh_ptr, la_pt
             acc = acc * lora_scale
     for n_start in range(0, N, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
                      mask=m_mask[:, None] & (offs_n[None, :] < N), other=0.0)
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, pid_k * BLOCK_K, N, K,
                           BLOCKSIZE, BLOCK_K, False)
         acc = mma(dy, w.to(dtype), acc, DOT_PRECISION, UPCAST)
-    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :].to(tl.int64) * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
