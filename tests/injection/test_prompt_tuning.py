@@ -211,6 +211,17 @@ def test_generate_prepends_once_and_decode_steps_see_the_prompt(encoder):
     assert torch.equal(no_cache, expected)
 
 
+def test_beam_search_with_cache_equals_without():
+    model = _prompted("llama", encoder="lstm")
+    ids, mask = _ids(batch=2, seq=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False)
+        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False,
+                                  use_cache=False)
+    assert cached.shape == (2, 9) and torch.equal(cached, uncached)
+
+
 def test_generate_from_inputs_embeds():
     model = _prompted("llama", encoder="mlp")
     ids, mask = _ids(batch=2, seq=5)
