@@ -46,6 +46,7 @@ from torch import nn
 
 from ..nn.prompt_encoder import (P_TUNING_ENCODERS, PROMPT_TUNING_INITS, PromptEmbedding, PromptEncoder,
                                  check_dropout, check_positive_int, normalize_choice)
+from ..nn.base import peft_layers
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, PromptLearningLayer, check_no_prompt_learning
 
 CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION = "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"
@@ -73,7 +74,8 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
     - ``inference_mode=True``: the frozen embedding is the prompt, no encoder
       (the form that loads a PEFT checkpoint's ``prompt_embeddings``).
 
-    The model's parameters are frozen; the layer's are trainable
+    The model's parameters are frozen (except those of PEFT layers already in
+    it, e.g. LoRA); the layer's are trainable
     (``fastpeft.nn.prompt_learning.prompt_learning_layer(model).peft_parameters()``).
     """
     if not isinstance(model, nn.Module):
@@ -118,9 +120,12 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
     layer.task_type = task_type
     layer.train(model.training)
 
-    # Everything is checked: change the model.
+    # Everything is checked: change the model. Trainable parameters of PEFT layers applied before (LoRA, adapters)
+    # stay trainable; every other parameter of the model is frozen, as PEFT freezes the base.
+    keep = {id(p) for _, other in peft_layers(model) for p in other.peft_parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in keep:
+            p.requires_grad_(False)
     model.add_module(PROMPT_MODULE_NAME, layer)
     arg_names = _positional_arg_names(model)
     model.register_forward_pre_hook(partial(_prepend_prompts, arg_names=arg_names, task_type=task_type),

@@ -149,6 +149,17 @@ def test_only_prompt_parameters_train():
     assert changed == trainable
 
 
+def test_lora_applied_before_stays_trainable():
+    from fastpeft.injection.lora import apply_lora, lora_parameters
+
+    model = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=2)
+    lora = {id(p) for p in lora_parameters(model)}
+    assert lora and all(p.requires_grad for p in lora_parameters(model))
+    apply_prompt_tuning(model, P)
+    prompt = {id(p) for p in prompt_learning_layer(model).parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == lora | prompt
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
