@@ -22,10 +22,10 @@ What HF PEFT does (``PrefixTuningConfig``), without its KV-cache tricks
   give without a prefix (RoPE/absolute embeddings as trained, and no
   ``P + S <= max_position_embeddings`` limit), at the price of PEFT parity.
 
-Supported: Llama (``LlamaModel`` and its heads, GQA and an explicit
-``head_dim``), GPT-2, BERT and RoBERTa (their ``*ForCausalLM`` /
-``*ForSequenceClassification`` / ... heads). Every argument is checked before
-the model is changed.
+Supported: the Llama family (Llama, Mistral without a sliding window, Qwen2;
+GQA/MQA and an explicit ``head_dim``), GPT-2, BERT and RoBERTa, bare or with
+their heads (``*ForCausalLM``, ``*ForSequenceClassification``, ...). Every
+argument is checked before the model is changed.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class PrefixFamily:
 
 
 FAMILIES = (
-    PrefixFamily("llama", ("llama",), lambda b: [layer.self_attn for layer in b.layers],
+    PrefixFamily("llama", ("llama", "mistral", "qwen2"), lambda b: [layer.self_attn for layer in b.layers],
                  lambda b: b.rotary_emb, _shift_rotary_positions),
     PrefixFamily("gpt2", ("gpt2",), lambda b: [block.attn for block in b.h],
                  lambda b: b.wpe, _shift_embedding_input),
@@ -143,7 +143,9 @@ def _check_config(model: nn.Module, family: PrefixFamily) -> None:
     config = model.config
     if getattr(config, "sliding_window", None) is not None or getattr(config, "layer_types", None) and any(
             t != "full_attention" for t in config.layer_types):
-        raise ValueError("model: sliding-window attention layers are not supported by prefix tuning")
+        raise ValueError("model: sliding-window attention layers are not supported by prefix tuning (the prefix "
+                         "attention mask has no window); for sequences shorter than the window set "
+                         "config.sliding_window = None before applying it")
     if getattr(config, "add_cross_attention", False) or getattr(config, "is_encoder_decoder", False):
         raise ValueError("model: cross-attention (encoder-decoder) models are not supported by prefix tuning")
     can_set = getattr(model, "_can_set_attn_implementation", None)

@@ -171,6 +171,20 @@ def test_unsupported_models_raise_type_error_listing_families():
     assert _snapshot(opt) == before
 
 
+def test_sliding_window_attention_is_rejected_before_any_change():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=8))
+    before = _snapshot(mistral)
+    with pytest.raises(ValueError, match="sliding_window = None"):
+        apply_prefix_tuning(mistral, P)
+    assert _snapshot(mistral) == before
+    mistral.config.sliding_window = None
+    assert prefix_encoder(apply_prefix_tuning(mistral, P)).num_kv_heads == 1
+
+
 def test_applying_twice_raises_and_keeps_the_first():
     model = _prefixed(tiny_gpt2)
     first = prefix_encoder(model)

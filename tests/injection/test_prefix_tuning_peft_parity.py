@@ -1,7 +1,7 @@
 """apply_prefix_tuning against HF PEFT's prefix tuning on the same weights (PEFT is the oracle).
 
-For every family (Llama with GQA, Llama with an explicit head_dim, GPT-2, BERT,
-BERT and RoBERTa classifiers), plain and projected, with left and right
+For every family (Llama with GQA, Llama with an explicit head_dim, Mistral with
+one KV head, Qwen2 (q/k/v biases), GPT-2, BERT, BERT and RoBERTa classifiers), plain and projected, with left and right
 padding: logits and the gradients of every prefix parameter against PEFT in
 float32, both measured against PEFT in float64 (docs/architecture.md,
 "Numerics and tests"); PEFT's config fields, saved tensor and checkpoints;
@@ -29,6 +29,7 @@ from models import (tiny_bert, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny
 from numerics import assert_close_to_ref, rel_err
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fastpeft.injection.prefix_tuning import apply_prefix_tuning, prefix_encoder
 
@@ -38,10 +39,28 @@ ENC = 24  # encoder_hidden_size of the projected variant
 # model-level checks add a floor of ~16 fp32 ulp (a wrong position, mask or prefix layout is off by 1e-2 or more).
 MODEL_TINY = 2e-6
 
+
+
+def _tiny_llama_family(config_cls, model_cls, **extra):
+    def build(seed: int = 0, dtype: torch.dtype = torch.float32):
+        config = config_cls(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False, **extra)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_cls(config)
+        return model.to(dtype).eval()
+    return build
+
+
+tiny_mistral_mqa = _tiny_llama_family(MistralConfig, MistralForCausalLM, num_key_value_heads=1, sliding_window=None)
+tiny_qwen2 = _tiny_llama_family(Qwen2Config, Qwen2ForCausalLM, num_key_value_heads=2)  # q/k/v biases
+
 FAMILIES = {
     # name: (builder, PEFT task type, pad token id)
     "llama": (tiny_llama, "CAUSAL_LM", 0),
     "llama_head_dim": (tiny_llama_head_dim, "CAUSAL_LM", 0),
+    "mistral_mqa": (tiny_mistral_mqa, "CAUSAL_LM", 0),
+    "qwen2": (tiny_qwen2, "CAUSAL_LM", 0),
     "gpt2": (tiny_gpt2, "CAUSAL_LM", 0),
     "bert": (tiny_bert, "FEATURE_EXTRACTION", 0),
     "bert_classifier": (tiny_bert_classifier, "SEQ_CLS", 0),
