@@ -12,7 +12,50 @@
 // shuffles per 32 elements instead of 2 permutes + blend per 8. Callers permute
 // the activations once to the same order instead of un-permuting the weights.
 // Without AVX2 this header provides nothing and callers use the scalar codec.
+//
+// With AVX-512F, CodeTable512 decodes 128 elements (64 packed bytes, one
+// 512-bit load) into eight 16-lane vectors: vector s holds nibble s of each
+// 32-bit word, found by shifting the words right by 4s and one `vpermps` over
+// the 16 code values (vpermps reads only the low four bits of each index, so
+// no mask is needed): 2 instructions per 16 elements. The order is fixed (see
+// `group128_element`); callers permute the activations once to match.
 #pragma once
+
+#if defined(__AVX512F__) && defined(__FMA__)
+#define FASTPEFT_NF4_AVX512 1
+#include <immintrin.h>
+
+#include "fastpeft/nf4_codec.h"
+
+namespace fastpeft {
+namespace cpu {
+
+constexpr int kGroup128 = 128;  // elements per CodeTable512 decode
+
+struct CodeTable512 {
+  __m512 codes;  // lane i = code value i
+
+  CodeTable512() {
+    alignas(64) float t[16];
+    for (int i = 0; i < 16; ++i) t[i] = nf4::code_value(i);
+    codes = _mm512_load_ps(t);
+  }
+
+  // Code values of nibble S (bits 4S..4S+3) of each of the 16 words.
+  template <int S>
+  inline __m512 nibble(__m512i words) const {
+    return _mm512_permutexvar_ps(S == 0 ? words : _mm512_srli_epi32(words, 4 * S), codes);
+  }
+};
+
+// Element (0..127, within a 128-element group) that CodeTable512::nibble<s> puts in lane `lane`:
+// word `lane` holds bytes 4·lane..4·lane+3; nibble 2b+1 is the high nibble of byte b (the even
+// element 2·(4·lane+b)), nibble 2b its low nibble (the odd element after it).
+constexpr int group128_element(int s, int lane) { return 8 * lane + 2 * (s >> 1) + ((s & 1) ? 0 : 1); }
+
+}  // namespace cpu
+}  // namespace fastpeft
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define FASTPEFT_NF4_AVX2 1
