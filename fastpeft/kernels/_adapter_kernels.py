@@ -139,16 +139,17 @@ def _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, k_start, k_
                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 ``x[rows, k_start:k_end] W_d[:, k_start:k_end]ᵀ`` as a ``[BLOCK_M, BLOCK_B]`` tile."""
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]) * stride_xh
-    w_ptrs = down_w_ptr + offs_b[None, :] * stride_dwb + (k_start + offs_k[:, None]) * stride_dwh
+    cols = (k_start + offs_k).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xh
+    w_ptrs = down_w_ptr + offs_b[None, :].to(tl.int64) * stride_dwb + cols[:, None] * stride_dwh
     acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         in_k = offs_k < k_end - k0
         a = tl.load(x_ptrs, mask=in_rows[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=in_k[:, None] & in_b[None, :], other=0.0)
         acc = mma(a, w, acc, DOT_PRECISION, UPCAST)
-        x_ptrs += BLOCK_K * stride_xh
-        w_ptrs += BLOCK_K * stride_dwh
+        x_ptrs += BLOCK_K * tl.cast(stride_xh, tl.int64)
+        w_ptrs += BLOCK_K * tl.cast(stride_dwh, tl.int64)
     return acc
 
 
@@ -167,11 +168,11 @@ def _adapter_down_kernel(x_ptr, down_w_ptr, part_ptr, M, H, B, k_per_split,
     in_rows = rows < M
     offs_b = tl.arange(0, BLOCK_B)
     in_b = offs_b < B
-    k_start = pid_s * k_per_split
+    k_start = tl.minimum(pid_s.to(tl.int64) * k_per_split, H).to(tl.int32)  # < 2**31: i32 from here on
     part = _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, k_start,
                             tl.minimum(H, k_start + k_per_split), stride_xm, stride_xh, stride_dwb, stride_dwh,
                             BLOCK_M, BLOCK_K, BLOCK_B, DOT_PRECISION, UPCAST)
-    part_ptrs = part_ptr + (pid_s * M + rows[:, None]).to(tl.int64) * B + offs_b[None, :]
+    part_ptrs = part_ptr + (pid_s.to(tl.int64) * M + rows[:, None]) * B + offs_b[None, :]
     tl.store(part_ptrs, part, mask=in_rows[:, None] & in_b[None, :])
 
 
@@ -196,7 +197,7 @@ def _adapter_forward_kernel(
         part_ptrs = part_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :]
         for _ in range(0, n_parts):
             pre += tl.load(part_ptrs, mask=in_rows[:, None] & in_b[None, :], other=0.0)
-            part_ptrs += M * B
+            part_ptrs += M.to(tl.int64) * B
     else:
         pre = _down_projection(x_ptr, down_w_ptr, rows, in_rows, offs_b, in_b, 0, H, stride_xm, stride_xh,
                                stride_dwb, stride_dwh, BLOCK_M, BLOCK_K, BLOCK_B, DOT_PRECISION, UPCAST)
@@ -211,7 +212,7 @@ def _adapter_forward_kernel(
     for n0 in range(pid_n * BLOCK_N, H, n_step):
         cols = n0 + offs_n
         in_cols = cols < H
-        up_w = tl.load(up_w_ptr + offs_b[:, None] * stride_uwb + cols[None, :].to(tl.int64) * stride_uwh,
+        up_w = tl.load(up_w_ptr + offs_b[:, None].to(tl.int64) * stride_uwb + cols[None, :].to(tl.int64) * stride_uwh,
                        mask=in_b[:, None] & in_cols[None, :], other=0.0)
         acc = mma(z, up_w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
         if HAS_UP_BIAS:
@@ -222,7 +223,7 @@ def _adapter_forward_kernel(
             acc = tl.where(keep, acc * (1.0 / (1.0 - p)), 0.0)
         in_tile = in_rows[:, None] & in_cols[None, :]
         if HAS_RESIDUAL:
-            res_ptrs = residual_ptr + rows[:, None].to(tl.int64) * stride_rm + cols[None, :] * stride_rh
+            res_ptrs = residual_ptr + rows[:, None].to(tl.int64) * stride_rm + cols[None, :].to(tl.int64) * stride_rh
             acc += tl.load(res_ptrs, mask=in_tile, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=in_tile)
@@ -255,14 +256,14 @@ def _adapter_backward_rows_kernel(
         cols = n0 + offs_n
         in_cols = cols < H
         in_tile = in_rows[:, None] & in_cols[None, :]
-        g = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + cols[None, :] * stride_dyh, mask=in_tile,
-                    other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + cols[None, :].to(tl.int64) * stride_dyh,
+                    mask=in_tile, other=0.0).to(tl.float32)
         if DROPOUT:
             keep = keep_mask(seed_lo, seed_hi, rows, cols, H, p)
             g = tl.where(keep, g * (1.0 / (1.0 - p)), 0.0)
         ds = g * _output_scale(scale, scale_ptr, cols, in_cols, SCALE)
         # up_w[n, c] as an [BLOCK_N, BLOCK_B] tile
-        up_w = tl.load(up_w_ptr + cols[:, None].to(tl.int64) * stride_uwh + offs_b[None, :] * stride_uwb,
+        up_w = tl.load(up_w_ptr + cols[:, None].to(tl.int64) * stride_uwh + offs_b[None, :].to(tl.int64) * stride_uwb,
                        mask=in_cols[:, None] & in_b[None, :], other=0.0)
         if NEED_DBU:
             tl.store(dbu_part_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(ds, axis=0), mask=in_cols)
@@ -283,7 +284,8 @@ def _adapter_backward_rows_kernel(
             for n0 in range(0, H, BLOCK_N):
                 cols = n0 + offs_n
                 in_cols = cols < H
-                down_w = tl.load(down_w_ptr + offs_b[:, None] * stride_dwb + cols[None, :].to(tl.int64) * stride_dwh,
+                down_w = tl.load(down_w_ptr + offs_b[:, None].to(tl.int64) * stride_dwb
+                                 + cols[None, :].to(tl.int64) * stride_dwh,
                                  mask=in_b[:, None] & in_cols[None, :], other=0.0)
                 dx = mma(da_in, down_w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
                 tl.store(dx_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], dx.to(dtype),
@@ -302,7 +304,7 @@ def _adapter_reduce_kernel(
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    m_start = pid_s * rows_per_split
+    m_start = tl.minimum(pid_s.to(tl.int64) * rows_per_split, M).to(tl.int32)  # < 2**31: i32 from here on
     m_end = tl.minimum(M, m_start + rows_per_split)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -314,7 +316,7 @@ def _adapter_reduce_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + offs_m
         in_m = rows < m_end
-        a = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_p[None, :] * stride_sp,
+        a = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_p[None, :].to(tl.int64) * stride_sp,
                     mask=in_m[:, None] & in_p[None, :], other=0.0)
         if DROPOUT:
             keep = keep_mask(seed_lo, seed_hi, rows, offs_p, P, p)
@@ -324,7 +326,8 @@ def _adapter_reduce_kernel(
         if ACTIVATE_H:
             h = tl.where(in_m[:, None], activate(h, ACT), 0.0)
         acc = mma(tl.trans(a), h.to(dtype), acc, DOT_PRECISION, UPCAST)
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
+    out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None].to(tl.int64) * stride_op
+                + offs_r[None, :].to(tl.int64) * stride_or)
     tl.store(out_ptrs, acc, mask=in_p[:, None] & in_r[None, :])
 
 
