@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..nn.base import peft_layers
 from ..nn.prefix_encoder import PrefixEncoder, _check_positive_int
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, check_no_prompt_learning
 from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, register_attention_function
@@ -81,6 +82,14 @@ def _shift_bert_embeddings(shift: int) -> Callable:
             kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
         return args, kwargs
     return hook
+
+
+def _require_prefix_attention(model, args):
+    """Model forward pre-hook: the prefix is read by the attention function, so it must still be the one in use."""
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise RuntimeError(f"prefix tuning needs attn_implementation {ATTN_IMPLEMENTATION!r}, but the model now uses "
+                           f"{model.config._attn_implementation!r}: the prefix would be ignored; call "
+                           f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,8 +181,8 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     - ``shift_positions``: number the real tokens from ``P`` on, as PEFT does
       (default); False keeps the model's own positions (see module docstring).
 
-    The model's base parameters are frozen; only the ``PrefixEncoder``
-    (``model.fastpeft_prompt``) trains. Raises TypeError for an unsupported
+    The model's parameters are frozen (except those of PEFT layers already in
+    it, e.g. LoRA); the ``PrefixEncoder`` (``model.fastpeft_prompt``) trains. Raises TypeError for an unsupported
     model, ValueError for bad arguments or a model that already has a
     prompt-learning method, before anything is changed.
     """
@@ -207,10 +216,15 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
                             encoder_hidden_size, inference_mode=inference_mode,
                             device=None if first is None else first.device)
 
-    # Everything checked: change the model.
+    encoder.train(model.training)
+
+    # Everything checked: change the model. Trainable parameters of PEFT layers applied before (LoRA, adapters)
+    # stay trainable; every other parameter is frozen, as PEFT freezes the base.
     register_attention_function()
+    keep = {id(p) for _, layer in peft_layers(model) for p in layer.peft_parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in keep:
+            p.requires_grad_(False)
     model.add_module(PROMPT_MODULE_NAME, encoder)
     for layer, attention in enumerate(attentions):
         bind_attention(attention, encoder, layer)
@@ -218,6 +232,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
         position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
     encoder.shift_positions = shift_positions
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.register_forward_pre_hook(_require_prefix_attention)
     return model
 
 

@@ -132,6 +132,20 @@ def test_apply_freezes_base_and_registers_one_layer(family):
     assert sum(1 for m in model.modules() if m is encoder) == 1
 
 
+def test_lora_applied_before_stays_trainable():
+    from fastpeft.injection.lora import apply_lora
+
+    model = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, init_lora_weights=False)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n in lora)
+    apply_prefix_tuning(model, P)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == lora + [f"{PROMPT_MODULE_NAME}.embedding.weight"]
+    ids, mask = _batch()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
 def _snapshot(model):
     return ({n: p.requires_grad for n, p in model.named_parameters()}, model.config._attn_implementation,
             [(type(m).__name__, len(m._forward_pre_hooks)) for m in model.modules()], hasattr(model, PROMPT_MODULE_NAME))
@@ -192,6 +206,16 @@ def test_applying_twice_raises_and_keeps_the_first():
     with pytest.raises(ValueError, match="already has PREFIX_TUNING"):
         apply_prefix_tuning(model, 5)
     assert prefix_encoder(model) is first and _snapshot(model) == before
+
+
+def test_switching_the_attention_implementation_away_raises():
+    model = _prefixed(tiny_gpt2)
+    ids, mask = _batch()
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="prefix would be ignored"):
+        model(input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model(input_ids=ids, attention_mask=mask)
 
 
 def test_unbound_attention_with_the_implementation_raises():
