@@ -148,6 +148,19 @@ def _kv_geometry(model: nn.Module, attentions: list) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+MIN_TRANSFORMERS = "5.0"
+
+
+def _check_transformers_version() -> None:
+    """The attention/mask registries, ``cache`` and ``cache_length`` names used here are transformers 5's."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
+        raise RuntimeError(f"apply_prefix_tuning needs transformers >= {MIN_TRANSFORMERS}, found "
+                           f"{transformers.__version__}")
+
+
 def _check_config(model: nn.Module, family: PrefixFamily) -> None:
     config = model.config
     if getattr(config, "sliding_window", None) is not None or getattr(config, "layer_types", None) and any(
@@ -198,6 +211,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     if encoder_hidden_size is not None:
         _check_positive_int("encoder_hidden_size", encoder_hidden_size)
     family = _family(model)
+    _check_transformers_version()
     check_no_prompt_learning(model)
     _check_config(model, family)
     backbone = _backbone(model)
@@ -230,7 +244,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
         bind_attention(attention, encoder, layer)
     if shift_positions:
         position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
-    encoder.shift_positions = shift_positions
+    encoder.shift_positions = shift_positions  # how the model was set up (for save/load helpers and repr readers)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.register_forward_pre_hook(_require_prefix_attention)
     return model

@@ -185,6 +185,17 @@ def test_unsupported_models_raise_type_error_listing_families():
     assert _snapshot(opt) == before
 
 
+def test_transformers_4_is_rejected_before_any_change(monkeypatch):
+    import transformers
+
+    model = tiny_llama()
+    before = _snapshot(model)
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(RuntimeError, match="transformers >= 5.0"):
+        apply_prefix_tuning(model, P)
+    assert _snapshot(model) == before
+
+
 def test_sliding_window_attention_is_rejected_before_any_change():
     from transformers import MistralConfig, MistralForCausalLM
 
