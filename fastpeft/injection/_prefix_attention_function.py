@@ -20,6 +20,9 @@ shared by the batch). Packed sequences (position ids that restart within a row
 and no mask) are attended as one sequence per row, which is what PEFT's cache
 does too.
 
+Under ``torch.autocast`` q, k, v and the prefix are cast to the autocast
+dtype first, as SDPA is (Llama's RoPE returns fp32 q/k next to a bf16 v).
+
 Attention dropout (training with ``attention_dropout > 0``, e.g. BERT's and
 GPT-2's defaults) is not in the fused op: those calls concatenate the prefix
 and run ``torch.nn.functional.scaled_dot_product_attention`` with dropout.
@@ -95,6 +98,11 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     if attention_mask is not None and attention_mask.ndim != 2:
         raise ValueError(f"prefix tuning takes a 2D attention mask [batch, keys]; got a {attention_mask.ndim}D mask "
                          "(custom 4D masks are not supported)")
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as SDPA under autocast: one lower-precision dtype (RoPE leaves q/k in fp32 while v is bf16)
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v = encoder.layer_key_value(module.__dict__[_LAYER_ATTR], query.dtype)
     causal = bool(module.is_causal if is_causal is None else is_causal)
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)

@@ -5,7 +5,7 @@ one KV head, Qwen2 (q/k/v biases), GPT-2, BERT, BERT and RoBERTa classifiers), p
 padding: logits and the gradients of every prefix parameter against PEFT in
 float32, both measured against PEFT in float64 (docs/architecture.md,
 "Numerics and tests"); PEFT's config fields, saved tensor and checkpoints;
-greedy generation; bf16 models.
+greedy generation; bf16 models and fp32 models under bf16 autocast.
 
 Two PEFT 0.21.2 + transformers 5.24 defects shape the oracles here:
 - ``PeftModelForSequenceClassification`` raises "Model does not support past
@@ -252,3 +252,23 @@ def test_bf16_model_matches_peft(family):
     for name in g_ours:
         assert g_ours[name].dtype == torch.float32
         assert_close_to_ref(g_ours[name], g_ref[name], g_peft[name], what=f"bf16 grad {name}")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert_classifier"])
+def test_autocast_bf16_matches_peft(family):
+    """fp32 model under torch.autocast(bf16): attention runs in bf16 as SDPA does (RoPE leaves q/k in fp32)."""
+    peft_model, ours = _peft_pair(family, projected=False)
+    peft64 = _peft64(family, False, peft_model)
+    ids, mask = _inputs(family, "right")
+    out_ref = _output(family, _peft_reference(family, peft64, ids, mask), mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_peft = _output(family, _peft_reference(family, peft_model, ids, mask), mask)
+        out_ours = _output(family, ours(input_ids=ids, attention_mask=mask), mask)
+    assert_close_to_ref(out_ours.float(), out_ref, out_peft.float(), what=f"{family} autocast output")
+    weight = torch.randn(out_ours.shape, generator=torch.Generator().manual_seed(5))
+    g_peft = _prefix_grads(peft_model.prompt_encoder["default"], out_peft.float(), weight)
+    g_ref = _prefix_grads(peft64.prompt_encoder["default"], out_ref, weight)
+    g_ours = _prefix_grads(prefix_encoder(ours), out_ours.float(), weight)
+    for name in g_ours:
+        assert g_ours[name].dtype == torch.float32
+        assert_close_to_ref(g_ours[name], g_ref[name], g_peft[name], what=f"autocast grad {name}")
