@@ -268,6 +268,20 @@ def test_torch_compile_fullgraph_forward_backward_and_new_batch_size():
             torch.testing.assert_close(b, a)
 
 
+@pytest.mark.slow
+def test_torch_compile_inductor_fullgraph():
+    """The default backend (inductor's generated code) with fullgraph: forward and backward equal eager."""
+    torch._dynamo.reset()
+    model = _prefixed(tiny_llama).train()
+    compiled = torch.compile(model, fullgraph=True)
+    ids, mask = _batch()
+    out_e, grads_e = _logits_and_grads(model, ids, mask)
+    out_c, grads_c = _logits_and_grads(model, ids, mask, call=compiled)
+    assert rel_err(out_c, out_e) < 1e-5
+    for a, b in zip(grads_e, grads_c):
+        assert rel_err(b, a) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_changing_batch_sizes_match_one_sample_at_a_time(family):
     model = _prefixed(BUILDERS[family])
