@@ -90,7 +90,10 @@ def _attention_with_dropout(query: Tensor, key: Tensor, value: Tensor, prefix_k:
 def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                              is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:
-    """transformers' attention-function signature: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]`` -> ``[B, Sq, Hq, D]``."""
+    """transformers' attention-function signature: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``.
+
+    Returns ``([B, Sq, Hq, D], None)`` (no attention weights), like SDPA's.
+    """
     encoder = bound_encoder(module)
     if encoder is None:
         raise ValueError(f"attention implementation {ATTN_IMPLEMENTATION!r} is set but this {type(module).__name__} "

@@ -148,7 +148,8 @@ def test_lora_applied_before_stays_trainable():
 
 def _snapshot(model):
     return ({n: p.requires_grad for n, p in model.named_parameters()}, model.config._attn_implementation,
-            [(type(m).__name__, len(m._forward_pre_hooks)) for m in model.modules()], hasattr(model, PROMPT_MODULE_NAME))
+            [(type(m).__name__, len(m._forward_pre_hooks)) for m in model.modules()],
+            hasattr(model, PROMPT_MODULE_NAME))
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [

@@ -187,7 +187,7 @@ def test_peft_config_and_saved_prefix_match_peft(family, projected):
 @pytest.mark.parametrize("projected", [False, True], ids=["plain", "projected"])
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_peft_checkpoint_loads_in_inference_mode(family, projected, tmp_path):
-    """PEFT saves, PeftModel.from_pretrained loads; apply(..., inference_mode=True) + the saved tensor is the same model."""
+    """PEFT saves, PeftModel.from_pretrained loads; apply(inference_mode=True) + the saved tensor is that model."""
     builder, _, _ = FAMILIES[family]
     peft_model, _ = _peft_pair(family, projected)
     peft_model.save_pretrained(tmp_path)
