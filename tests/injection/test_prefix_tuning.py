@@ -230,6 +230,16 @@ def test_switching_the_attention_implementation_away_raises():
     model(input_ids=ids, attention_mask=mask)
 
 
+def test_one_prompt_learning_method_per_model():
+    from fastpeft.injection.prompt_tuning import apply_prompt_tuning
+
+    model = apply_prompt_tuning(tiny_llama(), 2)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already has PROMPT_TUNING"):
+        apply_prefix_tuning(model, P)
+    assert _snapshot(model) == before
+
+
 def test_unbound_attention_with_the_implementation_raises():
     model = tiny_llama()
     attention = model.model.layers[0].self_attn
