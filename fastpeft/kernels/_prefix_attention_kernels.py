@@ -46,7 +46,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _tile_ptrs(base, rows, cols, stride_row, stride_col):
-    return base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    return base + rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _sequence_keys_visible(rows, cols, Sq, Skv, mask_row_ptr, stride_maskn,
     if IS_CAUSAL:
         visible = visible & (cols[None, :] <= rows[:, None] + (Skv - Sq))
     if HAS_MASK:
-        keep = tl.load(mask_row_ptr + cols * stride_maskn, mask=cols < Skv, other=0)
+        keep = tl.load(mask_row_ptr + cols.to(tl.int64) * stride_maskn, mask=cols < Skv, other=0)
         visible = visible & (keep != 0)[None, :]
     return visible
 
