@@ -39,15 +39,15 @@ import inspect
 import math
 import warnings
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..nn.prompt_encoder import (P_TUNING_ENCODERS, PROMPT_TUNING_INITS, PromptEmbedding, PromptEncoder,
                                  check_dropout, check_positive_int, normalize_choice)
-from ..nn.base import peft_layers
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, PromptLearningLayer, check_no_prompt_learning
+from .prompt_learning import attach_prompt_layer, modules_to_save_plan
 
 CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION = "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"
 IGNORE_INDEX = -100
@@ -56,7 +56,8 @@ IGNORE_INDEX = -100
 def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "random",
                         init_text: Optional[str] = None, tokenizer: Any = None, *, encoder: Optional[str] = None,
                         encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2,
-                        encoder_dropout: float = 0.0, inference_mode: bool = False) -> nn.Module:
+                        encoder_dropout: float = 0.0, inference_mode: bool = False,
+                        modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
     """Prompt tuning (``encoder=None``) or P-tuning (``encoder="mlp"|"lstm"``) on ``model``; returns ``model``.
 
     - ``init`` (prompt tuning): ``"random"`` (N(0, 1), PEFT's ``RANDOM``),
@@ -74,10 +75,30 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
     - ``inference_mode=True``: the frozen embedding is the prompt, no encoder
       (the form that loads a PEFT checkpoint's ``prompt_embeddings``).
 
+    - ``modules_to_save``: modules trained and saved with the prompt; None is
+      PEFT's default (a sequence classifier's head, ``classifier``/``score``).
+
     The model's parameters are frozen (except those of PEFT layers already in
-    it, e.g. LoRA); the layer's are trainable
-    (``fastpeft.nn.prompt_learning.prompt_learning_layer(model).peft_parameters()``).
+    it, e.g. LoRA); the layer's and the ``modules_to_save`` copies' are
+    trainable (``fastpeft.prompt_parameters(model)``).
     """
+    layer = prompt_tuning_layer(model, num_virtual_tokens, init, init_text, tokenizer, encoder=encoder,
+                                encoder_hidden_size=encoder_hidden_size, encoder_num_layers=encoder_num_layers,
+                                encoder_dropout=encoder_dropout, inference_mode=inference_mode)
+    saved = modules_to_save_plan(model, layer.task_type, modules_to_save)
+    # Everything is checked: change the model.
+    attach_prompt_layer(model, layer, saved)
+    arg_names = _positional_arg_names(model)
+    model.register_forward_pre_hook(partial(_prepend_prompts, arg_names=arg_names, task_type=layer.task_type),
+                                    with_kwargs=True)
+    return model
+
+
+def prompt_tuning_layer(model: nn.Module, num_virtual_tokens: int, init: str = "random",
+                        init_text: Optional[str] = None, tokenizer: Any = None, *, encoder: Optional[str] = None,
+                        encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2,
+                        encoder_dropout: float = 0.0, inference_mode: bool = False) -> PromptLearningLayer:
+    """The layer ``apply_prompt_tuning`` adds to ``model``, built and checked without changing ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_no_prompt_learning(model)
@@ -119,18 +140,7 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
                               **fields)
     layer.task_type = task_type
     layer.train(model.training)
-
-    # Everything is checked: change the model. Trainable parameters of PEFT layers applied before (LoRA, adapters)
-    # stay trainable; every other parameter of the model is frozen, as PEFT freezes the base.
-    keep = {id(p) for _, other in peft_layers(model) for p in other.peft_parameters()}
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
-    model.add_module(PROMPT_MODULE_NAME, layer)
-    arg_names = _positional_arg_names(model)
-    model.register_forward_pre_hook(partial(_prepend_prompts, arg_names=arg_names, task_type=task_type),
-                                    with_kwargs=True)
-    return model
+    return layer
 
 
 # ----------------------------------------------------------------------------------------------------------------

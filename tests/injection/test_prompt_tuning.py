@@ -75,7 +75,9 @@ def test_forward_and_prompt_grads_match_float64_reference(name, encoder):
     ref_params, torch_params = dict(layer64.named_parameters()), dict(layer32.named_parameters())
     for pname, p in layer.named_parameters():
         assert_close_to_ref(p.grad, ref_params[pname].grad, torch_params[pname].grad, what=pname, tiny=MODEL_TINY)
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(PROMPT_MODULE_NAME))
+    head = ".modules_to_save." if name == "bert_cls" else None  # PEFT trains a classifier's head
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if not n.startswith(PROMPT_MODULE_NAME) and not (head and head in n))
 
 
 def test_causal_lm_labels_ignore_virtual_tokens():
@@ -147,6 +149,25 @@ def test_only_prompt_parameters_train():
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
+
+
+def test_classifier_head_trains_as_in_peft_unless_told_otherwise():
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from fastpeft.injection.prompt_learning import prompt_parameters
+
+    peft_model = get_peft_model(tiny_bert_classifier(), PromptTuningConfig(task_type=TaskType.SEQ_CLS,
+                                                                           num_virtual_tokens=P))
+    peft_trainable = {n.replace("base_model.", "", 1).replace("prompt_encoder.default.", f"{PROMPT_MODULE_NAME}.")
+                      for n, p in peft_model.named_parameters() if p.requires_grad}
+    model = apply_prompt_tuning(tiny_bert_classifier(), P)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == peft_trainable
+    assert {id(p) for p in prompt_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    frozen_head = apply_prompt_tuning(tiny_bert_classifier(), P, modules_to_save=[])
+    assert {n for n, p in frozen_head.named_parameters() if p.requires_grad} == {
+        f"{PROMPT_MODULE_NAME}.embedding.weight"}
+    loaded_form = apply_prompt_tuning(tiny_bert_classifier(), P, inference_mode=True)
+    assert not any(p.requires_grad for p in loaded_form.parameters())
 
 
 def test_lora_applied_before_stays_trainable():

@@ -143,7 +143,12 @@ def test_outputs_loss_and_prompt_gradients_match_peft(model_name, method):
     assert trainable and all(p.requires_grad for p in trainable)
     for name, p in prompt_learning_layer(fast).named_parameters():
         assert_close_to_ref(p.grad, theirs64[name].grad, theirs[name].grad, what=f"grad {name}", tiny=MODEL_TINY)
-    frozen = [n for n, p in fast.named_parameters() if not n.startswith("fastpeft_prompt.")]
+    heads = [n for n, p in fast.named_parameters() if ".modules_to_save." in n]
+    assert bool(heads) == (task == "SEQ_CLS")  # PEFT trains a sequence classifier's head
+    for name in heads:
+        assert_close_to_ref(fast.get_parameter(name).grad, peft64.base_model.get_parameter(name).grad,
+                            peft_model.base_model.get_parameter(name).grad, what=f"grad {name}", tiny=MODEL_TINY)
+    frozen = [n for n, p in fast.named_parameters() if not n.startswith("fastpeft_prompt.") and n not in heads]
     assert frozen and all(fast.get_parameter(n).grad is None for n in frozen)
 
 
