@@ -8,6 +8,8 @@ heads / 4 KV heads (GQA), MLP 1376, vocabulary 4096, random weights, in the
 measured dtype; batch x seq tokens with the last quarter of the first row
 padded. A step is ``zero_grad`` + forward with labels (causal-LM loss) +
 backward + ``AdamW.step`` on the prefix parameters (plain prefix, P tokens).
+Every variant gets PEFT's random prefix, so their first losses (``loss``
+column, before any step) agree: they compute the same thing.
 
 Variants, built once and timed interleaved (each repetition runs every variant
 once, in a rotating order, so load drifts hit all of them alike):
@@ -77,6 +79,7 @@ class Variant:
     samples: list = field(default_factory=list)
     saved_mb: Optional[float] = None
     peak_mb: Optional[float] = None
+    first_loss: Optional[float] = None
 
     def step_fn(self, ids, mask, labels) -> Callable[[], None]:
         optimizer = torch.optim.AdamW(self.params, lr=1e-3)
@@ -95,14 +98,17 @@ def build_variants(dtype: torch.dtype, device: torch.device, prefix: int) -> lis
     from fastpeft.injection.prefix_tuning import apply_prefix_tuning, prefix_parameters
 
     variants = []
-    ours = apply_prefix_tuning(build_model(dtype, device), prefix)
-    variants.append(Variant("fastpeft", ours, prefix_parameters(ours)))
     peft_model = get_peft_model(build_model(dtype, device), PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                                num_virtual_tokens=prefix))
+    prefix_state = peft_model.prompt_encoder["default"].state_dict()
+    ours = apply_prefix_tuning(build_model(dtype, device), prefix)
+    ours.fastpeft_prompt.load_state_dict(prefix_state)  # same prefix: the two compute the same loss
+    variants.append(Variant("fastpeft", ours, prefix_parameters(ours)))
     variants.append(Variant("peft", peft_model, [p for p in peft_model.parameters() if p.requires_grad]))
     ours_ckpt = build_model(dtype, device)
     ours_ckpt.gradient_checkpointing_enable()
     apply_prefix_tuning(ours_ckpt, prefix)
+    ours_ckpt.fastpeft_prompt.load_state_dict(prefix_state)
     variants.append(Variant("fastpeft+ckpt", ours_ckpt, prefix_parameters(ours_ckpt)))
     peft_ckpt = build_model(dtype, device)
     peft_ckpt.gradient_checkpointing_enable()
@@ -155,6 +161,8 @@ def run(dtype_name: str, device: torch.device, batch: int, seq: int, prefix: int
     runnable = [v for v in variants if v.error is None]
     steps = {}
     for v in runnable:
+        with torch.no_grad():
+            v.first_loss = v.model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
         step = v.step_fn(ids, mask, labels)
         steps[v.name] = step
         step()  # warm-up (allocations, optimizer state)
@@ -179,7 +187,8 @@ def run(dtype_name: str, device: torch.device, batch: int, seq: int, prefix: int
         else:
             t = summarize(v.samples)
             row.update(median_ms=t.median_s * 1e3, q25_ms=t.q25_s * 1e3, q75_ms=t.q75_s * 1e3, reps=t.reps,
-                       vs_peft=t.median_s / peft_median, saved_mb=v.saved_mb, peak_mb=v.peak_mb)
+                       vs_peft=t.median_s / peft_median, saved_mb=v.saved_mb, peak_mb=v.peak_mb,
+                       first_loss=v.first_loss)
         rows.append(row)
     del variants, runnable, steps
     gc.collect()
@@ -187,15 +196,15 @@ def run(dtype_name: str, device: torch.device, batch: int, seq: int, prefix: int
 
 
 def render(rows: list) -> str:
-    header = ["dtype", "variant", "median ms", "q25-q75 ms", "vs PEFT", "saved MB", "peak MB"]
+    header = ["dtype", "variant", "median ms", "q25-q75 ms", "vs PEFT", "saved MB", "peak MB", "loss"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["dtype"], r["variant"], "-", "-", "-", "-", r["error"]])
+            body.append([r["dtype"], r["variant"], "-", "-", "-", "-", "-", r["error"]])
             continue
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         body.append([r["dtype"], r["variant"], f"{r['median_ms']:.1f}", f"{r['q25_ms']:.1f}-{r['q75_ms']:.1f}",
-                     f"{r['vs_peft']:.2f}x", fmt(r["saved_mb"]), fmt(r["peak_mb"])])
+                     f"{r['vs_peft']:.2f}x", fmt(r["saved_mb"]), fmt(r["peak_mb"]), f"{r['first_loss']:.5f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
