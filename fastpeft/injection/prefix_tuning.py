@@ -35,7 +35,7 @@ from typing import Callable
 from torch import nn
 
 from ..nn.base import peft_layers
-from ..nn.prefix_encoder import PrefixEncoder, _check_positive_int
+from ..nn.prefix_encoder import PrefixEncoder, check_positive_int
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, check_no_prompt_learning
 from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, register_attention_function
 
@@ -200,7 +200,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_positive_int("num_virtual_tokens", num_virtual_tokens)
+    check_positive_int("num_virtual_tokens", num_virtual_tokens)
     for name, flag in (("prefix_projection", prefix_projection), ("inference_mode", inference_mode),
                        ("shift_positions", shift_positions)):
         if not isinstance(flag, bool):
@@ -208,7 +208,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     if prefix_projection and encoder_hidden_size is None:
         raise ValueError("encoder_hidden_size is required with prefix_projection=True")
     if encoder_hidden_size is not None:
-        _check_positive_int("encoder_hidden_size", encoder_hidden_size)
+        check_positive_int("encoder_hidden_size", encoder_hidden_size)
     family = _family(model)
     _check_transformers_version()
     check_no_prompt_learning(model)

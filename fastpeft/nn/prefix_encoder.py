@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from .prompt_learning import PromptLearningLayer
 
 
-def _check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int (bool excluded); TypeError/ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
@@ -54,10 +55,10 @@ class PrefixEncoder(PromptLearningLayer):
                  inference_mode: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        _check_positive_int("num_virtual_tokens", num_virtual_tokens)
-        _check_positive_int("num_layers", num_layers)
-        _check_positive_int("num_kv_heads", num_kv_heads)
-        _check_positive_int("head_dim", head_dim)
+        check_positive_int("num_virtual_tokens", num_virtual_tokens)
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("num_kv_heads", num_kv_heads)
+        check_positive_int("head_dim", head_dim)
         if not isinstance(prefix_projection, bool):
             raise TypeError(f"prefix_projection must be a bool, got {type(prefix_projection).__name__}")
         if not isinstance(inference_mode, bool):
@@ -67,9 +68,9 @@ class PrefixEncoder(PromptLearningLayer):
             if encoder_hidden_size is None:
                 raise ValueError("encoder_hidden_size is required with prefix_projection=True (the hidden size of "
                                  "the Linear -> Tanh -> Linear projection)")
-            _check_positive_int("encoder_hidden_size", encoder_hidden_size)
+            check_positive_int("encoder_hidden_size", encoder_hidden_size)
         elif encoder_hidden_size is not None:
-            _check_positive_int("encoder_hidden_size", encoder_hidden_size)
+            check_positive_int("encoder_hidden_size", encoder_hidden_size)
 
         self.num_virtual_tokens = num_virtual_tokens
         self.num_layers = num_layers
@@ -105,6 +106,8 @@ class PrefixEncoder(PromptLearningLayer):
 
     def layer_key_value(self, layer: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Prefix keys and values of attention layer ``layer``: two ``[1, Hkv, P, head_dim]`` tensors in ``dtype``."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range for a prefix of {self.num_layers} layers")
         d = self.token_dim
         rows = slice(2 * layer * d, (2 * layer + 2) * d)
         if self.projected:
