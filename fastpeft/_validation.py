@@ -1,9 +1,19 @@
-"""Argument checks shared by the ops: clear errors that name the argument."""
+"""Argument checks shared by the ops: clear errors that name the argument.
+
+The ``check_*`` functions raise a ValueError/TypeError naming the argument.
+Ops run them on every call, so the common case must be cheap: the
+``*_ok`` predicates test the same conditions in one expression and return a
+bool, and an op runs the ``check_*`` functions (which raise with the message)
+only when a predicate says False. Each predicate returns True only if every
+check it stands for would pass; the tests hold them to that.
+"""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
+from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -42,6 +52,8 @@ def check_dim(name: str, actual: int, expected: int, what: str) -> None:
 
 
 def check_probability(name: str, p) -> float:
+    if type(p) is float and 0.0 <= p < 1.0:
+        return p
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"{name} must be a real number in [0, 1), got {type(p).__name__}")
     p = float(p)
@@ -75,6 +87,8 @@ def check_lora_adapter(x: torch.Tensor, lora_A, lora_B, bias, out_features: int,
 
 def check_scaling(name: str, scaling) -> float:
     """A finite real number (int or float, not bool or str) as float."""
+    if type(scaling) is float and math.isfinite(scaling):
+        return scaling
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         if isinstance(scaling, torch.Tensor) and scaling.numel() == 1 and not scaling.requires_grad \
                 and not scaling.is_complex():
@@ -82,6 +96,28 @@ def check_scaling(name: str, scaling) -> float:
         else:
             raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
     scaling = float(scaling)
-    if scaling != scaling or scaling in (float("inf"), float("-inf")):
+    if not math.isfinite(scaling):
         raise ValueError(f"{name} must be finite, got {scaling}")
     return scaling
+
+
+def lora_adapter_ok(x: Tensor, lora_A, lora_B, bias, out_features: int, in_features: int) -> bool:
+    """True when ``check_lora_adapter`` and x's own checks pass (see the module docstring).
+
+    x's checks: a tensor of a ``FLOAT_DTYPES`` dtype with at least one
+    dimension; the caller adds those of its base weight.
+    """
+    try:
+        dtype, device = x.dtype, x.device
+        r, k = lora_A.shape  # a ValueError unless 2-D
+        n, r_b = lora_B.shape
+        if not (isinstance(x, Tensor) and isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)
+                and dtype in FLOAT_DTYPES and x.shape[-1] == in_features and k == in_features
+                and n == out_features and r_b == r and r > 0
+                and lora_A.dtype is dtype and lora_B.dtype is dtype
+                and lora_A.device == device and lora_B.device == device):
+            return False
+        return bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == out_features
+                                and bias.dtype is dtype and bias.device == device)
+    except (AttributeError, TypeError, ValueError, IndexError):  # not a tensor, wrong rank, 0-dim x
+        return False

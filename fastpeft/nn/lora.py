@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops._autocast import autocast_dtype
+from ..ops._autocast import any_autocast_enabled, autocast_dtype
 from ..ops.lora import lora_linear
 from .base import PeftLayer
 
@@ -138,12 +138,27 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a LoRA layer computes in for input x: autocast's for ``linear`` when active, else x's."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return autocast_dtype(x) or x.dtype
+    return (any_autocast_enabled() and autocast_dtype(x)) or x.dtype
 
 
 def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """``t`` in ``dtype`` (a differentiable cast, so gradients reach ``t`` in its own dtype); None stays None."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    return t if t is None or t.dtype is dtype else t.to(dtype)
+
+
+_ABSENT = object()
+
+
+def module_parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, at a fraction of the cost on the per-call path.
+
+    ``module.weight`` goes through ``nn.Module.__getattr__`` (a failed
+    attribute lookup, then Python code: ~5x a dict lookup); the registered
+    parameter is read from ``_parameters`` directly, anything else (a
+    parametrization's property, a plain attribute) through ``getattr``.
+    """
+    value = module._parameters.get(name, _ABSENT)
+    return getattr(module, name) if value is _ABSENT else value
 
 
 class LoraLayer(PeftLayer):
@@ -182,8 +197,12 @@ class LoraLayer(PeftLayer):
 
     def lora_weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in the compute dtype for x (``compute_dtype``): a differentiable cast when needed."""
-        dtype = compute_dtype(x)
-        return cast_to(self.lora_A.weight, dtype), cast_to(self.lora_B.weight, dtype)
+        return self._lora_pair_in(compute_dtype(x))
+
+    def _lora_pair_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        modules = self._modules
+        return (cast_to(module_parameter(modules["lora_A"], "weight"), dtype),
+                cast_to(module_parameter(modules["lora_B"], "weight"), dtype))
 
     @torch.no_grad()
     def delta_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -242,17 +261,17 @@ class LoRALinear(LoraLayer):
                    init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype)
 
     def _base_weight_out_in(self) -> torch.Tensor:
-        w = self.base_layer.weight
+        w = module_parameter(self._modules["base_layer"], "weight")
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
-        weight, bias = cast_to(self._base_weight_out_in(), dtype), cast_to(self.base_layer.bias, dtype)
+        weight = cast_to(self._base_weight_out_in(), dtype)
+        bias = cast_to(module_parameter(self._modules["base_layer"], "bias"), dtype)
         if self._merged:
             return F.linear(cast_to(x, dtype), weight, bias)
-        lora_A, lora_B = self.lora_weights_for(x)
-        return lora_linear(x, weight, lora_A, lora_B, self.scaling,
-                           bias=bias, dropout_p=self.lora_dropout, training=self.training)
+        lora_A, lora_B = self._lora_pair_in(dtype)
+        return lora_linear(x, weight, lora_A, lora_B, self.scaling, bias, self.lora_dropout, self.training)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

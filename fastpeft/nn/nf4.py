@@ -14,15 +14,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops._autocast import autocast_dtype
+from ..ops._autocast import any_autocast_enabled, autocast_dtype
 from ..ops.nf4 import nf4_linear
 from ..quant.nf4 import NF4Weight
+from .lora import module_parameter
 
 
 
 def _version(t: torch.Tensor) -> int:
     """The tensor's in-place write counter (``copy_`` etc. bump it); inference tensors have none."""
     return -1 if t.is_inference() else t._version
+
+
+# The quantization buffers, in the order ``_buffers_and_key`` returns them.
+_NF4_BUFFERS = ("weight", "weight_absmax", "weight_code", "weight_nested_absmax", "weight_nested_code",
+                "weight_nested_offset")
 
 
 def _rebuild_after_load(module: "NF4Linear", incompatible_keys) -> None:
@@ -84,10 +90,14 @@ class NF4Linear(nn.Module):
         return cls(weight, getattr(linear4bit, "bias", None))
 
     def _buffers_and_key(self):
-        """The quantization buffers and a key that changes when any is replaced or written in place."""
-        buffers = (self.weight, self.weight_absmax, self.weight_code,
-                   getattr(self, "weight_nested_absmax", None), getattr(self, "weight_nested_code", None),
-                   getattr(self, "weight_nested_offset", None))
+        """The quantization buffers and a key that changes when any is replaced or written in place.
+
+        Read from ``_buffers`` directly: this runs on every forward, and
+        attribute access to an absent buffer (no double quantization) would
+        raise and catch an AttributeError each time.
+        """
+        found = self._buffers.get
+        buffers = tuple(found(name) for name in _NF4_BUFFERS)
         return buffers[:5], tuple(None if t is None else (t.data_ptr(), t.device, t.dtype, _version(t))
                                   for t in buffers)
 
@@ -137,10 +147,11 @@ class NF4Linear(nn.Module):
         (a differentiable cast when they differ)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        dtype = autocast_dtype(x) or x.dtype
-        if self.bias is None or self.bias.dtype == dtype:
-            return self.bias
-        return self.bias.to(dtype)
+        dtype = (any_autocast_enabled() and autocast_dtype(x)) or x.dtype
+        bias = module_parameter(self, "bias")
+        if bias is None or bias.dtype is dtype:
+            return bias
+        return bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.nf4_weight, self.bias_for(x))

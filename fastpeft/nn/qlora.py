@@ -66,8 +66,9 @@ class QLoRALinear(LoraLayer):
             dtype = compute_dtype(x)
             return F.linear(cast_to(x, dtype), self._merged_weight.to(dtype), cast_to(self.base_layer.bias, dtype))
         lora_A, lora_B = self.lora_weights_for(x)
-        return qlora_linear(x, self.base_layer.nf4_weight, lora_A, lora_B, self.scaling,
-                            bias=self.base_layer.bias_for(x), dropout_p=self.lora_dropout, training=self.training)
+        base = self._modules["base_layer"]
+        return qlora_linear(x, base.nf4_weight, lora_A, lora_B, self.scaling, base.bias_for(x), self.lora_dropout,
+                            self.training)
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -18,17 +18,20 @@ never recast by autocast behind their back.
 """
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 from typing import Optional
 
 import torch
 
+# True when autocast is on for any device type: one C call (torch.compile folds it to a constant), so the
+# common case (no autocast) costs the ops nothing more.
+any_autocast_enabled = torch._C._is_any_autocast_enabled
+
 
 def autocast_dtype(x) -> Optional[torch.dtype]:
     """The dtype autocast runs ``linear`` in for ``x``; None when autocast is off for x's device or x is not cast."""
-    if not isinstance(x, torch.Tensor) or not _eligible(x):
+    if not any_autocast_enabled() or not isinstance(x, torch.Tensor) or not _eligible(x):
         return None
     device_type = x.device.type
     try:
@@ -53,7 +56,7 @@ def autocast_inputs(x, *others):
 def autocast_off(device_type: str):
     """A context in which autocast is disabled for ``device_type`` (a no-op when it is off already)."""
     try:
-        if torch.is_autocast_enabled(device_type):
+        if any_autocast_enabled() and torch.is_autocast_enabled(device_type):
             return torch.autocast(device_type, enabled=False)
     except RuntimeError:
         pass
@@ -68,6 +71,8 @@ def outside_autocast(backward):
     """Decorates a Function's ``backward(ctx, dy)``: a backward run inside an autocast region must not recast."""
     @functools.wraps(backward)
     def run(ctx, dy):
+        if not any_autocast_enabled():
+            return backward(ctx, dy)
         with autocast_off(dy.device.type):
             return backward(ctx, dy)
 

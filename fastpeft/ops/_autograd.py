@@ -5,8 +5,17 @@ Each Function lists its ``forward`` arguments once, in a module-level tuple
 backward asks ``needs(ctx, <OP>_INPUTS)`` which of them need a gradient and
 returns ``gradients(<OP>_INPUTS, x=dx, ...)``: no positional bookkeeping to
 keep in step with the signature.
+
+``once_differentiable`` is torch's decorator of the same name without its
+per-call cost in the common case (see its docstring).
 """
 from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd import forward_ad as _forward_ad
+from torch.autograd.function import once_differentiable as _torch_once_differentiable
 
 
 def needs(ctx, inputs: tuple[str, ...]) -> dict[str, bool]:
@@ -16,6 +25,32 @@ def needs(ctx, inputs: tuple[str, ...]) -> dict[str, bool]:
 
 def gradients(inputs: tuple[str, ...], **grads) -> tuple:
     """The tuple ``backward`` returns: ``grads[name]`` for each input, None for the others."""
-    unknown = set(grads) - set(inputs)
-    assert not unknown, f"gradients for inputs that do not exist: {sorted(unknown)}"
-    return tuple(grads.get(name) for name in inputs)
+    result = tuple([grads.pop(name, None) for name in inputs])
+    assert not grads, f"gradients for inputs that do not exist: {sorted(grads)}"
+    return result
+
+
+def once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` for a Function's ``backward``, minus its cost.
+
+    Torch's wrapper runs ``backward`` under ``no_grad`` and, when grad mode is
+    on (a ``create_graph=True`` backward), marks the results so that a second
+    differentiation raises. A plain backward already runs with grad mode off,
+    where the wrapper has nothing to do but costs a ``no_grad`` context per
+    call: this one calls ``backward`` directly then and torch's wrapper otherwise.
+    """
+    guarded = _torch_once_differentiable(backward)
+    is_grad_enabled = torch.is_grad_enabled
+
+    @functools.wraps(backward)
+    def run(ctx, *grad_outputs):
+        if is_grad_enabled():
+            return guarded(ctx, *grad_outputs)
+        return backward(ctx, *grad_outputs)
+
+    return run
+
+
+def forward_ad_active() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()`` (dual tensors may be about)."""
+    return _forward_ad._current_level >= 0

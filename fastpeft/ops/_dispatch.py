@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
 
-from .._backend import Backend, select_backend
+from .._backend import ENV_BACKEND, Backend, select_backend
+
+# The environment variables the backend rule reads (``fastpeft._backend``); part of each cached choice.
+_BACKEND_ENV = (ENV_BACKEND, "TRITON_INTERPRET")
+# os.environ's own dict (what ``os.environ[...] = ...`` and monkeypatch.setenv update): reading it costs a
+# fifth of ``os.environ.get``, which decodes the key and raises KeyError inside for an unset variable.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in _BACKEND_ENV) if _ENVIRON_DATA is not None else None
+_CHOICES: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,11 +39,29 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+def _backend_environment() -> tuple:
+    if _ENVIRON_DATA is None:
+        return tuple(os.environ.get(name) for name in _BACKEND_ENV)
+    data = _ENVIRON_DATA
+    return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
+
+
 def implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """``fastpeft.kernels.<op>`` or ``fastpeft.ops.<op>_cpu``, by the backend rule for ``device``.
 
     Raises TypeError when the Triton backend is selected for a dtype its kernels do not take.
+    The choice is cached per (op, device, dtype) and the backend environment variables, which are
+    read on every call, so setting ``FASTPEFT_BACKEND`` takes effect at the next call; a choice
+    that raises is never cached.
     """
+    key = (op, device, dtype, _backend_environment())
+    module = _CHOICES.get(key)
+    if module is None:
+        module = _CHOICES[key] = _choose(op, device, dtype)
+    return module
+
+
+def _choose(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     if select_backend(device) is Backend.TRITON:
         kernels = _module(f"fastpeft.kernels.{op}")
         kernels.check_kernel_dtype(op, dtype)
@@ -42,19 +69,23 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleT
     return _module(f"fastpeft.ops.{op}_cpu")
 
 
-def custom_op_with_eager_path(name: str, implementation):
+def custom_op_with_eager_path(name: str, implementation, eager=None):
     """Registers ``implementation`` as the custom op ``name``; returns ``(op, call)``.
 
-    ``call(*args)`` runs ``implementation`` directly in eager mode and the
-    custom op while torch.compile traces. Register the fake implementation on
-    ``op``.
+    ``call(*args)`` runs the op while torch.compile traces, and in eager mode
+    calls ``eager`` (default: ``implementation``) directly: the same
+    computation without the custom-op dispatcher. An ``eager`` function may
+    return None for outputs the op must return as tensors (``not_computed``).
+    Register the fake implementation on ``op``.
     """
     op = torch.library.custom_op(name, mutates_args=())(implementation)
+    eager = implementation if eager is None else eager
+    is_compiling = torch.compiler.is_compiling
 
     def call(*args):
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return op(*args)
-        return implementation(*args)
+        return eager(*args)
 
     return op, call
 

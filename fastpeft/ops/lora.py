@@ -23,14 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torch.autograd.function import once_differentiable
-
 from .._backend import Backend, select_backend
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
-                           check_scaling, check_tensor)
+                           check_scaling, check_tensor, lora_adapter_ok)
 from . import lora_cpu
-from ._autocast import autocast_inputs, autocast_off, outside_autocast
-from ._autograd import gradients, needs
+from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
+from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import check_seed, draw_seed, seed_value
 
@@ -51,16 +49,24 @@ def _(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, h
 
 
+def _backward_grads(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                    scaling: float, dropout_p: float, seed: Optional[Tensor],
+                    need_dx: bool, need_dA: bool, need_dB: bool) -> tuple:
+    """``(dx, dA, dB)``, None where not asked for (the eager path: no placeholder tensors)."""
+    impl = implementation("lora", dy.device, dy.dtype)
+    return impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed),
+                              need_dx, need_dA, need_dB)
+
+
 def _backward_impl(dy: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                    scaling: float, dropout_p: float, seed: Optional[Tensor],
                    need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = implementation("lora", dy.device, dy.dtype)
-    grads = impl.lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed),
-                               need_dx, need_dA, need_dB)
+    grads = _backward_grads(dy, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
     return not_computed(grads, dy)
 
 
-_backward_op, _backward = custom_op_with_eager_path("fastpeft::lora_linear_backward", _backward_impl)
+_backward_op, _backward = custom_op_with_eager_path("fastpeft::lora_linear_backward", _backward_impl,
+                                                    eager=_backward_grads)
 
 
 @_backward_op.register_fake
@@ -81,12 +87,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y2d, h = _forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return y2d.view(*x.shape[:-1], weight.shape[0])
+        ctx.x_shape = None if x2d is x else x.shape  # None: dx needs no reshape
+        ctx.has_bias = bias is not None
+        return y2d if x2d is x else y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
@@ -94,13 +101,17 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         need = needs(ctx, LORA_INPUTS)
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
             dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
                                    need["x"], need["lora_A"], need["lora_B"])
-            grads.update(x=dx.view(ctx.x_shape) if need["x"] else None, lora_A=dA if need["lora_A"] else None,
-                         lora_B=dB if need["lora_B"] else None)
+            if need["x"]:
+                grads["x"] = dx if ctx.x_shape is None else dx.view(ctx.x_shape)
+            if need["lora_A"]:
+                grads["lora_A"] = dA
+            if need["lora_B"]:
+                grads["lora_B"] = dB
         if need["weight"]:
             grads["weight"] = torch.mm(dy2d.t(), x2d)
         if need["bias"] and ctx.has_bias:
@@ -122,15 +133,49 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     each input in its own dtype); see ``fastpeft.ops._autocast`` for why the
     cast is explicit at this entry.
     """
-    x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
-    _validate(x, weight, lora_A, lora_B, bias)
+    autocast = any_autocast_enabled()
+    if autocast:
+        x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
+    if not _arguments_ok(x, weight, lora_A, lora_B, bias):
+        _validate(x, weight, lora_A, lora_B, bias)
     scaling = check_scaling("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
+    if not autocast:
+        return _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     with autocast_off(x.device.type):
+        return _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> Tensor:
+    """``LoRALinearFunction.apply``, or its forward alone when no gradient can be asked for.
+
+    Without an autograd graph to record (grad mode off, or no input needing a
+    gradient) the Function's bookkeeping (its node, ``ctx``, saved tensors)
+    would be thrown away: the forward runs directly, with the same result.
+    Inside a forward-AD level the Function runs (it has no ``jvp``, so dual
+    inputs raise rather than lose their tangents in a kernel).
+    """
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad or
+                                     lora_B.requires_grad or (bias is not None and bias.requires_grad))) \
+            or forward_ad_active():
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if x.dim() == 2:
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+    y2d = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+    return y2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def _arguments_ok(x, weight, lora_A, lora_B, bias) -> bool:
+    """True when ``_validate`` would pass (the cheap form run on every call)."""
+    try:
+        n, k = weight.shape
+        return (isinstance(weight, Tensor) and weight.dtype is x.dtype and weight.device == x.device
+                and lora_adapter_ok(x, lora_A, lora_B, bias, n, k))
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _validate(x, weight, lora_A, lora_B, bias) -> None:

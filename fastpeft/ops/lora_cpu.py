@@ -11,7 +11,8 @@ Forward: ``y = addmm(b, x, Wᵀ)`` then one in-place ``addmm_`` adds
 rounded to fp16/bf16 on its own (where it could overflow). No temporary of
 size ``M x N`` besides ``y``.
 Backward: ``dx = dy W`` with ``s · dh A`` added in place (masked when dropout
-is on) for ``dh = dy B``; ``dB = s · dyᵀ h`` reuses the saved ``h``; frozen
+is on) for ``dh = dy B``; ``dB = s · dyᵀ h`` reuses the saved ``h`` (scalings in
+the GEMMs' accumulators, ``scaled_mm``); frozen
 tensors get no gradient. ``lora_backward_with_base`` is the same around any
 frozen base (QLoRA's NF4 base in ``fastpeft.ops.qlora_cpu``).
 
@@ -21,6 +22,7 @@ with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -50,18 +52,28 @@ def apply_dropout(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tenso
 
 def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Returns ``(y [M, N] in x's dtype, h [M, r] in lora_h_dtype)``."""
-    if bias is None:
-        y = torch.mm(x2d, weight.t())
-    else:
-        y = torch.addmm(bias, x2d, weight.t())
+    y = F.linear(x2d, weight, bias)  # torch.addmm(bias, x, Wᵀ) / torch.mm(x, Wᵀ), without a Python-level Wᵀ
     return y, add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
-    h = torch.mm(apply_dropout(x2d, dropout_p, seed), lora_A.t()).to(lora_h_dtype(x2d.dtype))
-    y.addmm_(h.to(y.dtype), lora_B.t(), alpha=scaling)
+    h = F.linear(apply_dropout(x2d, dropout_p, seed), lora_A)
+    h_dtype = lora_h_dtype(x2d.dtype)
+    if h.dtype is not h_dtype:
+        h = h.to(h_dtype)
+    y.addmm_(h if h.dtype is y.dtype else h.to(y.dtype), lora_B.t(), alpha=scaling)
     return h
+
+
+def scaled_mm(a, b, scaling: float, like):
+    """``scaling · (a @ b)``, the scaling applied in the GEMM's accumulator (addmm's ``alpha``).
+
+    One op instead of ``mm(a, b).mul_(scaling)``: no second pass and no
+    second rounding in fp16/bf16. ``like`` only gives the result's shape
+    (``beta=0``: addmm ignores its values, NaN included).
+    """
+    return torch.addmm(like, a, b, beta=0, alpha=scaling)
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, h, scaling: float, dropout_p: float, seed: int,
@@ -79,11 +91,11 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
     """
     dx = dA = dB = None
     if need_dB:
-        dB = torch.mm(dy.t(), h.to(dy.dtype)).mul_(scaling)
+        dB = scaled_mm(dy.t(), h if h.dtype is dy.dtype else h.to(dy.dtype), scaling, lora_B)
     if need_dx or need_dA:
         dh = torch.mm(dy, lora_B)
         if need_dA:
-            dA = torch.mm(dh.t(), apply_dropout(x2d, dropout_p, seed)).mul_(scaling)
+            dA = scaled_mm(dh.t(), apply_dropout(x2d, dropout_p, seed), scaling, lora_A)
         if need_dx:
             dx = base_input_grad(dy)
             if dropout_p == 0.0:

@@ -19,12 +19,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._validation import FLOAT_DTYPES, check_dim, check_same_device, check_same_dtype, check_tensor
 from ..quant.nf4 import NF4Weight
-from ._autocast import autocast_inputs, autocast_off, outside_autocast
-from ._autograd import gradients, needs
+from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
+from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation
 from .nf4_cpu import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
 
@@ -69,12 +68,13 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, code, out_features, in_features, blocksize, bias):
-        x2d = x.reshape(-1, in_features)
+        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         y2d = _forward(x2d, packed, absmax, code, out_features, in_features, blocksize, bias)
         ctx.save_for_backward(packed, absmax, code)
         ctx.dims = (out_features, in_features, blocksize)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return y2d.view(*x.shape[:-1], out_features)
+        ctx.x_shape = None if x2d is x else x.shape  # None: dx needs no reshape
+        ctx.has_bias = bias is not None
+        return y2d if x2d is x else y2d.view(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable
@@ -83,11 +83,11 @@ class NF4LinearFunction(torch.autograd.Function):
         packed, absmax, code = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, NF4_INPUTS)
-        dy2d = dy.reshape(-1, out_features)
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
         grads = {}
         if need["x"]:
             dx = _input_grad(dy2d, packed, absmax, code, out_features, in_features, blocksize)
-            grads["x"] = dx.view(ctx.x_shape)
+            grads["x"] = dx if ctx.x_shape is None else dx.view(ctx.x_shape)
         if need["bias"] and ctx.has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(NF4_INPUTS, **grads)
@@ -105,7 +105,43 @@ def nf4_linear(x: Tensor, w_nf4: NF4Weight, bias: Optional[Tensor] = None) -> Te
     Under ``torch.autocast`` x and bias are cast like torch's ``linear`` casts
     its inputs (``fastpeft.ops._autocast``); the weight is dequantized to that dtype.
     """
-    x, bias = autocast_inputs(x, bias)
+    autocast = any_autocast_enabled()
+    if autocast:
+        x, bias = autocast_inputs(x, bias)
+    if not _arguments_ok(x, w_nf4, bias):
+        _validate(x, w_nf4, bias)
+    n, k = w_nf4.shape
+    if not autocast:
+        return _run(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize, bias)
+    with autocast_off(x.device.type):
+        return _run(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize, bias)
+
+
+def _run(x, packed, absmax, code, n, k, blocksize, bias) -> Tensor:
+    """``NF4LinearFunction.apply``, or its forward alone when no gradient can be asked for
+    (see ``fastpeft.ops.lora._run``)."""
+    if (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) \
+            or forward_ad_active():
+        return NF4LinearFunction.apply(x, packed, absmax, code, n, k, blocksize, bias)
+    if x.dim() == 2:
+        return _forward(x, packed, absmax, code, n, k, blocksize, bias)
+    return _forward(x.reshape(-1, k), packed, absmax, code, n, k, blocksize, bias).view(*x.shape[:-1], n)
+
+
+def _arguments_ok(x, w_nf4, bias) -> bool:
+    """True when ``_validate`` would pass (the cheap form run on every call)."""
+    try:
+        n, k = w_nf4.shape
+        dtype, device = x.dtype, x.device
+        return (nf4_weight_ok(w_nf4) and isinstance(x, Tensor) and dtype in FLOAT_DTYPES and x.shape[-1] == k
+                and w_nf4.packed.device == device
+                and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == n
+                                      and bias.device == device and bias.dtype is dtype)))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
+def _validate(x, w_nf4, bias) -> None:
     validate_nf4_weight("w_nf4", w_nf4)
     n, k = w_nf4.shape
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -117,9 +153,22 @@ def nf4_linear(x: Tensor, w_nf4: NF4Weight, bias: Optional[Tensor] = None) -> Te
         check_dim("bias", bias.shape[0], n, "length (out_features)")
     check_same_device("x", x, w_nf4=w_nf4.packed, bias=bias)
     check_same_dtype("x", x, bias=bias)
-    with autocast_off(x.device.type):
-        return NF4LinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k,
-                                       w_nf4.blocksize, bias)
+
+
+def nf4_weight_ok(w) -> bool:
+    """True when ``validate_nf4_weight`` would pass (the cheap form run on every call)."""
+    if not isinstance(w, NF4Weight):
+        return False
+    try:
+        n, k = w.shape
+        packed, absmax, code, blocksize = w.packed, w.absmax_float(), w.code, w.blocksize
+        device = packed.device
+        return (k % blocksize == 0 and isinstance(packed, Tensor)
+                and packed.dtype is torch.uint8 and packed.numel() * 2 == n * k
+                and absmax.dtype is torch.float32 and absmax.numel() == n * k // blocksize
+                and absmax.device == device and (code is None or code.device == device))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return False
 
 
 def validate_nf4_weight(name: str, w) -> None:

@@ -20,17 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torch.autograd.function import once_differentiable
-
-from .._validation import FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_scaling, \
-    check_tensor
+from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_scaling,
+                           check_tensor, lora_adapter_ok)
 from ..quant.nf4 import NF4Weight
 from . import lora_cpu
-from ._autocast import autocast_inputs, autocast_off, outside_autocast
-from ._autograd import gradients, needs
+from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
+from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
-from .nf4 import validate_nf4_weight
+from .nf4 import nf4_weight_ok, validate_nf4_weight
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -53,17 +51,26 @@ def _(x2d, packed, absmax, code, out_features, in_features, blocksize, bias, lor
     return y, h
 
 
+def _backward_grads(dy: Tensor, x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+                    in_features: int, blocksize: int, lora_A: Tensor, lora_B: Tensor, h: Tensor, scaling: float,
+                    dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool, need_dB: bool) -> tuple:
+    """``(dx, dA, dB)``, None where not asked for (the eager path: no placeholder tensors)."""
+    impl = implementation("qlora", dy.device, dy.dtype)
+    return impl.qlora_backward(dy, x2d, packed, absmax, code, out_features, in_features, blocksize, lora_A,
+                               lora_B, h, scaling, dropout_p, seed_value(seed), need_dx, need_dA, need_dB)
+
+
 def _backward_impl(dy: Tensor, x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
                    in_features: int, blocksize: int, lora_A: Tensor, lora_B: Tensor, h: Tensor, scaling: float,
                    dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
                    need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = implementation("qlora", dy.device, dy.dtype)
-    grads = impl.qlora_backward(dy, x2d, packed, absmax, code, out_features, in_features, blocksize, lora_A,
-                                lora_B, h, scaling, dropout_p, seed_value(seed), need_dx, need_dA, need_dB)
+    grads = _backward_grads(dy, x2d, packed, absmax, code, out_features, in_features, blocksize, lora_A, lora_B, h,
+                            scaling, dropout_p, seed, need_dx, need_dA, need_dB)
     return not_computed(grads, dy)
 
 
-_backward_op, _backward = custom_op_with_eager_path("fastpeft::qlora_linear_backward", _backward_impl)
+_backward_op, _backward = custom_op_with_eager_path("fastpeft::qlora_linear_backward", _backward_impl,
+                                                    eager=_backward_grads)
 
 
 @_backward_op.register_fake
@@ -88,14 +95,15 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, code, out_features, in_features, blocksize, bias, lora_A, lora_B,
                 scaling, dropout_p, seed):
-        x2d = x.reshape(-1, in_features)
+        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         y2d, h = _forward(x2d, packed, absmax, code, out_features, in_features, blocksize, bias,
-                             lora_A, lora_B, scaling, dropout_p, seed)
+                          lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x2d, packed, absmax, code, lora_A, lora_B, h, seed)
         ctx.dims = (out_features, in_features, blocksize)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return y2d.view(*x.shape[:-1], out_features)
+        ctx.x_shape = None if x2d is x else x.shape  # None: dx needs no reshape
+        ctx.has_bias = bias is not None
+        return y2d if x2d is x else y2d.view(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable
@@ -104,14 +112,18 @@ class QLoRALinearFunction(torch.autograd.Function):
         x2d, packed, absmax, code, lora_A, lora_B, h, seed = ctx.saved_tensors
         out_features, in_features, blocksize = ctx.dims
         need = needs(ctx, QLORA_INPUTS)
-        dy2d = dy.reshape(-1, out_features)
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
             dx, dA, dB = _backward(dy2d, x2d, packed, absmax, code, out_features, in_features, blocksize,
                                    lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
                                    need["x"], need["lora_A"], need["lora_B"])
-            grads.update(x=dx.view(ctx.x_shape) if need["x"] else None, lora_A=dA if need["lora_A"] else None,
-                         lora_B=dB if need["lora_B"] else None)
+            if need["x"]:
+                grads["x"] = dx if ctx.x_shape is None else dx.view(ctx.x_shape)
+            if need["lora_A"]:
+                grads["lora_A"] = dA
+            if need["lora_B"]:
+                grads["lora_B"] = dB
         if need["bias"] and ctx.has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(QLORA_INPUTS, **grads)
@@ -131,7 +143,49 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
     ``linear`` casts its inputs (``fastpeft.ops._autocast``); the NF4 weight is
     dequantized to that dtype.
     """
-    x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
+    autocast = any_autocast_enabled()
+    if autocast:
+        x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
+    if not _arguments_ok(x, w_nf4, lora_A, lora_B, bias):
+        _validate(x, w_nf4, lora_A, lora_B, bias)
+    n, k = w_nf4.shape
+    scaling = check_scaling("scaling", scaling)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    if not training:
+        dropout_p = 0.0
+    seed = draw_seed(dropout_p)
+    args = (x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize, bias, lora_A, lora_B, scaling,
+            dropout_p, seed)
+    if not autocast:
+        return _run(args)
+    with autocast_off(x.device.type):
+        return _run(args)
+
+
+def _run(args: tuple) -> Tensor:
+    """``QLoRALinearFunction.apply``, or its forward alone when no gradient can be asked for
+    (see ``fastpeft.ops.lora._run``)."""
+    x, bias, lora_A, lora_B = args[0], args[7], args[8], args[9]
+    if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                     or (bias is not None and bias.requires_grad))) or forward_ad_active():
+        return QLoRALinearFunction.apply(*args)
+    if x.dim() == 2:
+        return _forward(*args)[0]
+    n, k = args[4], args[5]
+    return _forward(x.reshape(-1, k), *args[1:])[0].view(*x.shape[:-1], n)
+
+
+def _arguments_ok(x, w_nf4, lora_A, lora_B, bias) -> bool:
+    """True when ``_validate`` would pass (the cheap form run on every call)."""
+    try:
+        n, k = w_nf4.shape
+        return (nf4_weight_ok(w_nf4) and w_nf4.packed.device == x.device
+                and lora_adapter_ok(x, lora_A, lora_B, bias, n, k))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _validate(x, w_nf4, lora_A, lora_B, bias) -> None:
     validate_nf4_weight("w_nf4", w_nf4)
     n, k = w_nf4.shape
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -139,11 +193,3 @@ def qlora_linear(x: Tensor, w_nf4: NF4Weight, lora_A: Tensor, lora_B: Tensor, sc
         raise ValueError("x must have at least one dimension [..., in_features]")
     check_same_device("x", x, w_nf4=w_nf4.packed)
     check_lora_adapter(x, lora_A, lora_B, bias, n, k)
-    scaling = check_scaling("scaling", scaling)
-    dropout_p = check_probability("dropout_p", dropout_p)
-    if not training:
-        dropout_p = 0.0
-    seed = draw_seed(dropout_p)
-    with autocast_off(x.device.type):
-        return QLoRALinearFunction.apply(x, w_nf4.packed, w_nf4.absmax_float(), w_nf4.code, n, k, w_nf4.blocksize,
-                                         bias, lora_A, lora_B, scaling, dropout_p, seed)
