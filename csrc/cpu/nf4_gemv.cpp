@@ -66,15 +66,23 @@ class PermutedActivations {
  public:
   PermutedActivations(const float* x, std::int64_t ldx, int rows, std::int64_t K)
       : stride_((K + kGroup128 - 1) / kGroup128 * kGroup128), storage_(static_cast<std::size_t>(rows) * stride_ + 16) {
-    int element[kGroup128];
-    for (int s = 0; s < 8; ++s)
-      for (int lane = 0; lane < 16; ++lane) element[16 * s + lane] = group128_element(s, lane);
     data_ = storage_.data() + (16 - reinterpret_cast<std::uintptr_t>(storage_.data()) / sizeof(float) % 16) % 16;
+    __m512i element[8];  // offsets within a group read into vector s
+    for (int s = 0; s < 8; ++s) {
+      alignas(64) std::int32_t e[16];
+      for (int lane = 0; lane < 16; ++lane) e[lane] = group128_element(s, lane);
+      element[s] = _mm512_load_si512(e);
+    }
     for (int m = 0; m < rows; ++m) {
       float* dst = data_ + m * stride_;
       const float* src = x + m * ldx;
-      for (std::int64_t g = 0; g < stride_; g += kGroup128)
-        for (int p = 0; p < kGroup128; ++p) dst[g + p] = g + element[p] < K ? src[g + element[p]] : 0.0f;
+      for (std::int64_t g = 0; g < stride_; g += kGroup128) {
+        // lanes 8-15 of a trailing half group lie past K: not read, zero
+        const __mmask16 inside = g + kGroup128 <= K ? 0xFFFF : 0x00FF;
+        for (int s = 0; s < 8; ++s)
+          _mm512_store_ps(dst + g + 16 * s,
+                          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, element[s], src + g, sizeof(float)));
+      }
     }
   }
   const float* row(int m) const { return data_ + m * stride_; }
