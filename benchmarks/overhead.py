@@ -286,6 +286,11 @@ def count_instructions(args) -> dict:
         if done.returncode:
             print(f"callgrind run of {ops} {providers} ended with status {done.returncode}; "
                   "the counts it finished are kept\n" + done.stderr[-1500:], file=sys.stderr)
+    return read_counts(folder, args.calls)
+
+
+def read_counts(folder: str, calls: int) -> dict:
+    """The labelled callgrind dumps in ``folder`` as ``{(op, dtype, mode, tokens, provider): instructions per call}``."""
     counts = {}
     for name in sorted(os.listdir(folder)):
         if not name.startswith("callgrind.") or name.endswith((".c", ".so")):
@@ -299,7 +304,7 @@ def count_instructions(args) -> dict:
                     total = int(line.split()[1])
         if label and total is not None:
             op, dtype_name, mode, tokens, provider = label.split("|")
-            counts[(op, dtype_name, mode, int(tokens), provider)] = total / args.calls
+            counts[(op, dtype_name, mode, int(tokens), provider)] = total / calls
     return counts
 
 
