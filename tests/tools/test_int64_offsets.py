@@ -1,0 +1,60 @@
+"""int64 offsets: no Triton kernel builds a memory address from an int32 product that can pass 2**31.
+
+``fastpeft.tools.offset_check`` (the static check; its docstring says how it
+works) lowers every variant the kernel modules launch to Triton IR and reports
+each int32 multiplication of two runtime values, or of a stride, that flows
+into a ``tt.addptr`` offset. Here: it reports each known bug pattern of
+``offset_fixture_kernels`` and nothing in a correctly widened kernel; the
+pattern it reports really wraps (the interpreter multiplies in int32 as the
+GPU does); and every fastpeft kernel module passes it.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from fastpeft.tools.offset_check import check_modules
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the fixture module, also for the child check
+import offset_fixture_kernels as fixture  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fixture_findings():
+    return check_modules([fixture.__name__])
+
+
+def test_the_check_reports_every_known_int32_address_product_and_nothing_else(fixture_findings):
+    found = {(f.function, f.source) for f in fixture_findings}
+    for kernel, fragment in fixture.FLAGGED:
+        assert any(k == kernel and fragment in source for k, source in found), (kernel, fragment, found)
+    assert len(fixture_findings) == len(fixture.FLAGGED), "\n".join(map(str, fixture_findings))
+
+
+def test_a_finding_names_the_source_line_and_both_factors(fixture_findings):
+    by_kernel = {f.function: f for f in fixture_findings}
+    row = by_kernel["_row_times_stride_kernel"]
+    assert row.location.startswith("tests/tools/offset_fixture_kernels.py:")
+    assert set(row.factors) == {"rows", "stride_xm"}
+    assert "stride_xk" in by_kernel["_narrow_pointer_step_kernel"].factors
+    assert set(by_kernel["_product_in_a_branch_kernel"].factors) == {"program_id", "stride_xb"}
+
+
+def test_a_reported_product_really_wraps():
+    """Row 3 at row stride (2**32 + 2) / 3 (an int32) is element 4294967298; in int32 it is element 2."""
+    stride = (2**32 + 2) // 3
+    assert stride < 2**31 and 3 * stride == 2**32 + 2
+    x = torch.arange(16, dtype=torch.float32)
+    y = torch.full((4, 2), float("nan"))
+    fixture._row_times_stride_kernel[(1,)](x, y, 4, stride, BLOCK_M=4, BLOCK_N=2)  # loads rows 0 and 3 only
+    assert y[0].tolist() == [0.0, 1.0]
+    assert y[3].tolist() == [2.0, 3.0]  # silently read x[2:4] instead of faulting or reading the right element
+
+
+def test_every_kernel_module_computes_its_addresses_in_int64():
+    found = check_modules()
+    assert not found, ("int32 products reach an address; widen a factor (`.to(tl.int64)`, or "
+                       "`tl.cast(stride, tl.int64)` for a step):\n" + "\n".join(map(str, found)))
