@@ -15,6 +15,10 @@ from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Floor of the error budget (16 fp32 ulps): over a handful of outputs torch's own fp32 error is sometimes a lucky
+# 2e-8, and c x that failed about 1 random small shape in 100 (before and after the AVX-512 GEMV alike); a wrong
+# code, scale or element costs 1e-3 or more.
+ERROR_FLOOR = 1e-6
 
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -29,7 +33,7 @@ def _check_forward(x, w, bias=None):
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     ref = F.linear(x.double(), w.dequantize(torch.float64), None if bias is None else bias.double())
     torch_out = F.linear(x, w.dequantize(x.dtype), bias)
-    assert_close_to_ref(y, ref, torch_out, what=f"nf4_matmul M={x.shape[:-1]} {x.dtype}")
+    assert_close_to_ref(y, ref, torch_out, tiny=ERROR_FLOOR, what=f"nf4_matmul M={x.shape[:-1]} {x.dtype}")
 
 
 def _check_transposed(dy, w):
@@ -37,7 +41,7 @@ def _check_transposed(dy, w):
     assert dx.dtype == dy.dtype and dx.shape == (*dy.shape[:-1], w.shape[1])
     ref = dy.double() @ w.dequantize(torch.float64)
     torch_out = dy @ w.dequantize(dy.dtype)
-    assert_close_to_ref(dx, ref, torch_out, what=f"nf4_matmul_transposed M={dy.shape[:-1]} {dy.dtype}")
+    assert_close_to_ref(dx, ref, torch_out, tiny=ERROR_FLOOR, what=f"nf4_matmul_transposed M={dy.shape[:-1]} {dy.dtype}")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 33])
