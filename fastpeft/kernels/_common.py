@@ -11,10 +11,11 @@ See ``docs/architecture.md`` ("Kernels"). In one place:
   allowed TF32 for torch's matmuls too. Every ``tl.dot`` goes through ``mma``,
   which also applies the interpreter's bf16 work-around (``interpreter_upcast``).
 - **dropout**: the keep-mask of element ``(row, col)`` of a row-major
-  ``[rows, row_len]`` operand is ``tl.rand(key, row * row_len + col) >= p``
-  (Philox), with the 62-bit key passed as two 31-bit halves (``split_seed``,
-  ``dropout_args``), never stored; forward, backward and every op that
-  shares an input draw the same mask for one seed.
+  ``[rows, row_len]`` operand is output ``col % 4`` of Philox4x32-10 at
+  counter ``row * ceil(row_len / 4) + col // 4``, kept when ``>= p * 2**32``
+  (one Philox call per four elements), with the 62-bit key passed as two
+  31-bit halves (``split_seed``, ``dropout_args``), never stored; forward,
+  backward and every op that shares an input draw the same mask for one seed.
 - **tile order**: ``grouped_tile`` maps a 1-D program id onto (row tile,
   column tile) in groups of ``GROUP_M`` row tiles, so a group shares its
   column tiles of the right operand in L2.
@@ -142,10 +143,24 @@ class LaunchConfig:
 
 @triton.jit
 def keep_mask(seed_lo, seed_hi, rows, cols, row_len, p):
-    """Dropout keep-mask (True = kept) of elements ``(rows[:, None], cols[None, :])``."""
+    """Dropout keep-mask (True = kept) of elements ``(rows[:, None], cols[None, :])`` of a ``[*, row_len]`` operand.
+
+    ``cols`` must be ``c0 + tl.arange(0, n)`` with ``c0`` and ``n`` multiples of 4 (every kernel's column
+    tile is). One Philox4x32-10 call draws the four elements ``4j .. 4j+3`` of a row: counter
+    ``row * ceil(row_len / 4) + j``, its output ``col % 4`` kept when ``>= p * 2**32``. The mask is a function
+    of (seed, row, col, row_len) only, not of tile sizes or layouts.
+    """
     key = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
-    offsets = rows[:, None].to(tl.int64) * row_len + cols[None, :]
-    return tl.rand(key, offsets) >= p
+    n: tl.constexpr = cols.shape[0]
+    tl.static_assert(n % 4 == 0, "keep_mask: the column tile must be a multiple of 4 wide")
+    # The first column of each group of four (cols is c0 + arange(n), c0 % 4 == 0).
+    firsts, _ = tl.split(tl.reshape(cols, (n // 4, 2, 2)))
+    firsts, _ = tl.split(firsts)
+    words = rows[:, None].to(tl.int64) * ((row_len + 3) // 4) + (firsts // 4)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(key, words)
+    draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], n))
+    threshold = tl.minimum(p * 4294967296.0, 4294967040.0).to(tl.uint32)
+    return draws >= threshold
 
 
 @triton.jit

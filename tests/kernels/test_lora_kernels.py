@@ -78,8 +78,11 @@ def check_all(m, k, n, r, dtype, bias, p, layout="contiguous", scaling=0.75):
     assert y.is_contiguous() and y.dtype == dtype and h.dtype == dtype
     assert dx.dtype == dtype and dA.dtype == dtype and dB.dtype == dtype
     for name, out in got.items():
-        # A handful of elements can come out exact in torch by luck: allow one rounding of the dtype there.
-        tiny = torch.finfo(out.dtype).eps if out.numel() <= 4 else 1e-12
+        # A handful of dot products (h when M·r <= 4; dA, dB are scaled copies of h, dh then) can come out exact
+        # in torch by luck: allow the few roundings of one dot product and its scaling there (a wrong mask or
+        # index is off by far more).
+        few = out.numel() <= 4 or (name in ("h", "dA", "dB") and m * r <= 4)
+        tiny = 4 * torch.finfo(out.dtype).eps if few else 1e-12
         assert_close_to_ref(out, ref[name], peer[name], what=name, tiny=tiny)
 
 
@@ -220,11 +223,11 @@ def test_mask_keep_rate_within_binomial_bound(p):
         assert 0.2 < float(per_row.min()) and float(per_row.max()) < 0.8
 
 
-def test_mask_is_a_function_of_seed_and_flat_index():
+def test_mask_is_a_function_of_seed_row_and_column():
+    """(The exact Philox draw of each element is checked in test_dropout_mask.py.)"""
     a = tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu")
     assert torch.equal(a, tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu"))
-    # element (row, col) is drawn at row*K + col: the same draws as one long row
-    assert torch.equal(a.reshape(1, -1), tl_lora.dropout_mask((1, 37 * 45), 0.5, SEED, "cpu"))
+    assert torch.equal(a[:3], tl_lora.dropout_mask((3, 45), 0.5, SEED, "cpu"))
     for other in (SEED + 1, SEED ^ (1 << 40), SEED ^ (1 << 61), 0, 1, 2**62 - 1):
         b = tl_lora.dropout_mask((37, 45), 0.5, other, "cpu")
         assert (a != b).float().mean() > 0.3, f"seed {other:#x} gives nearly the same mask"
