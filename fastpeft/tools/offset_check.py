@@ -48,6 +48,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,11 +335,29 @@ def module_variants(module: str) -> list:
     return variants
 
 
-def check_specs(specs) -> list[NarrowProduct]:
-    """Findings of every spec, one per (kernel, source location)."""
+_SPECS: list = []  # what forked workers of check_specs read
+
+
+def _findings_of(index: int) -> list[NarrowProduct]:
+    spec = _SPECS[index]
+    return narrow_address_products(ttir(spec), spec.fn.__name__, spec.name)
+
+
+def check_specs(specs, workers: int | None = None) -> list[NarrowProduct]:
+    """Findings of every spec, one per (kernel, source location, factors); ``workers`` forked processes."""
+    global _SPECS
+    _SPECS = list(specs)
+    workers = min(workers or os.cpu_count() or 1, len(_SPECS))
+    if workers > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            per_spec = list(pool.map(_findings_of, range(len(_SPECS)), chunksize=4))
+    else:
+        per_spec = [_findings_of(i) for i in range(len(_SPECS))]
     found, seen = [], set()
-    for spec in specs:
-        for finding in narrow_address_products(ttir(spec), spec.fn.__name__, spec.name):
+    for findings in per_spec:
+        for finding in findings:
             key = (finding.function, finding.location, finding.factors)
             if key not in seen:
                 seen.add(key)
@@ -354,10 +373,13 @@ def check_modules(modules=None) -> list[NarrowProduct]:
     modules = tuple(modules) if modules else kernel_modules()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return _check_in_child(modules)
-    found = []
+    variants, keys = [], set()
     for module in modules:
-        found += check_specs(module_variants(module))
-    return found
+        for spec in module_variants(module):  # a variant launched by two modules is checked once
+            if spec.key()[:-2] not in keys:
+                keys.add(spec.key()[:-2])
+                variants.append(spec)
+    return check_specs(variants)
 
 
 def _check_in_child(modules) -> list[NarrowProduct]:
