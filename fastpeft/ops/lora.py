@@ -90,9 +90,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y2d, h = _forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.x_shape = None if x2d is x else x.shape  # None: dx needs no reshape
-        ctx.has_bias = bias is not None
+        # x_shape None: dx needs no reshape. One attribute: each costs about a microsecond to set and to read.
+        ctx.state = (scaling, dropout_p, None if x2d is x else x.shape, bias is not None)
         return y2d if x2d is x else y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -100,21 +99,22 @@ class LoRALinearFunction(torch.autograd.Function):
     @outside_autocast
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        scaling, dropout_p, x_shape, has_bias = ctx.state
         need = needs(ctx, LORA_INPUTS)
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
-            dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
+            dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
                                    need["x"], need["lora_A"], need["lora_B"])
             if need["x"]:
-                grads["x"] = dx if ctx.x_shape is None else dx.view(ctx.x_shape)
+                grads["x"] = dx if x_shape is None else dx.view(x_shape)
             if need["lora_A"]:
                 grads["lora_A"] = dA
             if need["lora_B"]:
                 grads["lora_B"] = dB
         if need["weight"]:
             grads["weight"] = torch.mm(dy2d.t(), x2d)
-        if need["bias"] and ctx.has_bias:
+        if need["bias"] and has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(LORA_INPUTS, **grads)
 

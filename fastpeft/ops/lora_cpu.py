@@ -58,7 +58,7 @@ def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: f
 
 def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
-    h = F.linear(apply_dropout(x2d, dropout_p, seed), lora_A)
+    h = F.linear(x2d if dropout_p == 0.0 else apply_dropout(x2d, dropout_p, seed), lora_A)
     h_dtype = lora_h_dtype(x2d.dtype)
     if h.dtype is not h_dtype:
         h = h.to(h_dtype)
@@ -95,7 +95,7 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
     if need_dx or need_dA:
         dh = torch.mm(dy, lora_B)
         if need_dA:
-            dA = scaled_mm(dh.t(), apply_dropout(x2d, dropout_p, seed), scaling, lora_A)
+            dA = scaled_mm(dh.t(), x2d if dropout_p == 0.0 else apply_dropout(x2d, dropout_p, seed), scaling, lora_A)
         if need_dx:
             dx = base_input_grad(dy)
             if dropout_p == 0.0:

@@ -238,3 +238,21 @@ def test_double_backward_through_the_module_raises():
     (dx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         dx.sum().backward()
+
+
+# ---- the custom-op dispatcher is skipped in eager mode -------------------------------------
+
+def test_eager_calls_do_not_go_through_the_custom_op_dispatcher():
+    from torch.profiler import ProfilerActivity, profile
+
+    t = _good_lora()
+    w = _good_nf4()
+    x = t["x"].clone().requires_grad_()
+    a, b = t["lora_A"].clone().requires_grad_(), t["lora_B"].clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lora_op.lora_linear(x, t["weight"], a, b, 1.0).sum().backward()
+        qlora_op.qlora_linear(x, w, a, b, 1.0).sum().backward()
+        nf4_op.nf4_linear(x, w).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert "aten::mm" in names or "aten::addmm" in names or "aten::linear" in names  # the profiler saw the ops
+    assert not {name for name in names if name.startswith("fastpeft::")}
