@@ -15,8 +15,9 @@ in a rotating order, so machine load hits all of them alike; the table gives
 medians over rounds and *paired* medians (per round) of the ratio to PEFT and
 of the overhead above ``base``. On a shared machine the per-call instruction
 count is the steadier figure: ``--callgrind`` runs each provider under
-valgrind's callgrind (one thread, instrumentation only around the timed calls)
-and prints instructions per call and above ``base``.
+valgrind's callgrind (one thread, instrumentation only around the timed
+calls, the cyclic garbage collector paused there) and prints instructions
+per call and above ``base``.
 
 ``--profile PROVIDER`` prints a cProfile of that provider's calls instead.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import re
 import statistics
@@ -252,10 +254,13 @@ def count_in_this_process(args) -> None:
             step = build_step(op, provider, DTYPES[dtype_name], mode, tokens, args.k, args.n, args.r)
             for _ in range(3):
                 step()
+            gc.collect()
+            gc.disable()  # a collection inside the window would land on whichever provider triggered it
             toggle.fp_start()
             for _ in range(args.calls):
                 step()
             toggle.fp_stop(f"{op}|{dtype_name}|{mode}|{tokens}|{provider}".encode())
+            gc.enable()
 
 
 _LABEL_LINE = "desc: Trigger: Client Request: "

@@ -40,10 +40,7 @@ def _module(name: str) -> ModuleType:
 
 
 def _backend_environment() -> tuple:
-    if _ENVIRON_DATA is None:
-        return tuple(os.environ.get(name) for name in _BACKEND_ENV)
-    data = _ENVIRON_DATA
-    return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
+    return tuple(os.environ.get(name) for name in _BACKEND_ENV)
 
 
 def implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -54,7 +51,10 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleT
     read on every call, so setting ``FASTPEFT_BACKEND`` takes effect at the next call; a choice
     that raises is never cached.
     """
-    key = (op, device, dtype, _backend_environment())
+    if _ENVIRON_DATA is None:
+        key = (op, device, dtype, *_backend_environment())
+    else:
+        key = (op, device, dtype, _ENVIRON_DATA.get(_ENV_KEYS[0]), _ENVIRON_DATA.get(_ENV_KEYS[1]))
     module = _CHOICES.get(key)
     if module is None:
         module = _CHOICES[key] = _choose(op, device, dtype)
