@@ -304,6 +304,8 @@ class _Function:
 def narrow_address_products(ttir_text: str, function: str = "", kernel: str = "") -> list[NarrowProduct]:
     """The findings in one TTIR module (see the module docstring)."""
     ir = _Function(ttir_text)
+    if not ir.offsets:  # every kernel addresses memory: nothing parsed means the IR text changed form
+        raise RuntimeError(f"offset check: no tt.addptr parsed in the TTIR of {kernel or function}")
     found = []
     for op in ir.narrow_products():
         frames = ir.location(op.loc)
