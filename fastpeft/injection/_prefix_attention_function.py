@@ -62,11 +62,10 @@ def _padding_mask_function(batch_size: int, q_length: int, kv_length: int, q_off
     """The ``[B, kv_length]`` bool padding mask of the keys (None without a mask)."""
     if attention_mask is None:
         return None
-    mask = attention_mask.to(torch.bool)
-    missing = kv_offset + kv_length - mask.shape[-1]
-    if missing > 0:  # a cache longer than the mask (e.g. a static cache's empty slots): not attended
-        mask = F.pad(mask, (0, missing), value=False)
-    return mask[:, kv_offset:kv_offset + kv_length]
+    if kv_offset + kv_length > attention_mask.shape[-1]:
+        raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the attention gets "
+                         f"{kv_offset + kv_length}: prefix tuning supports DynamicCache only")
+    return attention_mask.to(torch.bool)[:, kv_offset:kv_offset + kv_length]
 
 
 def _attention_with_dropout(query: Tensor, key: Tensor, value: Tensor, prefix_k: Tensor, prefix_v: Tensor,

@@ -30,6 +30,7 @@ argument is checked before the model is changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -83,12 +84,22 @@ def _shift_bert_embeddings(shift: int) -> Callable:
     return hook
 
 
-def _require_prefix_attention(model, args):
-    """Model forward pre-hook: the prefix is read by the attention function, so it must still be the one in use."""
+def _check_prefix_forward(model, args, kwargs, *, dynamic_cache: type):
+    """Model forward pre-hook: the prefix attention is still in use, and the cache is one it handles.
+
+    The attention function reads the prefix, so another attention implementation would silently ignore it.
+    Its causal mask is bottom-right aligned over the keys it gets: right for transformers' ``DynamicCache``
+    (the default), wrong for caches with empty slots (``StaticCache``) or windows.
+    """
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise RuntimeError(f"prefix tuning needs attn_implementation {ATTN_IMPLEMENTATION!r}, but the model now uses "
                            f"{model.config._attn_implementation!r}: the prefix would be ignored; call "
                            f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and type(cache) is not dynamic_cache:
+        raise ValueError(f"prefix tuning supports transformers' DynamicCache (generate's default), got "
+                         f"{type(cache).__name__}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +256,9 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
         position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
     encoder.shift_positions = shift_positions  # how the model was set up (for save/load helpers and repr readers)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    model.register_forward_pre_hook(_require_prefix_attention)
+    from transformers import DynamicCache
+
+    model.register_forward_pre_hook(partial(_check_prefix_forward, dynamic_cache=DynamicCache), with_kwargs=True)
     return model
 
 

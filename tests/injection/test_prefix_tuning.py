@@ -18,7 +18,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from torch import nn
 
 from fastpeft.injection._prefix_attention_function import (ATTN_IMPLEMENTATION, _attention_with_dropout,
-                                                            prefix_attention_forward)
+                                                            _padding_mask_function, prefix_attention_forward)
 from fastpeft.injection.prefix_tuning import apply_prefix_tuning, prefix_encoder, prefix_parameters
 from fastpeft.nn.prefix_encoder import PrefixEncoder
 from fastpeft.nn.prompt_learning import PROMPT_MODULE_NAME, prompt_learning_layer
@@ -238,6 +238,21 @@ def test_one_prompt_learning_method_per_model():
     with pytest.raises(ValueError, match="already has PROMPT_TUNING"):
         apply_prefix_tuning(model, P)
     assert _snapshot(model) == before
+
+
+def test_caches_other_than_dynamic_are_refused():
+    """A StaticCache has empty slots after the real keys: the bottom-right causal mask would be wrong there."""
+    from transformers import StaticCache
+
+    model = _prefixed(tiny_llama)
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model(input_ids=ids, attention_mask=mask, cache=StaticCache(config=model.config, max_cache_len=16))
+    with pytest.raises(ValueError, match="DynamicCache only"):
+        _padding_mask_function(2, 6, 16, attention_mask=mask.bool())
+    assert _padding_mask_function(2, 1, 4, attention_mask=mask.bool()).tolist() == mask[:, :4].bool().tolist()
 
 
 def test_unbound_attention_with_the_implementation_raises():
