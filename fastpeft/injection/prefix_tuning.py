@@ -4,12 +4,16 @@ What HF PEFT does (``PrefixTuningConfig``), without its KV-cache tricks
 (``docs/architecture.md``, "Modules"):
 
 - a ``PrefixEncoder`` (PEFT's parameters and names) is registered on the model
-  as ``PROMPT_MODULE_NAME``; every base parameter is frozen;
+  as ``PROMPT_MODULE_NAME``; every other parameter is frozen, except those of
+  PEFT layers applied before (LoRA stays trainable);
 - the model's attention implementation becomes ``"fastpeft_prefix"``: each
   attention layer reads its prefix keys/values from the encoder and runs
   ``fastpeft.ops.prefix_attention`` (``_prefix_attention_function``). The
   KV cache of ``generate`` holds only the real tokens; gradient checkpointing
-  and ``torch.compile`` work (PEFT refuses checkpointing);
+  (PEFT refuses it) and ``torch.compile(fullgraph=True)`` work. With
+  ``prefix_projection`` each layer computes its rows of the projection on each
+  call (``P·(token_dim·enc + enc·2·token_dim)`` multiply-adds): negligible in
+  training; for serving, load the saved prefix with ``inference_mode=True``;
 - positions: PEFT puts the prefix in the cache, so the model numbers the real
   tokens from ``P`` on (and PEFT adds ``P`` to ``position_ids`` a caller
   passes). ``shift_positions=True`` (default) reproduces that exactly with one
@@ -22,7 +26,12 @@ What HF PEFT does (``PrefixTuningConfig``), without its KV-cache tricks
   give without a prefix (RoPE/absolute embeddings as trained, and no
   ``P + S <= max_position_embeddings`` limit), at the price of PEFT parity.
 
-Supported: the Llama family (Llama, Mistral without a sliding window, Qwen2;
+Generation uses transformers' ``DynamicCache`` (the default); other caches
+are refused (a ``StaticCache``'s empty slots would break the bottom-right
+causal alignment), as is switching the attention implementation away later
+(the prefix would be ignored): a forward pre-hook on the model checks both.
+
+Needs transformers >= 5.0. Supported: the Llama family (Llama, Mistral without a sliding window, Qwen2;
 GQA/MQA and an explicit ``head_dim``), GPT-2, BERT and RoBERTa, bare or with
 their heads (``*ForCausalLM``, ``*ForSequenceClassification``, ...). Every
 argument is checked before the model is changed.
