@@ -1,7 +1,11 @@
 """NF4 on the CPU through the native C++ extension (fastpeft._native).
 
 - ``nf4_matmul(x, w, bias)``: ``x @ dequant(W)ᵀ (+ bias)`` fused: for up to 8
-  rows a decode-GEMV that never materialises W, for more rows W is dequantized
+  rows a decode-GEMV that never materialises W (``csrc/cpu/nf4_gemv.cpp``; with
+  AVX-512 it decodes 128 codes per 64-byte load with a shift and a ``vpermps``
+  per 16, and is compute-bound: at M = 1, 4096², one thread, 0.25-0.28x the CPU
+  time of a dense fp32 ``F.linear``, before 0.50x; ``tests/native/nf4_cpu_speed.py``
+  has the command and the other shapes), for more rows W is dequantized
   panel by panel (about 1 MiB of fp32 at a time) into a BLAS GEMM; from
   ``F32_DEQUANT_MIN_ROWS`` fp32 rows W is dequantized in one piece of up to
   16 MiB and multiplied by one GEMM; bf16 below.
