@@ -46,8 +46,10 @@ KNOWN_SYNCHRONOUS_WGMMA = {
     "nf4_matmul": "the weight tile is dequantized in registers every k-step and stored for the wgmma; the NF4 "
                   "GEMM rework (packed loads, dequantize ahead into shared memory) is open",
     "nf4_matmul_t": "as nf4_matmul",
-    "lora_shrink": "with dropout the x tile (an operand) is masked in registers every step",
-    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step",
+    "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
+                   "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
+    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
+                   "divisibility hint on R) the dB reduction waits too",
     "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
     "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
     "adapter_reduce": "the recomputed activation is an operand built in registers every step",
