@@ -49,7 +49,7 @@ KNOWN_SYNCHRONOUS_WGMMA = {
     "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
                    "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
     "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
-                   "divisibility hint on R) the dB reduction waits too",
+                   "divisibility hint on R) the dA and dB reductions wait too",
     "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
     "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
     "adapter_reduce": "the recomputed activation is an operand built in registers every step",
