@@ -141,7 +141,9 @@ def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
             a = tl.where(keep, a, tl.zeros_like(a))
         h = tl.load(h_ptrs, mask=in_m[:, None], other=0.0).to(a.dtype)
         acc = mma(tl.trans(a), h, acc, DOT_PRECISION, UPCAST)
-        s_ptrs += BLOCK_M * tl.cast(stride_sm, tl.int64)
+        # int32 step (offset_check accepts it, tests/tools/test_int64_offsets.py): an int64 step costs 32 registers
+        # on sm_80 here, and BLOCK_M * stride_sm only wraps for a row stride >= 2**31 / BLOCK_M elements.
+        s_ptrs += BLOCK_M * stride_sm
         h_ptrs += BLOCK_M * R
     out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None].to(tl.int64) * stride_op
                 + offs_r[None, :].to(tl.int64) * stride_or)

@@ -54,7 +54,19 @@ def test_a_reported_product_really_wraps():
     assert y[3].tolist() == [2.0, 3.0]  # silently read x[2:4] instead of faulting or reading the right element
 
 
+# int32 products the kernels keep on purpose, by (kernel, source line), and why. The list may only shrink:
+# an entry the check no longer reports fails the test.
+ACCEPTED = {
+    ("_lora_reduce_kernel", "s_ptrs += BLOCK_M * stride_sm"):
+        "the row step of the dA/dB reduction: in int64 it costs 32 registers on sm_80 (bf16 dropout variant "
+        "95 -> 127) and 8 on sm_90 (40 -> 48); it wraps only for a row stride >= 2**31 / BLOCK_M elements",
+}
+
+
 def test_every_kernel_module_computes_its_addresses_in_int64():
     found = check_modules()
-    assert not found, ("int32 products reach an address; widen a factor (`.to(tl.int64)`, or "
-                       "`tl.cast(stride, tl.int64)` for a step):\n" + "\n".join(map(str, found)))
+    unexpected = [f for f in found if (f.function, f.source) not in ACCEPTED]
+    assert not unexpected, ("int32 products reach an address; widen a factor (`.to(tl.int64)`, or "
+                            "`tl.cast(stride, tl.int64)` for a step):\n" + "\n".join(map(str, unexpected)))
+    stale = set(ACCEPTED) - {(f.function, f.source) for f in found}
+    assert not stale, f"accepted int32 products no longer found (remove them from ACCEPTED): {sorted(stale)}"
