@@ -95,7 +95,8 @@ class Variant:
 def build_variants(dtype: torch.dtype, device: torch.device, prefix: int) -> list:
     from peft import PrefixTuningConfig, get_peft_model
 
-    from fastpeft.injection.prefix_tuning import apply_prefix_tuning, prefix_parameters
+    from fastpeft.injection.prefix_tuning import apply_prefix_tuning
+    from fastpeft.injection.prompt_learning import prompt_parameters
 
     variants = []
     peft_model = get_peft_model(build_model(dtype, device), PrefixTuningConfig(task_type="CAUSAL_LM",
@@ -103,13 +104,13 @@ def build_variants(dtype: torch.dtype, device: torch.device, prefix: int) -> lis
     prefix_state = peft_model.prompt_encoder["default"].state_dict()
     ours = apply_prefix_tuning(build_model(dtype, device), prefix)
     ours.fastpeft_prompt.load_state_dict(prefix_state)  # same prefix: the two compute the same loss
-    variants.append(Variant("fastpeft", ours, prefix_parameters(ours)))
+    variants.append(Variant("fastpeft", ours, prompt_parameters(ours)))
     variants.append(Variant("peft", peft_model, [p for p in peft_model.parameters() if p.requires_grad]))
     ours_ckpt = build_model(dtype, device)
     ours_ckpt.gradient_checkpointing_enable()
     apply_prefix_tuning(ours_ckpt, prefix)
     ours_ckpt.fastpeft_prompt.load_state_dict(prefix_state)
-    variants.append(Variant("fastpeft+ckpt", ours_ckpt, prefix_parameters(ours_ckpt)))
+    variants.append(Variant("fastpeft+ckpt", ours_ckpt, prompt_parameters(ours_ckpt)))
     peft_ckpt = build_model(dtype, device)
     peft_ckpt.gradient_checkpointing_enable()
     try:

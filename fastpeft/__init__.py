@@ -3,16 +3,19 @@
 Layers (``docs/architecture.md``): ``fastpeft.kernels`` (Triton) and ``csrc``
 (C++/CUDA) hold the kernels, ``fastpeft.ops`` the autograd ops,
 ``fastpeft.nn`` thin modules; ``fastpeft.injection`` swaps modules of an
-existing model in one call (LoRA, QLoRA, bottleneck adapters);
-``fastpeft.integrations.peft`` moves LoRA adapters to and from the HF PEFT
-format and makes fastpeft a backend of HF PEFT; ``fastpeft.integrations.adapterhub``
+existing model in one call (LoRA, QLoRA, bottleneck adapters, prefix tuning,
+prompt tuning, P-tuning); ``fastpeft.integrations.peft`` moves adapters to and
+from the HF PEFT format (``load_peft``/``save_peft``) and makes fastpeft a
+backend of HF PEFT; ``fastpeft.integrations.adapterhub``
 reads and writes AdapterHub's checkpoints.
 """
 from . import nn, ops
 from .injection import (adapter_fusion_regularization_loss, adapter_parameters, apply_adapter, apply_adapter_fusion,
-                        apply_lora, apply_qlora, lora_parameters, merge_lora, replace_modules, set_active_adapter,
-                        set_adapter_drop, unload_lora, unmerge_lora)
+                        apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_parameters, merge_lora,
+                        prompt_parameters, replace_modules, set_active_adapter, set_adapter_drop, unload_lora,
+                        unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
+from .integrations.peft.checkpoints import load_peft, save_peft
 from .integrations.peft.format import load_lora, save_lora
 from .quant import NF4Weight
 
@@ -26,18 +29,23 @@ __all__ = [
     "apply_adapter",
     "apply_adapter_fusion",
     "apply_lora",
+    "apply_prefix_tuning",
+    "apply_prompt_tuning",
     "apply_qlora",
     "load_adapter",
     "load_adapter_fusion",
     "load_lora",
+    "load_peft",
     "lora_parameters",
     "merge_lora",
     "nn",
     "ops",
+    "prompt_parameters",
     "replace_modules",
     "save_adapter",
     "save_adapter_fusion",
     "save_lora",
+    "save_peft",
     "set_active_adapter",
     "set_adapter_drop",
     "unload_lora",

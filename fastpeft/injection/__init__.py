@@ -4,12 +4,18 @@
 swap itself); each method has one file: ``lora`` (``apply_lora`` and the
 model-level LoRA helpers, which also serve QLoRA layers), ``qlora``
 (``apply_qlora``), ``adapter`` (bottleneck adapters, AdapterFusion and
-AdapterDrop in BERT/RoBERTa, GPT-2 and Llama-family blocks).
+AdapterDrop in BERT/RoBERTa, GPT-2 and Llama-family blocks),
+``prefix_tuning`` (``apply_prefix_tuning``), ``prompt_tuning``
+(``apply_prompt_tuning``: prompt tuning and P-tuning); ``prompt_learning``
+holds the attach step both prompt methods share.
 """
 from .adapter import (ARCHITECTURES, AdapterLayer, adapter_fusion_regularization_loss, adapter_layers,
                       adapter_parameters, apply_adapter, apply_adapter_fusion, set_active_adapter, set_adapter_drop)
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
                    merge_lora, unload_lora, unmerge_lora)
+from .prefix_tuning import apply_prefix_tuning, prefix_tuning_layer
+from .prompt_learning import prompt_parameters
+from .prompt_tuning import apply_prompt_tuning, prompt_tuning_layer
 from .qlora import apply_qlora
 from .targets import TargetModules, find_target_modules, matches_target, replace_modules
 
@@ -23,6 +29,8 @@ __all__ = [
     "apply_adapter",
     "apply_adapter_fusion",
     "apply_lora",
+    "apply_prefix_tuning",
+    "apply_prompt_tuning",
     "apply_qlora",
     "check_lora_targets",
     "find_target_modules",
@@ -31,6 +39,9 @@ __all__ = [
     "mark_only_lora_trainable",
     "matches_target",
     "merge_lora",
+    "prefix_tuning_layer",
+    "prompt_parameters",
+    "prompt_tuning_layer",
     "replace_modules",
     "set_active_adapter",
     "set_adapter_drop",

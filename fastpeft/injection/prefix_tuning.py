@@ -40,13 +40,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 from torch import nn
 
-from ..nn.base import peft_layers
 from ..nn.prefix_encoder import PrefixEncoder, check_positive_int
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, check_no_prompt_learning
+from .prompt_learning import attach_prompt_layer, infer_task_type, modules_to_save_plan
 from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, register_attention_function
 
 
@@ -201,7 +201,7 @@ def _check_config(model: nn.Module, family: PrefixFamily) -> None:
 
 def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projection: bool = False,
                         encoder_hidden_size: int | None = None, *, inference_mode: bool = False,
-                        shift_positions: bool = True) -> nn.Module:
+                        shift_positions: bool = True, modules_to_save: Sequence[str] | None = None) -> nn.Module:
     """Prefix tuning (P-tuning v2) on ``model`` in place, as HF PEFT's ``PrefixTuningConfig``; returns ``model``.
 
     - ``num_virtual_tokens``: ``P``, the prefix length of every attention layer;
@@ -211,18 +211,50 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     - ``inference_mode``: build only ``embedding [P, 2·L·token_dim]`` (frozen),
       the form PEFT saves (``prompt_embeddings``) and loads;
     - ``shift_positions``: number the real tokens from ``P`` on, as PEFT does
-      (default); False keeps the model's own positions (see module docstring).
+      (default); False keeps the model's own positions (see module docstring);
+    - ``modules_to_save``: modules trained and saved with the prefix; None is
+      PEFT's default (a sequence classifier's head, ``classifier``/``score``).
 
     The model's parameters are frozen (except those of PEFT layers already in
-    it, e.g. LoRA); the ``PrefixEncoder`` (``model.fastpeft_prompt``) trains. Raises TypeError for an unsupported
-    model, ValueError for bad arguments or a model that already has a
-    prompt-learning method, before anything is changed.
+    it, e.g. LoRA); the ``PrefixEncoder`` (``model.fastpeft_prompt``) and the
+    ``modules_to_save`` copies train (``fastpeft.prompt_parameters(model)``).
+    Raises TypeError for an unsupported model, ValueError for bad arguments or
+    a model that already has a prompt-learning method, before anything is changed.
     """
+    if not isinstance(shift_positions, bool):
+        raise TypeError(f"shift_positions must be a bool, got {type(shift_positions).__name__}")
+    encoder, family, attentions, position_module = _plan(model, num_virtual_tokens, prefix_projection,
+                                                         encoder_hidden_size, inference_mode)
+    saved = modules_to_save_plan(model, encoder.task_type, modules_to_save)
+
+    # Everything checked: change the model.
+    register_attention_function()
+    attach_prompt_layer(model, encoder, saved)
+    for layer, attention in enumerate(attentions):
+        bind_attention(attention, encoder, layer)
+    if shift_positions:
+        position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
+    encoder.shift_positions = shift_positions  # how the model was set up (for save/load helpers and repr readers)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    from transformers import DynamicCache
+
+    model.register_forward_pre_hook(partial(_check_prefix_forward, dynamic_cache=DynamicCache), with_kwargs=True)
+    return model
+
+
+def prefix_tuning_layer(model: nn.Module, num_virtual_tokens: int, prefix_projection: bool = False,
+                        encoder_hidden_size: int | None = None, *, inference_mode: bool = False) -> PrefixEncoder:
+    """The ``PrefixEncoder`` ``apply_prefix_tuning`` adds to ``model``, built and checked without changing it."""
+    return _plan(model, num_virtual_tokens, prefix_projection, encoder_hidden_size, inference_mode)[0]
+
+
+def _plan(model: nn.Module, num_virtual_tokens: int, prefix_projection: bool, encoder_hidden_size: int | None,
+          inference_mode: bool) -> tuple[PrefixEncoder, PrefixFamily, list, nn.Module]:
+    """Every check of ``apply_prefix_tuning``; ``(encoder, family, attention modules, position module)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_positive_int("num_virtual_tokens", num_virtual_tokens)
-    for name, flag in (("prefix_projection", prefix_projection), ("inference_mode", inference_mode),
-                       ("shift_positions", shift_positions)):
+    for name, flag in (("prefix_projection", prefix_projection), ("inference_mode", inference_mode)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if prefix_projection and encoder_hidden_size is None:
@@ -248,27 +280,9 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     encoder = PrefixEncoder(num_virtual_tokens, len(attentions), kv_heads, head_dim, prefix_projection,
                             encoder_hidden_size, inference_mode=inference_mode,
                             device=None if first is None else first.device)
-
+    encoder.task_type = infer_task_type(model)
     encoder.train(model.training)
-
-    # Everything checked: change the model. Trainable parameters of PEFT layers applied before (LoRA, adapters)
-    # stay trainable; every other parameter is frozen, as PEFT freezes the base.
-    register_attention_function()
-    keep = {id(p) for _, layer in peft_layers(model) for p in layer.peft_parameters()}
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
-    model.add_module(PROMPT_MODULE_NAME, encoder)
-    for layer, attention in enumerate(attentions):
-        bind_attention(attention, encoder, layer)
-    if shift_positions:
-        position_module.register_forward_pre_hook(family.position_hook(num_virtual_tokens), with_kwargs=True)
-    encoder.shift_positions = shift_positions  # how the model was set up (for save/load helpers and repr readers)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    from transformers import DynamicCache
-
-    model.register_forward_pre_hook(partial(_check_prefix_forward, dynamic_cache=DynamicCache), with_kwargs=True)
-    return model
+    return encoder, family, attentions, position_module
 
 
 def prefix_encoder(model: nn.Module) -> PrefixEncoder:
@@ -277,8 +291,3 @@ def prefix_encoder(model: nn.Module) -> PrefixEncoder:
     if not isinstance(encoder, PrefixEncoder):
         raise ValueError("model has no prefix tuning applied (fastpeft.apply_prefix_tuning)")
     return encoder
-
-
-def prefix_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable prefix parameters of ``model`` (for the optimizer)."""
-    return prefix_encoder(model).peft_parameters()

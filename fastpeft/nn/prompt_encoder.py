@@ -195,13 +195,14 @@ class PromptEncoder(PromptLearningLayer):
     def prompt_embeddings(self) -> torch.Tensor:
         """The encoder's output (what PEFT saves), computed without dropout whatever the layer's mode.
 
-        Computed with autograd on, as PEFT does: under ``no_grad`` torch's CPU LSTM takes another kernel whose
-        result differs in the last bit.
+        Computed with autograd on whatever the caller's mode, as PEFT does: under ``no_grad`` torch's CPU LSTM
+        takes another kernel whose result differs in the last bit.
         """
         was_training = self.training
         self.train(False)
         try:
-            return self.prompts().detach()
+            with torch.enable_grad():
+                return self.prompts().detach()
         finally:
             self.train(was_training)
 
