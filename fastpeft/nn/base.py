@@ -17,6 +17,7 @@ from typing import ClassVar, Optional
 from torch import nn
 
 PEFT_LAYER_KINDS: dict[str, list[type]] = {}
+_ABSENT = object()
 
 
 class PeftLayer(nn.Module):
@@ -56,3 +57,15 @@ def peft_layers(model: nn.Module, kind: Optional[str] = None) -> list[tuple[str,
         raise ValueError(f"kind: unknown PEFT layer kind {kind!r}; known: {sorted(PEFT_LAYER_KINDS)}")
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, PeftLayer) and (kind is None or module.peft_kind == kind)]
+
+
+def module_parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, at a fraction of the cost on the per-call path.
+
+    ``module.weight`` goes through ``nn.Module.__getattr__`` (a failed
+    attribute lookup, then Python code: ~5x a dict lookup); the registered
+    parameter is read from ``_parameters`` directly, anything else (a
+    parametrization's property, a plain attribute) through ``getattr``.
+    """
+    value = module._parameters.get(name, _ABSENT)
+    return getattr(module, name) if value is _ABSENT else value

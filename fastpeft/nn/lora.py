@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from ..ops._autocast import any_autocast_enabled, autocast_dtype
 from ..ops.lora import lora_linear
-from .base import PeftLayer
+from .base import PeftLayer, module_parameter
 
 InitLoraWeights = Union[bool, str]
 
@@ -146,19 +146,6 @@ def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
     return t if t is None or t.dtype is dtype else t.to(dtype)
 
 
-_ABSENT = object()
-
-
-def module_parameter(module: nn.Module, name: str):
-    """``getattr(module, name)`` for a parameter, at a fraction of the cost on the per-call path.
-
-    ``module.weight`` goes through ``nn.Module.__getattr__`` (a failed
-    attribute lookup, then Python code: ~5x a dict lookup); the registered
-    parameter is read from ``_parameters`` directly, anything else (a
-    parametrization's property, a plain attribute) through ``getattr``.
-    """
-    value = module._parameters.get(name, _ABSENT)
-    return getattr(module, name) if value is _ABSENT else value
 
 
 class LoraLayer(PeftLayer):

@@ -17,7 +17,7 @@ from torch import nn
 from ..ops._autocast import any_autocast_enabled, autocast_dtype
 from ..ops.nf4 import nf4_linear
 from ..quant.nf4 import NF4Weight
-from .lora import module_parameter
+from .base import module_parameter
 
 
 
