@@ -146,8 +146,6 @@ def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
     return t if t is None or t.dtype is dtype else t.to(dtype)
 
 
-
-
 class LoraLayer(PeftLayer):
     """What every LoRA-kind layer shares: the ``lora_A``/``lora_B`` pair, its hyperparameters and init.
 
