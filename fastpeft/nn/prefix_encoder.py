@@ -77,6 +77,8 @@ class PrefixEncoder(PromptLearningLayer):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.token_dim = token_dim
+        # PEFT's config records the KV heads here (the heads of GPT-2/BERT, fewer for GQA models).
+        self.num_attention_heads = num_kv_heads
         self.prefix_projection = prefix_projection
         # PEFT writes token_dim when no projection size is given (its _prepare_prompt_learning_config).
         self.encoder_hidden_size = token_dim if encoder_hidden_size is None else encoder_hidden_size
@@ -127,16 +129,9 @@ class PrefixEncoder(PromptLearningLayer):
         with torch.no_grad():
             return self.forward().detach().clone()
 
-    def peft_config(self) -> dict:
+    def method_config(self) -> dict:
         """The prefix-tuning fields of PEFT's ``adapter_config.json`` for this layer."""
         return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": self.token_dim,
-            "num_transformer_submodules": 1,
-            # PEFT records the KV heads here (they are the heads of GPT-2/BERT, fewer for GQA models)
-            "num_attention_heads": self.num_kv_heads,
-            "num_layers": self.num_layers,
             "encoder_hidden_size": self.encoder_hidden_size,
             "prefix_projection": self.prefix_projection,
         }

@@ -110,14 +110,8 @@ class PromptEmbedding(PromptLearningLayer):
     def prompt_embeddings(self) -> torch.Tensor:
         return self.embedding.weight.detach()
 
-    def peft_config(self) -> dict:
+    def method_config(self) -> dict:
         return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": self.token_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": self.num_attention_heads,
-            "num_layers": self.num_layers,
             "prompt_tuning_init": self.init.upper(),
             "prompt_tuning_init_text": self.init_text,
             "tokenizer_name_or_path": self.tokenizer_name_or_path,
@@ -206,14 +200,8 @@ class PromptEncoder(PromptLearningLayer):
         finally:
             self.train(was_training)
 
-    def peft_config(self) -> dict:
+    def method_config(self) -> dict:
         return {
-            "peft_type": self.peft_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": self.token_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": self.num_attention_heads,
-            "num_layers": self.num_layers,
             "encoder_reparameterization_type": self.encoder.upper(),
             "encoder_hidden_size": self.encoder_hidden_size,
             "encoder_num_layers": self.encoder_num_layers,

@@ -35,6 +35,9 @@ class PromptLearningLayer(PeftLayer):
     peft_type: ClassVar[str] = ""
 
     num_virtual_tokens: int
+    token_dim: int
+    num_attention_heads: Optional[int]
+    num_layers: Optional[int]
     inference_mode: bool
     embedding: nn.Embedding
 
@@ -60,8 +63,20 @@ class PromptLearningLayer(PeftLayer):
             self.embedding.weight.copy_(embeddings)
 
     def peft_config(self) -> dict:
-        """This method's fields of PEFT's ``adapter_config.json`` (``peft_type`` included)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement peft_config()")
+        """This method's fields of PEFT's ``adapter_config.json`` (``peft_type`` included).
+
+        The fields every prompt-learning config has come from the layer's
+        attributes (``token_dim``, ``num_attention_heads``, ``num_layers``);
+        ``method_config()`` adds the method's own.
+        """
+        return {"peft_type": self.peft_type, "num_virtual_tokens": self.num_virtual_tokens,
+                "token_dim": self.token_dim, "num_transformer_submodules": 1,
+                "num_attention_heads": self.num_attention_heads, "num_layers": self.num_layers,
+                **self.method_config()}
+
+    def method_config(self) -> dict:
+        """The config fields of this method only (e.g. ``prefix_projection``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement method_config()")
 
 
 def prompt_learning_layer(model: nn.Module) -> Optional[PromptLearningLayer]:
