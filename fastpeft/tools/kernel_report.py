@@ -138,13 +138,20 @@ def _ptxas_spills(ptx: str, fp_fusion: bool) -> tuple[int, int]:
     return int(spills.group(1)), int(spills.group(2))
 
 
-_LOAD = re.compile(r"\b(LDG|LDGSTS)\.E(?:\.[A-Z_]+)*?(?:\.(U8|S8|U16|S16|64|128))?(?:\.[A-Z_]+)*\s")
-_LOAD_BITS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128, None: 32}
+# A global load's opcode and all its modifiers (``LDGSTS.E.BYPASS.LTC128B.128``: the width is the last
+# modifier that names one; ``LTC128B`` is an L2 prefetch hint, not a width).
+_LOAD = re.compile(r"\b(?:LDG|LDGSTS)((?:\.[A-Z0-9_]+)+)")
+_LOAD_BITS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def _load_bits(modifiers: str) -> int:
+    widths = [_LOAD_BITS[m] for m in modifiers.split(".") if m in _LOAD_BITS]
+    return widths[-1] if widths else 32
 
 
 def _load_widths(sass: str) -> tuple[int, int]:
     """(widest global load in bits, number of asynchronous copies) of the SASS text."""
-    widths = [_LOAD_BITS[m.group(2)] for m in _LOAD.finditer(sass)]
+    widths = [_load_bits(m.group(1)) for m in _LOAD.finditer(sass)]
     asynchronous = len(re.findall(r"\bLDGSTS\.", sass)) + len(re.findall(r"\bUTMALDG\b", sass))
     return (max(widths) if widths else 0), asynchronous
 

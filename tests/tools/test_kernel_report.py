@@ -175,6 +175,10 @@ def test_load_widths_are_read_from_sass():
     assert _load_widths(sass) == (128, 1)
     assert _load_widths("LDG.E.U8 R1, desc[UR4][R2.64] ;\nLDG.E.U16 R1, desc[UR4][R2.64] ;\n") == (16, 0)
     assert _load_widths("UTMALDG.2D [UR8], [UR4] ;\n") == (0, 1)
+    # sm_80 cp.async with an L2 prefetch hint: LTC128B is not the width, .128 is
+    assert _load_widths("LDGSTS.E.BYPASS.LTC128B.128 [R3+0x800], desc[UR8][R6.64] ;\n") == (128, 1)
+    assert _load_widths("LDGSTS.E.LTC128B.64 [R3], desc[UR8][R6.64] ;\nLDG.E.LTC128B R1, desc[UR4][R2.64] ;\n") \
+        == (64, 1)
 
 
 def test_unknown_arch_is_rejected():
