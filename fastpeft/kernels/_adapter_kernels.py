@@ -27,7 +27,8 @@
 The activation is the constexpr ``ACT`` (ids of ``fastpeft.ops.activations``),
 computed in fp32 by ``activate`` / ``activate_grad``. Every dot goes through
 ``_common.mma``; the dropout mask of element ``(m, n)`` of the ``[M, H]``
-output is ``_common.keep_mask`` with row length ``H``, in every kernel.
+output is ``_common.keep_mask_per_element`` with row length ``H``, in every kernel (``keep_mask``'s
+cheaper four-outputs form spilled registers here on sm_80).
 Padded bottleneck columns (``b <= c < BLOCK_B``) load zero weights, so they
 add nothing whatever ``act(0)`` is.
 """
@@ -36,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SEED_ARGS, TOKEN_ARGS, keep_mask, mma
+from ._common import SEED_ARGS, TOKEN_ARGS, keep_mask_per_element, mma
 
 # --- activations (ids: fastpeft.ops.activations) -----------------------------------------------------------
 
@@ -219,7 +220,7 @@ def _adapter_forward_kernel(
             acc += tl.load(up_b_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
         acc = acc * _output_scale(scale, scale_ptr, cols, in_cols, SCALE)
         if DROPOUT:
-            keep = keep_mask(seed_lo, seed_hi, rows, cols, H, p)
+            keep = keep_mask_per_element(seed_lo, seed_hi, rows, cols, H, p)
             acc = tl.where(keep, acc * (1.0 / (1.0 - p)), 0.0)
         in_tile = in_rows[:, None] & in_cols[None, :]
         if HAS_RESIDUAL:
@@ -259,7 +260,7 @@ def _adapter_backward_rows_kernel(
         g = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + cols[None, :].to(tl.int64) * stride_dyh,
                     mask=in_tile, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = keep_mask(seed_lo, seed_hi, rows, cols, H, p)
+            keep = keep_mask_per_element(seed_lo, seed_hi, rows, cols, H, p)
             g = tl.where(keep, g * (1.0 / (1.0 - p)), 0.0)
         ds = g * _output_scale(scale, scale_ptr, cols, in_cols, SCALE)
         # up_w[n, c] as an [BLOCK_N, BLOCK_B] tile
@@ -319,7 +320,7 @@ def _adapter_reduce_kernel(
         a = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_p[None, :].to(tl.int64) * stride_sp,
                     mask=in_m[:, None] & in_p[None, :], other=0.0)
         if DROPOUT:
-            keep = keep_mask(seed_lo, seed_hi, rows, offs_p, P, p)
+            keep = keep_mask_per_element(seed_lo, seed_hi, rows, offs_p, P, p)
             a = tl.where(keep, a, tl.zeros_like(a))
         h = tl.load(h_ptr + rows[:, None].to(tl.int64) * R + offs_r[None, :], mask=in_m[:, None] & in_r[None, :],
                     other=0.0)
@@ -335,6 +336,6 @@ def _adapter_reduce_kernel(
 def _adapter_keep_kernel(out_ptr, M, H, p, seed_lo, seed_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = keep_mask(seed_lo, seed_hi, rows, cols, H, p)
+    keep = keep_mask_per_element(seed_lo, seed_hi, rows, cols, H, p)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < H))

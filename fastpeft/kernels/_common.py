@@ -164,6 +164,19 @@ def keep_mask(seed_lo, seed_hi, rows, cols, row_len, p):
 
 
 @triton.jit
+def keep_mask_per_element(seed_lo, seed_hi, rows, cols, row_len, p):
+    """Dropout keep-mask with one Philox call per element: ``tl.rand(key, row * row_len + col) >= p``.
+
+    The adapter kernels' mask (their own forward, backward and ``dropout_mask`` all use it, so they agree).
+    ``keep_mask``'s four-outputs form costs about a third of the instructions, but in the adapter kernels'
+    tile layouts it spilled registers on sm_80 (the kernel report's gate), so they keep this form.
+    """
+    key = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+    offsets = rows[:, None].to(tl.int64) * row_len + cols[None, :]
+    return tl.rand(key, offsets) >= p
+
+
+@triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b`` at the policy's precision (fp32 accumulate)."""
     if UPCAST:
