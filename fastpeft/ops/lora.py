@@ -104,19 +104,26 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
-            dx, dA, dB = _backward(dy2d, x2d, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-                                   need["x"], need["lora_A"], need["lora_B"])
-            if need["x"]:
-                grads["x"] = dx if x_shape is None else dx.view(x_shape)
-            if need["lora_A"]:
-                grads["lora_A"] = dA
-            if need["lora_B"]:
-                grads["lora_B"] = dB
+            grads = lora_input_grads(need, x_shape, *_backward(dy2d, x2d, weight, lora_A, lora_B, h, scaling,
+                                                                 dropout_p, seed, need["x"], need["lora_A"],
+                                                                 need["lora_B"]))
         if need["weight"]:
             grads["weight"] = torch.mm(dy2d.t(), x2d)
         if need["bias"] and has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(LORA_INPUTS, **grads)
+
+
+def lora_input_grads(need: dict, x_shape, dx, dA, dB) -> dict:
+    """The asked-for gradients of x (back in x's shape), lora_A and lora_B, by input name (LoRA and QLoRA)."""
+    grads = {}
+    if need["x"]:
+        grads["x"] = dx if x_shape is None else dx.view(x_shape)
+    if need["lora_A"]:
+        grads["lora_A"] = dA
+    if need["lora_B"]:
+        grads["lora_B"] = dB
+    return grads
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,

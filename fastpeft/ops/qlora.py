@@ -28,6 +28,7 @@ from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outs
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
+from .lora import lora_input_grads
 from .nf4 import nf4_weight_ok, validate_nf4_weight
 
 
@@ -114,15 +115,10 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
-            dx, dA, dB = _backward(dy2d, x2d, packed, absmax, code, out_features, in_features, blocksize,
-                                   lora_A, lora_B, h, scaling, dropout_p, seed,
-                                   need["x"], need["lora_A"], need["lora_B"])
-            if need["x"]:
-                grads["x"] = dx if x_shape is None else dx.view(x_shape)
-            if need["lora_A"]:
-                grads["lora_A"] = dA
-            if need["lora_B"]:
-                grads["lora_B"] = dB
+            grads = lora_input_grads(need, x_shape, *_backward(dy2d, x2d, packed, absmax, code, out_features,
+                                                                 in_features, blocksize, lora_A, lora_B, h, scaling,
+                                                                 dropout_p, seed, need["x"], need["lora_A"],
+                                                                 need["lora_B"]))
         if need["bias"] and has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(QLORA_INPUTS, **grads)

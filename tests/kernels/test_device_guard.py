@@ -21,28 +21,16 @@ import re
 import pytest
 import torch
 
-from fastpeft import kernels, ops
+from fastpeft import kernels
 from fastpeft.kernels import adapter, lora, nf4, prefix_attention, qlora
 from fastpeft.quant.nf4 import NF4Weight
-
-
-def _op_names() -> list[str]:
-    """The ops: modules of ``fastpeft.ops`` that define an autograd Function."""
-    names = []
-    for info in pkgutil.iter_modules(ops.__path__):
-        if info.name.startswith("_") or info.name.endswith("_cpu"):
-            continue
-        module = importlib.import_module(f"fastpeft.ops.{info.name}")
-        if any(inspect.isclass(v) and issubclass(v, torch.autograd.Function) and v.__module__ == module.__name__
-               for v in vars(module).values()):
-            names.append(info.name)
-    return sorted(names)
+from op_registry import op_names
 
 
 def dispatched_launchers() -> set[tuple[str, str]]:
     """``(op, function)`` for every Triton function an op calls: ``impl.<f>(`` and ``triton_<op>.<f>(``."""
     found = set()
-    for op in _op_names():
+    for op in op_names():
         source = inspect.getsource(importlib.import_module(f"fastpeft.ops.{op}"))
         names = set(re.findall(r"\bimpl\.(\w+)\(", source)) | set(re.findall(rf"\btriton_{op}\.(\w+)\(", source))
         found |= {(op, name) for name in names if callable(getattr(importlib.import_module(f"fastpeft.kernels.{op}"),

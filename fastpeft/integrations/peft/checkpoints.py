@@ -26,7 +26,8 @@ from ...injection.modules_to_save import modules_to_save_names, saved_modules
 from ...injection.prompt_learning import infer_task_type
 from ...injection.targets import is_under_modules_to_save
 from ...nn.prompt_learning import PromptLearningLayer, prompt_learning_layer
-from .format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_lora, read_config_json, save_lora
+from .format import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_save_arguments, load_lora,
+                     read_config_json, save_lora)
 
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 SUPPORTED_PEFT_TYPES = ("LORA", *PROMPT_LEARNING_TYPES)
@@ -88,14 +89,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: Opti
     model's class name (``...ForCausalLM`` -> CAUSAL_LM, a bare ``...Model`` ->
     FEATURE_EXTRACTION), None writes none.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
-    if task_type is not None and not isinstance(task_type, str):
-        raise TypeError(f"task_type must be a str, 'auto' or None, got {type(task_type).__name__}")
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    check_save_arguments(model, directory, base_model_name_or_path, task_type)
     layer = prompt_learning_layer(model)
     has_lora = bool(lora_modules(model))
     if layer is not None and has_lora:

@@ -64,12 +64,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     model has no LoRA layer, one is merged, or dropout or rsLoRA differ between
     layers (a PEFT config has one value for each).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
-    if task_type is not None and not isinstance(task_type, str):
-        raise TypeError(f"task_type must be a str or None, got {type(task_type).__name__}")
+    check_save_arguments(model, directory, base_model_name_or_path, task_type)
     layers = lora_modules(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save; call fastpeft.apply_lora first")
@@ -120,6 +115,18 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def check_save_arguments(model, directory, base_model_name_or_path, task_type) -> None:
+    """TypeError naming the argument for what ``save_lora`` / ``save_peft`` cannot take."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a str or None, got {type(task_type).__name__}")
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike,
