@@ -68,16 +68,21 @@ def _load(values) -> str:
 
 
 def ceilings_line(ceilings: dict) -> str:
+    cache = ""
+    if ceilings.get("cache_bytes") and ceilings.get("cache_read_gbps"):
+        cache = (f", reads resident in the {ceilings['cache_bytes'] / 2**20:.0f} MiB last-level cache "
+                 f"{ceilings['cache_read_gbps']:.1f} GB/s (the ceiling of rows moving at most half of it)")
     return (f"Ceilings measured in this run: copy {ceilings['copy_gbps']:.1f} GB/s (read + write), "
-            f"read {ceilings['read_gbps']:.1f} GB/s, {matmul_text(ceilings)}.")
+            f"read {ceilings['read_gbps']:.1f} GB/s{cache}, {matmul_text(ceilings)}.")
 
 
 def flag_lines(flagged_headline: list, limit: int = None, where: str = "") -> list:
     """Lines that say which headline rows are flagged and why (at most ``limit`` rows); empty when none is."""
     if not flagged_headline:
         return []
-    out = [f"WARNING: {len(flagged_headline)} headline row(s) flagged (noisy: IQR above 10% of the median; or faster "
-           f"than a measured ceiling); rerun on a quiet machine before quoting them{where}:"]
+    out = [f"WARNING: {len(flagged_headline)} headline row(s) flagged (noisy: IQR above 10% of the median, rerun on "
+           f"a quiet machine; or faster than a measured ceiling: a lower precision or a timing to distrust) — check "
+           f"them before quoting them{where}:"]
     shown = flagged_headline if limit is None else flagged_headline[:limit]
     out += [f"- {r['op']} {r['mode']} {r['dtype']} {r['shape']} {r['provider']}: {_why(r)}" for r in shown]
     if len(shown) < len(flagged_headline):
@@ -131,7 +136,8 @@ def summary_markdown(ops: list, rows: list, meta: dict, ceilings: dict, report: 
         "Times are medians (± interquartile range). `p/base` is provider p's time over the frozen base layer's "
         "(LoRA overhead; for NF4 the dense layer); `peer/fastpeft` is fastpeft's speedup over that peer at equal "
         "precision; roofline is fastpeft's share of the measured matmul (flop) or bandwidth (mem: the larger of copy "
-        "and read) ceiling, whichever is larger (over 100%: the data came from cache); `err` is the relative error "
+        "and read, or cache-resident reads when the call's bytes fit in half the last-level cache) ceiling, "
+        "whichever is larger (over 100%: faster than this machine's measured best, so check the row); `err` is the relative error "
         "of the forward output against a float64 reference; saved MB is the activation memory autograd keeps for "
         "backward.",
         "",

@@ -343,7 +343,7 @@ def _add_roofline(task: Task, row: dict, dtype, ceilings: Ceilings) -> None:
     seconds = row["median_ms"] / 1e3
     row.update(gflops=flops / seconds / 1e9, gbps=nbytes / seconds / 1e9)
     row["pct_peak_flops"] = 100 * row["gflops"] / ceilings.flops_for(_dtype_name(dtype))
-    row["pct_peak_bw"] = 100 * row["gbps"] / ceilings.bandwidth_gbps
+    row["pct_peak_bw"] = 100 * row["gbps"] / ceilings.bandwidth_for(nbytes)
 
 
 def failures_in(rows: list) -> list:

@@ -26,8 +26,8 @@ LEGEND = ("`[bf16]` after a time: the dtype the provider effectively computed in
           "precision: `[vs bf16]` means the peer computed in bf16 and is compared with fastpeft run on bf16 inputs; "
           "`n/a [bf16]`: no fastpeft row at that precision in this run. "
           "`~`: noisy, interquartile range above 10% of the median. "
-          "`^`: faster than a ceiling measured in this run (matmul in the input dtype, or bandwidth: "
-          "data from cache, or a lower precision).")
+          "`^`: faster than a ceiling measured in this run (matmul in the input dtype, or the bandwidth "
+          "of the memory level the call's bytes fit in): a lower precision, or a timing to distrust.")
 _MARKS = {NOISY: "~", ABOVE_CEILING: "^"}
 
 
@@ -143,8 +143,9 @@ def op_mode_table(op, mode: str, rows: list, dtype: str) -> tuple:
         body.append(line)
     notes = []
     for r in rows:
-        if r["status"] != OK:
-            note = f"{r['provider']}: {r['status']}: {r['note']}"
+        if r["status"] != OK or r.get("note"):
+            status = f"{r['status']}: " if r["status"] != OK else ""
+            note = f"{r['provider']}: {status}{r['note']}"
             if note not in notes:
                 notes.append(note)
     return header, body, notes

@@ -77,8 +77,28 @@ def bnb_linear4bit(weight, dtype, device):
     return layer.to(device)  # quantizes on the way
 
 
+def bnb_kernel_note(device) -> str:
+    """Which CPU kernel bitsandbytes runs here, for the row's note ("" on a GPU).
+
+    With AVX512-BF16, bitsandbytes prefers a kernel it downloads from the Hugging Face hub at import
+    (``kernels-community/quantization-bitsandbytes``, through the optional ``kernels`` package) and falls
+    back to the kernel it ships. The suite installs no ``kernels`` and downloads nothing, so it says which ran.
+    """
+    if torch.device(device).type != "cpu":
+        return ""
+    try:
+        from bitsandbytes.backends.cpu import ops as bnb_cpu_ops
+    except ImportError:
+        return ""
+    if not hasattr(bnb_cpu_ops, "gemm_4bit_forward_kernel"):
+        return "bitsandbytes dequantizes, then multiplies (no fused CPU kernel without AVX512-BF16)"
+    if bnb_cpu_ops.gemm_4bit_forward_kernel is None:
+        return "the CPU kernel bitsandbytes ships (its optional hub-downloaded kernel is not installed)"
+    return "the hub-downloaded kernels-community CPU kernel of bitsandbytes"
+
+
 def _bitsandbytes(case: Case) -> Built:
-    return Built(bnb_linear4bit(case.tensors["weight"], case.dtype, case.device))
+    return Built(bnb_linear4bit(case.tensors["weight"], case.dtype, case.device), note=bnb_kernel_note(case.device))
 
 
 def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..spec import FORWARD, Built, Case, OpBench, Provider
 from .common import (both_precisions_on_cpu, case_tensors, lora_layer_work, missing_import, rotating_inputs,
                      trainable, upstream_grad)
-from .nf4 import BLOCKSIZE, bnb_linear4bit, nf4_weight
+from .nf4 import BLOCKSIZE, bnb_kernel_note, bnb_linear4bit, nf4_weight
 
 SCALING = 2.0
 
@@ -83,7 +83,7 @@ def _peft_bnb(case: Case) -> Built:
         a.data = lora_A.detach().clone()
         b.data = lora_B.detach().clone()
     layer.train(case.mode != FORWARD)
-    return Built(layer, [a, b])
+    return Built(layer, [a, b], note=bnb_kernel_note(case.device))
 
 
 def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:

@@ -219,6 +219,33 @@ def test_noisy_rows_and_rows_above_a_ceiling_are_flagged_and_reported():
     assert flag_lines(flagged(headline_rows([op], rows[2:]))) == []
 
 
+def test_a_row_that_fits_in_the_last_level_cache_is_held_to_the_cache_read_ceiling():
+    from benchmarks.ceilings import Ceilings
+    from benchmarks.outputs import ceilings_line
+
+    ceilings = Ceilings(copy_gbps=20.0, read_gbps=24.0, matmul_gflops={"float32": 190.0}, copy_bytes=2**28,
+                        matmul_size=2048, cache_read_gbps=90.0, cache_bytes=300 * 2**20)
+    assert ceilings.bandwidth_for(64 * 2**20) == 90.0  # a 4096² fp32 weight stays in a 300 MiB L3
+    assert ceilings.bandwidth_for(200 * 2**20) == 24.0  # more than half the cache: DRAM
+    no_cache = Ceilings(copy_gbps=20.0, read_gbps=24.0, matmul_gflops={"float32": 190.0}, copy_bytes=2**28,
+                        matmul_size=2048)
+    assert no_cache.bandwidth_for(1024) == 24.0  # a GPU (L2 flushed between repetitions)
+    line = ceilings_line(ceilings.as_dict())
+    assert "300 MiB last-level cache 90.0 GB/s" in line and "best of 1024³ and 2048³" in line
+    assert "cache" not in ceilings_line(no_cache.as_dict())
+
+
+def test_last_level_cache_size_is_read_from_sysfs(tmp_path, monkeypatch):
+    from benchmarks import ceilings
+
+    for index, size in enumerate(("48K", "2048K", "300M")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    real_path = ceilings.Path
+    monkeypatch.setattr(ceilings, "Path", lambda p: real_path(tmp_path) if "cache" in str(p) else real_path(p))
+    assert ceilings.last_level_cache_bytes() == 300 * 2**20
+
+
 def test_update_readme_rewrites_only_the_marked_block_from_a_committed_set(tmp_path, monkeypatch):
     from benchmarks import readme
 
