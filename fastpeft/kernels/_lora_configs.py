@@ -23,6 +23,13 @@ RANK_BLOCKS = (16, 64)
 # and half the CTAs per SM on sm_90. 16-wide chunks keep the prologue's shared memory at one 16-wide tile
 # pair for every r (one 64-wide dot at r = 64 needed 24 KB more: 1 CTA/SM instead of 2).
 GEMM_RANK_BLOCK = 16
+# How many of those chunks are unrolled at most; larger ranks loop over the rest. Unrolling all eight chunks of
+# r = 128 took the fp32 "ieee" (FMA) kernel to 255 registers and 2 CTAs/SM on sm_80 and sm_90.
+GEMM_UNROLLED_RANK_STEPS = 4
+
+# Programs a launch should have to fill the largest GPU we target (H100 SXM: 132 SMs; A100 has 108). The
+# kernel report's grid gate checks every launch at a benchmark headline shape against it.
+FILL_PROGRAMS = 132
 
 
 # Rank-output kernels ([rows, r] or [cols, r]) use block_m for the rows/cols tile and block_k for
@@ -36,6 +43,10 @@ _GEMM_FP32 = (
     LaunchConfig("gemm32_m16", 16, 64, 32, 4, 3),
     LaunchConfig("gemm32_m64", 64, 64, 32, 4, 3),
 )
+# Narrow column tiles for few tokens and few output features (M <= 64, N = 4096 gives 64 programs with
+# 64-wide tiles): the grid must still put a program on every SM. Each program streams its 16 rows of W.
+_GEMM_NARROW_HALF = LaunchConfig("gemm_m16_n16", 16, 16, 64, 4, 4)
+_GEMM_NARROW_FP32 = LaunchConfig("gemm32_m16_n16", 16, 16, 32, 4, 3)
 # dx with dropout: the Philox mask over the whole output tile needs more
 # registers, so these tiles are spread over more warps (no spills, see the report).
 _GEMM_HALF_DROPOUT = (
@@ -46,18 +57,28 @@ _GEMM_FP32_DROPOUT = (
     LaunchConfig("gemm32_m16_drop", 16, 64, 32, 4, 3),
     LaunchConfig("gemm32_m64_drop", 64, 64, 32, 8, 3),
 )
-# Shrink: h = src @ mat over rows of src; block_m rows, block_k = loop step over the long dim.
+# Shrink: h = src @ mat over rows of src; block_m rows, block_k = loop step over the long dim (and the
+# granularity of its split). Order of preference (see plan_shrink): large row tiles first; the k16 tile only
+# where 64-wide steps are too few splits to fill the GPU (M <= 64 with L = 4096: 64 steps < 132 SMs).
 _SHRINK_HALF = (
-    LaunchConfig("shrink_m16", 16, 0, 64, 4, 3),
     LaunchConfig("shrink_m64", 64, 0, 64, 4, 3),
+    LaunchConfig("shrink_m16", 16, 0, 64, 4, 3),
+    LaunchConfig("shrink_m16_k16", 16, 0, 16, 4, 3),
 )
 _SHRINK_FP32 = (
-    LaunchConfig("shrink32_m16", 16, 0, 64, 4, 2),
     LaunchConfig("shrink32_m64", 64, 0, 16, 8, 3),
+    LaunchConfig("shrink32_m16", 16, 0, 64, 4, 2),
+    LaunchConfig("shrink32_m16_k16", 16, 0, 16, 4, 2),
 )
-# Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_m cols, block_k = loop step over M.
-_REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 4, 3),)  # 8 warps spill on sm_80 for r <= 16
-_REDUCE_FP32 = (LaunchConfig("reduce32", 64, 0, 32, 8, 3),)
+# Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_m cols, block_k = loop step over M. The 16-column
+# tile serves short M (nothing to split) with few columns: 64-wide tiles of 4096 columns are 64 programs.
+_REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 4, 3),  # 8 warps spill on sm_80 for r <= 16
+                LaunchConfig("reduce_p16", 16, 0, 64, 4, 3))
+_REDUCE_FP32 = (LaunchConfig("reduce32", 64, 0, 32, 8, 3),
+                LaunchConfig("reduce32_p16", 16, 0, 32, 4, 3))
+# M-split of the reductions: at most this many programs, each split keeping at least this many rows.
+REDUCE_TARGET_PROGRAMS = 264
+REDUCE_MIN_SPLIT_ROWS = 512
 
 MASK_BLOCK = (32, 64)  # dropout_mask kernel tile [rows, cols]
 
@@ -80,22 +101,83 @@ def reduce_configs(dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     return _REDUCE_HALF if _is_half(dtype) else _REDUCE_FP32
 
 
-def pick_gemm(m: int, dtype: torch.dtype, dropout: bool = False) -> LaunchConfig:
-    """Smallest row tile that covers M (decode-sized M), else the largest tile."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def narrow_gemm_config(dtype: torch.dtype) -> LaunchConfig:
+    return _GEMM_NARROW_HALF if _is_half(dtype) else _GEMM_NARROW_FP32
+
+
+def pick_gemm(m: int, n: int, dtype: torch.dtype, dropout: bool = False) -> LaunchConfig:
+    """The smallest row tile that covers M (decode-sized M; the largest tile above), unless its grid leaves
+    SMs idle: then the next smaller tile that fills the GPU, or the narrow 16x16 tile."""
     configs = gemm_configs(dtype, dropout)
-    for config in configs:
-        if m <= config.block_m:
+    cover = next((i for i, c in enumerate(configs) if m <= c.block_m), len(configs) - 1)
+    for config in (*reversed(configs[:cover + 1]), narrow_gemm_config(dtype)):
+        if _cdiv(m, config.block_m) * _cdiv(n, config.block_n) >= FILL_PROGRAMS:
             return config
-    return configs[-1]
+    return configs[cover]
 
 
-def pick_shrink(m: int, dtype: torch.dtype) -> LaunchConfig:
+def plan_splits(tiles: int, steps: int, min_steps: int = 1) -> tuple[int, int]:
+    """``(splits, steps per split)`` of a loop of ``steps`` steps run by ``tiles`` programs: no split when the
+    tiles fill the GPU, else the fewest splits that give ``FILL_PROGRAMS`` programs, each keeping at least
+    ``min_steps`` steps (fewer splits when the loop is too short)."""
+    if tiles >= FILL_PROGRAMS or steps <= min_steps:
+        return 1, max(steps, 1)
+    wanted = min(_cdiv(FILL_PROGRAMS, tiles), steps // min_steps)
+    per_split = max(steps // wanted, min_steps)
+    return _cdiv(steps, per_split), per_split
+
+
+def plan_shrink(m: int, length: int, r: int, dtype: torch.dtype) -> tuple[LaunchConfig, int, int]:
+    """``(config, splits, columns per split)`` of the shrink ``[M, L] @ [L, r]``.
+
+    Unsplit when a row tile fills the GPU (the largest such tile: long M, one
+    launch); else L is split, with the first config (largest row tile first,
+    16-row tiles when M <= 16) whose split grid fills it; else the plan with
+    the most programs (small problems).
+    """
     configs = shrink_configs(dtype)
-    return configs[0] if m <= configs[0].block_m else configs[-1]
+    ranks = _cdiv(r, rank_block(r))
+    for config in configs:
+        if _cdiv(m, config.block_m) * ranks >= FILL_PROGRAMS:
+            return config, 1, _cdiv(length, config.block_k) * config.block_k
+    if m <= configs[1].block_m:
+        configs = configs[1:]
+    best = None
+    for config in configs:
+        tiles = _cdiv(m, config.block_m) * ranks
+        splits, per_split = plan_splits(tiles, _cdiv(length, config.block_k))
+        plan = (config, splits, per_split * config.block_k)
+        if tiles * splits >= FILL_PROGRAMS:
+            return plan
+        if best is None or tiles * splits > best[0]:
+            best = (tiles * splits, plan)
+    return best[1]
 
 
-def pick_reduce(dtype: torch.dtype) -> LaunchConfig:
-    return reduce_configs(dtype)[0]
+def plan_reduce(m: int, p_len: int, r: int, dtype: torch.dtype, may_split: bool = True
+                ) -> tuple[LaunchConfig, int, int]:
+    """``(config, splits, rows per split)`` of the reduction ``[M, P]ᵀ @ [M, r]`` over M.
+
+    The first that fills the GPU: 64-column tiles unsplit, 16-column tiles
+    unsplit (one launch either way), 64-column tiles with M split into ranges
+    of at least ``REDUCE_MIN_SPLIT_ROWS`` rows (partials, summed by a second
+    launch; only when ``may_split``). Small problems: the 64-column plan.
+    """
+    wide, narrow = reduce_configs(dtype)
+    ranks = _cdiv(r, rank_block(r))
+    tiles = _cdiv(p_len, wide.block_m) * ranks
+    rows = _cdiv(max(m, 1), wide.block_k) * wide.block_k
+    if tiles < FILL_PROGRAMS and _cdiv(p_len, narrow.block_m) * ranks >= FILL_PROGRAMS:
+        return narrow, 1, _cdiv(max(m, 1), narrow.block_k) * narrow.block_k
+    if tiles >= FILL_PROGRAMS or not may_split:
+        return wide, 1, rows
+    splits = max(1, min(REDUCE_TARGET_PROGRAMS // max(tiles, 1), m // REDUCE_MIN_SPLIT_ROWS))
+    rows_per_split = _cdiv(_cdiv(m, splits), wide.block_k) * wide.block_k
+    return wide, _cdiv(m, rows_per_split), rows_per_split
 
 
 def rank_block(r: int) -> int:

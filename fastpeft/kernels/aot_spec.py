@@ -18,6 +18,11 @@ written by hand:
 - ``kernel_modules()`` finds the modules, so a new kernel module is in the
   report without being listed anywhere.
 
+Each spec also carries the launch grid (``grid``: the first launch's) and the
+grid sizes of every launch marked ``launch_label(..., headline=True)``: a
+benchmark headline shape, where the report's grid gate asks the launch to put
+at least one CTA on every SM (``KernelSpec.headline_grids``).
+
 Recording runs no kernel: it needs neither a GPU nor the interpreter, but it
 must run in a process without ``TRITON_INTERPRET=1`` (``@triton.jit`` then
 makes the ``JITFunction`` objects the recorder needs).
@@ -25,6 +30,7 @@ makes the ``JITFunction`` objects the recorder needs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import pkgutil
@@ -43,6 +49,9 @@ class KernelSpec:
     ``attrs`` the ``ASTSource`` attributes by argument path (divisibility
     hints). ``is_gemm`` marks kernels whose inner loop is a ``tl.dot`` on
     tensor-core precisions: those must contain tensor-core instructions.
+    ``grid`` is the grid of the first launch of this variant; ``headline_grids``
+    holds ``(label, CTAs)`` of each launch of it at a benchmark headline shape
+    (``launch_label(..., headline=True)``), in launch order.
     """
 
     name: str
@@ -53,12 +62,27 @@ class KernelSpec:
     num_stages: int = 3
     is_gemm: bool = True
     attrs: dict = field(default_factory=dict)
+    grid: tuple = ()
+    headline_grids: tuple = ()
+
+    @property
+    def grid_ctas(self) -> int:
+        """CTAs of the first launch (0 when it was not recorded)."""
+        return grid_size(self.grid) if self.grid else 0
 
     def key(self) -> tuple:
         """What makes two specs the same compiled variant."""
         return (self.fn.__name__, tuple(sorted(self.signature.items())),
                 tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
                 tuple(sorted((k, str(v)) for k, v in self.attrs.items())), self.num_warps, self.num_stages)
+
+
+def grid_size(grid: tuple) -> int:
+    """Number of programs (CTAs) of a launch grid ``(x[, y[, z]])``."""
+    size = 1
+    for extent in grid:
+        size *= int(extent)
+    return size
 
 
 @dataclass(frozen=True)
@@ -68,15 +92,33 @@ class RecordedLaunch:
     kwargs: dict
     label: str
     is_gemm: bool
+    grid: tuple = ()
+    headline: bool = False
 
 
-_LABEL: list[tuple[str, bool]] = [("", True)]
+_LABEL: list[tuple[str, bool, bool]] = [("", True, False)]
 
 
 @contextlib.contextmanager
-def launch_label(label: str, is_gemm: bool):
-    """Names the launches made inside the block (``<kernel>[<label>]``) and says whether they are GEMMs."""
-    _LABEL.append((label, bool(is_gemm)))
+def launch_label(label: str, is_gemm: bool, headline: bool = False):
+    """Names the launches made inside the block (``<kernel>[<label>]``) and says whether they are GEMMs.
+
+    ``headline=True`` marks them as launches at a benchmark headline shape: the
+    kernel report then requires their grid to fill the GPU (one CTA per SM).
+    """
+    _LABEL.append((label, bool(is_gemm), bool(headline)))
+    try:
+        yield
+    finally:
+        _LABEL.pop()
+
+
+@contextlib.contextmanager
+def epilogue_launches():
+    """Launches inside the block keep the label but are neither GEMMs nor headline launches: epilogues whose
+    work scales with a small output (the sum of a split reduction's partials of ``[M, r]``), not with the
+    layer, so the grid gate does not ask them to fill the GPU."""
+    _LABEL.append((_LABEL[-1][0], False, False))
     try:
         yield
     finally:
@@ -98,8 +140,10 @@ def recording():
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        label, is_gemm = _LABEL[-1]
-        launches.append(RecordedLaunch(self, args, kwargs, label, is_gemm))
+        label, is_gemm, headline = _LABEL[-1]
+        if callable(grid):
+            raise TypeError(f"{self.__name__}: the recorder needs a tuple grid, not a function of the meta-parameters")
+        launches.append(RecordedLaunch(self, args, kwargs, label, is_gemm, tuple(int(g) for g in grid), headline))
 
     JITFunction.run = record
     try:
@@ -127,28 +171,32 @@ def spec_of_launch(launch: RecordedLaunch) -> KernelSpec:
                                                           specialization, options)
     by_name = {fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
     name = f"{fn.__name__.lstrip('_').removesuffix('_kernel')}[{launch.label}]"
+    headline = ((launch.label, grid_size(launch.grid)),) if launch.headline else ()
     return KernelSpec(name, fn, dict(signature), by_name, options.num_warps, options.num_stages,
-                      launch.is_gemm, dict(attrs))
+                      launch.is_gemm, dict(attrs), launch.grid, headline)
 
 
 def record_specs(aot_launches: Callable[[], None]) -> list[KernelSpec]:
     """The distinct variants ``aot_launches()`` launches, in first-launch order.
 
-    Two launches of one variant give one spec (the first label wins); a label
-    reused by different variants gets ``#2``, ``#3`` ... appended.
+    Two launches of one variant give one spec (the first label and grid win;
+    the headline grids of all its launches are collected); a label reused by
+    different variants gets ``#2``, ``#3`` ... appended.
     """
     with recording() as launches:
         aot_launches()
-    specs, keys, names = [], set(), {}
+    specs, index, names = [], {}, {}
     for launch in launches:
         spec = spec_of_launch(launch)
-        if spec.key() in keys:
+        if spec.key() in index:
+            i = index[spec.key()]
+            if spec.headline_grids:
+                specs[i] = dataclasses.replace(specs[i], headline_grids=specs[i].headline_grids + spec.headline_grids)
             continue
-        keys.add(spec.key())
+        index[spec.key()] = len(specs)
         count = names[spec.name] = names.get(spec.name, 0) + 1
         if count > 1:
-            spec = KernelSpec(f"{spec.name}#{count}", spec.fn, spec.signature, spec.constexprs, spec.num_warps,
-                              spec.num_stages, spec.is_gemm, spec.attrs)
+            spec = dataclasses.replace(spec, name=f"{spec.name}#{count}")
         specs.append(spec)
     return specs
 

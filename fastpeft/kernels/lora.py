@@ -29,6 +29,7 @@ TF32 setting (exact ``ieee`` by default), fp16/bf16 accumulate in fp32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -37,36 +38,83 @@ from torch import Tensor
 from . import _lora_configs as cfg
 from ._common import (cdiv, check_kernel_dtype, dot_precision, dropout_args, interpreter_upcast, launcher,
                       on_device_of, runs_on_tensor_cores, split_seed)
-from ._lora_kernels import _dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel
-from .aot_spec import launch_label, module_specs
+from ._lora_kernels import (_dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel,
+                            _lora_split_sum_kernel)
+from .aot_spec import epilogue_launches, launch_label, module_specs
 
 __all__ = ["check_kernel_dtype", "dropout_mask", "lora_backward", "lora_backward_with_base", "lora_forward",
            "lora_forward_with_base", "lora_reduce", "lora_shrink"]
 
-# M-split of the dA/dB reductions (see _reduce_splits).
-_TARGET_PROGRAMS = 264
-_MIN_SPLIT_ROWS = 512
+SPLIT_SUM_BLOCK = 1024  # elements per program of _lora_split_sum_kernel
 
 
 def _precision_args(dtype: torch.dtype) -> dict:
     return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=interpreter_upcast(dtype))
 
 
+@dataclass(frozen=True)
+class SplitPartials:
+    """fp32 partial sums ``[splits, rows, cols]`` of a split launch that still have to be added into ``out``."""
+
+    partials: Tensor
+    out: Tensor
+
+
+def sum_partials(*pending: SplitPartials | None) -> None:
+    """Adds up to two pending split reductions into their outputs, in one launch (fixed order: deterministic)."""
+    jobs = [job for job in pending if job is not None]
+    if not jobs:
+        return
+    if len(jobs) > 2:
+        raise ValueError(f"pending: at most two split reductions per launch, got {len(jobs)}")
+
+    def job_args(job: SplitPartials) -> tuple:
+        splits, rows, cols = job.partials.shape
+        return (job.partials, job.out, splits, rows, cols, job.out.stride(0), job.out.stride(1))
+
+    first = job_args(jobs[0])
+    blocks = cdiv(jobs[0].out.numel(), SPLIT_SUM_BLOCK)
+    second = job_args(jobs[1]) if len(jobs) == 2 else first
+    total = blocks + (cdiv(jobs[1].out.numel(), SPLIT_SUM_BLOCK) if len(jobs) == 2 else 0)
+    with epilogue_launches():
+        _lora_split_sum_kernel[(total,)](*first, blocks, *second, HAS_SECOND=len(jobs) == 2, BLOCK=SPLIT_SUM_BLOCK,
+                                         num_warps=4, num_stages=1)
+
+
+def _split_target(out: Tensor, splits: int, rows: int, cols: int) -> Tensor:
+    """Where a launch with ``splits`` splits writes: ``out`` itself for one, else fresh fp32 partials."""
+    if splits == 1:
+        return out
+    return torch.empty((splits, rows, cols), dtype=torch.float32, device=out.device)
+
+
 def lora_shrink(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], out: Tensor, scale: float,
                 dropout_p: float, seed: int) -> None:
-    """out[M, R] = scale · drop(src) @ mat, with mat[l, r] at ``l*mat_strides[0] + r*mat_strides[1]``."""
+    """out[M, R] (contiguous) = scale · drop(src) @ mat, with mat[l, r] at ``l*mat_strides[0] + r*mat_strides[1]``.
+
+    When the row tiles alone leave SMs idle (small M), the long dimension is split
+    (``_lora_configs.plan_shrink``): fp32 partials per split, summed in a fixed
+    order by a second launch.
+    """
     m, length = src.shape
     r = out.shape[1]
-    config = cfg.pick_shrink(m, src.dtype)
+    config, splits, per_split = cfg.plan_shrink(m, length, r, src.dtype)
     block_r = cfg.rank_block(r)
-    grid = (cdiv(m, config.block_m), cdiv(r, block_r))
-    _lora_shrink_kernel[grid](
-        src, mat, out, m, length, r,
+    target = _split_target(out, splits, m, r)
+    _lora_shrink_kernel[(cdiv(m, config.block_m), cdiv(r, block_r), splits)](
+        src, mat, target, m, length, r, per_split,
         src.stride(0), src.stride(1), mat_strides[0], mat_strides[1],
         float(scale), **dropout_args(dropout_p, seed),
         BLOCK_M=config.block_m, BLOCK_L=config.block_k, BLOCK_R=block_r, **_precision_args(src.dtype),
         **config.launch_options(),
     )
+    if splits > 1:
+        sum_partials(SplitPartials(target, out))
+
+
+def shrink_splits(m: int, length: int, r: int, dtype: torch.dtype) -> int:
+    """How many launches' worth of splits ``lora_shrink`` uses for these sizes (1: one launch)."""
+    return cfg.plan_shrink(m, length, r, dtype)[1]
 
 
 def lora_fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs: Tensor, lmat: Tensor,
@@ -75,7 +123,7 @@ def lora_fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs:
     """out = lora_scale · drop'(lhs @ lmat) + src @ mat + bias; strides give mat[l, n] and lmat[r, n]."""
     m, length = src.shape
     n, r = out.shape[1], lhs.shape[1]
-    config = cfg.pick_gemm(m, src.dtype, dropout_p > 0.0)
+    config = cfg.pick_gemm(m, n, src.dtype, dropout_p > 0.0)
     grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n),)
     _lora_fused_gemm_kernel[grid](
         src, mat, lhs, lmat, bias if bias is not None else out, out, m, n, length, r,
@@ -84,35 +132,31 @@ def lora_fused_gemm(src: Tensor, mat: Tensor, mat_strides: tuple[int, int], lhs:
         float(lora_scale), **dropout_args(dropout_p, seed),
         HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_L=config.block_k,
-        BLOCK_R=cfg.GEMM_RANK_BLOCK, RANK_STEPS=cfg.gemm_rank_steps(r), GROUP_M=config.group_m,
+        BLOCK_R=cfg.GEMM_RANK_BLOCK, RANK_STEPS=cfg.gemm_rank_steps(r),
+        UNROLLED_RANK_STEPS=cfg.GEMM_UNROLLED_RANK_STEPS, GROUP_M=config.group_m,
         **_precision_args(src.dtype),
         **config.launch_options(),
     )
 
 
-def _reduce_splits(m: int, programs: int) -> int:
-    """How many row ranges the M-reduction is split into: enough programs to fill a large GPU,
-    each range keeping at least ``_MIN_SPLIT_ROWS`` rows."""
-    return max(1, min(_TARGET_PROGRAMS // max(programs, 1), m // _MIN_SPLIT_ROWS))
-
-
-def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int) -> None:
+def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p: float, seed: int,
+                may_split: bool = True, defer_sum: bool = False) -> SplitPartials | None:
     """out[P, R] (any strides) = scale · drop(src)[:, p]ᵀ @ hmat[:, r]; src [M, P], hmat [M, R] contiguous.
 
     With one row range the kernel writes ``out`` directly (one launch). With
-    several it writes fp32 partials ``[splits, P, R]`` (one per row range),
-    which are summed in a fixed order and cast into ``out``: deterministic.
+    several (``_lora_configs.plan_reduce``; never when ``may_split`` is False)
+    it writes fp32 partials ``[splits, P, R]``, which ``sum_partials`` adds in a
+    fixed order into ``out`` (deterministic): right away, or by the caller when
+    ``defer_sum`` (then they are returned).
     """
     m, p_len = src.shape
     r = hmat.shape[1]
-    config = cfg.pick_reduce(src.dtype)
+    config, splits, rows_per_split = cfg.plan_reduce(m, p_len, r, src.dtype, may_split)
     block_r = cfg.rank_block(r)
     grid_pr = (cdiv(p_len, config.block_m), cdiv(r, block_r))
-    splits = _reduce_splits(m, grid_pr[0] * grid_pr[1])
-    rows_per_split = cdiv(cdiv(m, splits), config.block_k) * config.block_k
-    splits = cdiv(m, rows_per_split)
-    target = out.unsqueeze(0) if splits == 1 else torch.empty((splits, p_len, r), dtype=torch.float32,
-                                                                device=src.device)
+    target = _split_target(out, splits, p_len, r)
+    if splits == 1:
+        target = target.unsqueeze(0)
     _lora_reduce_kernel[grid_pr + (splits,)](
         src, hmat, target, m, p_len, r, rows_per_split,
         src.stride(0), src.stride(1), target.stride(0), target.stride(1), target.stride(2),
@@ -120,8 +164,13 @@ def lora_reduce(src: Tensor, hmat: Tensor, out: Tensor, scale: float, dropout_p:
         BLOCK_P=config.block_m, BLOCK_M=config.block_k, BLOCK_R=block_r, **_precision_args(src.dtype),
         **config.launch_options(),
     )
-    if splits > 1:
-        out.copy_(target.sum(0))
+    if splits == 1:
+        return None
+    pending = SplitPartials(target, out)
+    if defer_sum:
+        return pending
+    sum_partials(pending)
+    return None
 
 
 def lora_forward_with_base(x2d: Tensor, lora_A: Tensor, dropout_p: float, seed: int,
@@ -155,16 +204,23 @@ def lora_backward_with_base(dy: Tensor, x2d: Tensor, lora_A: Tensor, lora_B: Ten
             if grad is not None:
                 grad.zero_()
         return (x2d.new_empty(x2d.shape) if need_dx else None), dA, dB
-    dx = None
+    # At most five launches: dB, dh (+ the sum of its splits), dA, [one sum of dA's and dB's splits], dx. The
+    # reductions split only when the dh shrink does not (M long enough to fill the GPU by rows).
+    may_split = shrink_splits(m, dy.shape[1], r, dy.dtype) == 1 if (need_dx or need_dA) else True
+    dx = pending_dB = pending_dA = None
     if need_dB:
-        lora_reduce(dy, h.contiguous(), dB, scaling, 0.0, 0)
+        pending_dB = lora_reduce(dy, h.contiguous(), dB, scaling, 0.0, 0, may_split, defer_sum=True)
     if need_dx or need_dA:
         dh = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
         lora_shrink(dy, lora_B, (lora_B.stride(0), lora_B.stride(1)), dh, 1.0, 0.0, 0)
         if need_dA:
-            lora_reduce(x2d, dh, dA.t(), scaling / (1.0 - dropout_p), dropout_p, seed)
+            pending_dA = lora_reduce(x2d, dh, dA.t(), scaling / (1.0 - dropout_p), dropout_p, seed, may_split,
+                                     defer_sum=True)
+        sum_partials(pending_dB, pending_dA)
         if need_dx:
             dx = base_grad_plus_lora(dh)
+    else:
+        sum_partials(pending_dB)
     return dx, dA, dB
 
 
@@ -222,38 +278,61 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
 
 # --------------------------------------------------------------------------- AOT report
 # What the report launches: r = 8 (PEFT's default; not a multiple of 16, so R carries no divisibility hint)
-# and r = 4 (the same variants as r = 8, reported under r8), 16, 32, 64 and 128. The fused GEMM unrolls a
-# power-of-two number of 16-wide rank chunks (``_lora_configs.gemm_rank_steps``), so each of 16 ... 128 is a
-# variant of its own (the longest unroll with dropout is the register-heaviest; r = 256 compiles alike);
-# the shrink and reduce kernels compile alike for every r >= 64. One token count M per row-tile config (M is
-# never specialised); K = N = 4096 as in the benchmark's Llama-style layers.
+# and r = 4 (the same variants as r = 8, reported under r8), 16, 32, 64 and 128. The fused GEMM unrolls up to
+# four 16-wide rank chunks and loops over the rest (``_lora_configs.gemm_rank_steps``), so each of 16, 32, 64
+# and 128 is a variant of its own; the shrink and reduce kernels compile alike for every r >= 64. The shapes
+# (M, K, N) reach every plan of ``_lora_configs``: M = 16 (decode: split shrink with 16-wide steps, 16x16
+# GEMM tiles, 16-column reductions), 64 (split shrink over 16-row tiles), 512 (split shrink over 64-row
+# tiles, the 64-row GEMM tile), 2048 (the largest GEMM tile) at K = N = 4096, and K = N = 1024 with
+# M = 512 (64-column reductions, unsplit) and M = 4096 (unsplit 16-row shrink, split reductions and their one
+# summing launch). M is never specialised.
 AOT_RANKS = (8, 4, 16, 32, 64, 128)
-AOT_TOKENS = (16, 64, 2048)
-AOT_FEATURES = 4096
+AOT_SHAPES = ((16, 4096, 4096), (64, 4096, 4096), (512, 4096, 4096), (2048, 4096, 4096), (512, 1024, 1024),
+              (4096, 1024, 1024))
+# The GPU shapes of the benchmark (benchmarks/ops/lora.py, level "full": tokens x (K, N) x r), launched as
+# headline shapes: the kernel report requires each of their grids to fill the GPU (at least one CTA per SM).
+HEADLINE_TOKENS = (1, 16, 512, 4096, 8192)
+HEADLINE_FEATURES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))
+HEADLINE_RANKS = (8, 16, 64)
 
 
 def aot_launches() -> None:
-    """Runs the launchers on realistic contiguous arguments: every dtype, rank class, config and flag."""
+    """Runs the launchers on realistic contiguous arguments: every dtype, rank class, config and flag, then
+    the benchmark's GPU shapes as headline launches."""
     from ._common import TRITON_DTYPE
 
-    k = n = AOT_FEATURES
     for dtype, t in TRITON_DTYPE.items():
         gemm = runs_on_tensor_cores(dtype, dot_precision(dtype))
-        weight, bias = torch.empty((n, k), dtype=dtype), torch.empty(n, dtype=dtype)
         for r in AOT_RANKS:
-            lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
-            for m in AOT_TOKENS:
-                x, dy = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype)
-                h = torch.empty((m, r), dtype=dtype)
-                for p, tag in ((0.0, "fwd"), (0.1, "fwd_dropout")):
-                    with launch_label(f"{t},r{r},m{m},{tag}", gemm):
-                        lora_forward(x, weight, bias, lora_A, lora_B, 2.0, p, 1)
-                with launch_label(f"{t},r{r},m{m},bwd", gemm):
-                    lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.0, 0, True, True, True)
-                with launch_label(f"{t},r{r},m{m},bwd_dropout", gemm):
-                    lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.1, 1, True, True, False)
+            for m, k, n in AOT_SHAPES:
+                shape = f"m{m}" if k == 4096 else f"m{m}k{k}"
+                _aot_layer(dtype, m, k, n, r, f"{t},r{r},{shape}", gemm, dropout=True)
+        for r in HEADLINE_RANKS:
+            for k, n in HEADLINE_FEATURES:
+                for m in HEADLINE_TOKENS:
+                    _aot_layer(dtype, m, k, n, r, f"{t},r{r},m{m},k{k},n{n}", gemm, dropout=False, headline=True)
     with launch_label("mask", False):
-        dropout_mask((64, k), 0.1, 1, "cpu")
+        dropout_mask((64, AOT_FEATURES), 0.1, 1, "cpu")
+
+
+AOT_FEATURES = 4096
+
+
+def _aot_layer(dtype: torch.dtype, m: int, k: int, n: int, r: int, label: str, gemm: bool, dropout: bool,
+               headline: bool = False) -> None:
+    """Forward and backward of one LoRA layer (``[M, K] -> [M, N]``, rank r), labelled ``<label>,<pass>``."""
+    weight, bias = torch.empty((n, k), dtype=dtype), torch.empty(n, dtype=dtype)
+    lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
+    x, dy, h = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype), torch.empty((m, r), dtype=dtype)
+    with launch_label(f"{label},fwd", gemm, headline):
+        lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
+    with launch_label(f"{label},bwd", gemm, headline):
+        lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.0, 0, True, True, True)
+    if dropout:
+        with launch_label(f"{label},fwd_dropout", gemm):
+            lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, 1)
+        with launch_label(f"{label},bwd_dropout", gemm):
+            lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.1, 1, True, True, False)
 
 
 def aot_specs():

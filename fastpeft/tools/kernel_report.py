@@ -26,7 +26,13 @@ a cubin. From them:
   most wgmmas) keeps a group in flight (one of its ``WARPGROUP.DEPBAR.LE
   gsb0`` waits leaves a count above 0) rather than waiting for every wgmma;
 - ``ctas_per_sm``: resident CTAs per SM from registers (allocated per warp in
-  units of 256), shared memory (plus 1 KB reserved per CTA) and threads.
+  units of 256), shared memory (plus 1 KB reserved per CTA) and threads;
+- ``grid_ctas`` and ``waves``: the first recorded launch's grid and how many
+  waves of ``ctas_per_sm x SMs`` it takes (``SM_COUNT``: A100 108, H100 132);
+- the grid gate: every launch of the variant marked as a benchmark headline
+  shape (``launch_label(..., headline=True)``) must fill the GPU, a grid of at
+  least one CTA per SM (``headline_ctas``: the smallest such grid, 0 when the
+  variant has no headline launch).
 
 The compile must not go through the Triton interpreter. When this process has
 ``TRITON_INTERPRET=1`` (as the test suite does), ``compile_report`` runs the
@@ -55,6 +61,11 @@ SM_REGISTERS = 65536
 SM_THREADS = 2048
 SM_CTAS = 32
 MAX_REGISTERS = 255
+# SMs of the GPU each arch is judged for: A100 (sm_80) 108, H100 SXM (sm_90) 132.
+SM_COUNT = {80: 108, 90: 132}
+
+
+GRID_BELOW_SMS = "headline grid below one CTA per SM"
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,9 @@ class KernelReportRow:
     async_copies: int
     wgmma_async: bool
     compile_s: float
+    grid_ctas: int = 0
+    headline_ctas: int = 0
+    headline_label: str = ""
 
     @property
     def spills(self) -> int:
@@ -101,8 +115,19 @@ class KernelReportRow:
         by_shared = SM_SHARED[self.arch] // (self.shared_bytes + 1024)
         return min(by_registers, by_shared, SM_THREADS // threads, SM_CTAS)
 
+    @property
+    def sm_count(self) -> int:
+        return SM_COUNT[self.arch]
+
+    @property
+    def waves(self) -> float:
+        """Waves of the first recorded launch's grid: CTAs / (CTAs per SM x SMs); 0 when no grid was recorded."""
+        resident = self.ctas_per_sm * self.sm_count
+        return self.grid_ctas / resident if resident and self.grid_ctas else 0.0
+
     def problems(self) -> list[str]:
-        """What fails the gate: spills, > 255 registers, too much shared memory, a GEMM without tensor cores."""
+        """What fails the gate: spills, > 255 registers, too much shared memory, a GEMM without tensor cores,
+        a headline launch whose grid leaves SMs idle."""
         out = []
         if self.spills:
             out.append(f"spills {self.spill_store_bytes}B stores / {self.spill_load_bytes}B loads")
@@ -116,6 +141,8 @@ class KernelReportRow:
             out.append("wgmma main loop waits for every wgmma")
         if self.ctas_per_sm < 1:
             out.append("does not fit on an SM")
+        if self.headline_ctas and self.headline_ctas < self.sm_count:
+            out.append(f"{GRID_BELOW_SMS} ({self.headline_ctas} < {self.sm_count} at {self.headline_label})")
         return out
 
 
@@ -211,9 +238,11 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
         kernel.asm["cubin"])
     # Spills live in the stack frame: without one there is nothing to count.
     spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion) if stack else (0, 0)
+    headline_label, headline_ctas = min(getattr(spec, "headline_grids", ()) or [("", 0)], key=lambda h: h[1])
     return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
                            spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
-                           load_bits, async_copies, wgmma_async, round(time.perf_counter() - start, 3))
+                           load_bits, async_copies, wgmma_async, round(time.perf_counter() - start, 3),
+                           getattr(spec, "grid_ctas", 0), headline_ctas, headline_label)
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
@@ -278,17 +307,27 @@ def row_from_json(row: dict) -> KernelReportRow:
 
 
 def format_table(rows: list[KernelReportRow]) -> str:
-    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "CTAs/SM", "tensor core", "loads",
-              "compile s", "gate")
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "CTAs/SM", "grid (waves)",
+              "tensor core", "loads", "compile s", "gate")
     lines = [header]
     for r in rows:
+        grid = f"{r.grid_ctas} ({r.waves:.2f})" + ("*" if r.headline_ctas else "") if r.grid_ctas else "-"
         lines.append((r.name, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spills),
-                      str(r.shared_bytes), str(r.ctas_per_sm),
+                      str(r.shared_bytes), str(r.ctas_per_sm), grid,
                       f"{r.tensor_core} ({r.hgmma or r.hmma}{', async' if r.wgmma_async else ''})"
                       if r.tensor_core != "none" else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
                       f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def summary(rows: list[KernelReportRow]) -> str:
+    """One line: compiles, rows failing the gate, headline launches checked by the grid gate and those below it."""
+    headline = [r for r in rows if r.headline_ctas]
+    small = [r for r in headline if GRID_BELOW_SMS in "; ".join(r.problems())]
+    failed = [r for r in rows if r.problems()]
+    return (f"{len(rows)} compiles, {len(failed)} failing the gate; grid gate: {len(headline)} headline rows, "
+            f"{len(small)} with fewer CTAs than SMs")
 
 
 def main(argv=None) -> int:
@@ -306,11 +345,13 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     if args.json:
         args.json.write_text(json.dumps({"wall_s": round(wall, 2),
-                                         "rows": [dataclasses.asdict(r) | {"ctas_per_sm": r.ctas_per_sm}
+                                         "rows": [dataclasses.asdict(r) | {"ctas_per_sm": r.ctas_per_sm,
+                                                                           "waves": round(r.waves, 3)}
                                                   for r in rows]}, indent=1))
     if not args.quiet:
         print(format_table(rows))
         print(f"\n{len(rows)} compiles in {wall:.1f} s wall")
+        print(summary(rows))
     failed = [r for r in rows if r.problems()]
     return 1 if (args.check and failed) else 0
 

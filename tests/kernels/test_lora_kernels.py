@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fastpeft.kernels import _lora_configs as cfg
 from fastpeft.kernels import lora as tl_lora
 from numerics import assert_close_to_ref
 
@@ -129,16 +130,25 @@ def test_large_tiles_and_multiple_programs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_m_reduction_is_correct_and_deterministic(monkeypatch, dtype):
-    """Long M: dA/dB are summed over row ranges (forced small here), ragged last range included."""
-    monkeypatch.setattr(tl_lora, "_MIN_SPLIT_ROWS", 16)
-    monkeypatch.setattr(tl_lora, "_TARGET_PROGRAMS", 10**6)
-    assert tl_lora._reduce_splits(133, 1) > 1
+    """Long M: dA/dB are summed over row ranges (forced small here), ragged last range included, both sums in
+    one launch."""
+    monkeypatch.setattr(cfg, "FILL_PROGRAMS", 9)  # 9 row tiles of 16: the dh shrink fills it unsplit
+    monkeypatch.setattr(cfg, "REDUCE_MIN_SPLIT_ROWS", 16)
+    monkeypatch.setattr(cfg, "REDUCE_TARGET_PROGRAMS", 10**6)
+    assert cfg.plan_shrink(133, 33, 5, dtype)[1] == 1
+    for p_len in (45, 33):  # dA, dB: several ranges, the last one ragged
+        _, splits, rows_per_split = cfg.plan_reduce(133, p_len, 5, dtype)
+        assert splits > 2 and 133 % rows_per_split != 0
     check_all(133, 45, 33, 5, dtype, False, 0.3)
     x, w, b, a, bb, dy = make(133, 45, 33, 5, dtype)
     _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.3, SEED)
     first = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.3, SEED, False, True, True)
     second = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.3, SEED, False, True, True)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+    for need in ((False, True, False), (False, False, True)):  # one split reduction alone
+        grads = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.3, SEED, *need)
+        for got, want in zip(grads, first):
+            assert got is None or torch.equal(got, want)
 
 
 @pytest.mark.parametrize("need", [(dx, da, db) for dx in (0, 1) for da in (0, 1) for db in (0, 1)],
@@ -176,9 +186,10 @@ def test_backward_launches_only_needed_kernels(monkeypatch, need):
 
 @pytest.mark.parametrize("r, steps", [(1, 1), (8, 1), (16, 1), (17, 2), (32, 2), (33, 4), (64, 4), (65, 8),
                                       (256, 16)])
-def test_fused_gemm_unrolls_the_rank_in_16_wide_chunks(monkeypatch, r, steps):
-    """The LoRA term's rank loop is unrolled at compile time (no runtime loop before the main loop, which cost
-    r = 8 a third more registers and half the CTAs per SM on sm_90), in a power of two of zero-padded chunks."""
+def test_fused_gemm_rank_chunks(monkeypatch, r, steps):
+    """The LoRA term's rank runs in a power of two of zero-padded 16-wide chunks, at most four unrolled at compile
+    time (a runtime loop before the main loop cost r = 8 a third more registers and half the CTAs per SM on
+    sm_90; unrolling all eight chunks of r = 128 took fp32 to 255 registers), the rest in a loop."""
     x, w, b, a, bb, dy = make(3, 32, 16, r, torch.float32)
     launches = []
     monkeypatch.setattr(tl_lora, "_lora_fused_gemm_kernel", _LaunchRecorder(tl_lora._lora_fused_gemm_kernel,
@@ -188,6 +199,14 @@ def test_fused_gemm_unrolls_the_rank_in_16_wide_chunks(monkeypatch, r, steps):
     assert len(launches) == 2
     for _, args, kwargs in launches:
         assert args["R"] == r and kwargs["BLOCK_R"] == 16 and kwargs["RANK_STEPS"] == steps
+        assert kwargs["UNROLLED_RANK_STEPS"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [100, 130])
+def test_rank_chunks_past_the_unrolled_ones(dtype, r):
+    """r = 100 and 130: four unrolled chunks, then a loop of three (the last one partly zero padding)."""
+    check_all(5, 33, 29, r, dtype, True, 0.2)
 
 
 def test_dropout_zero_matches_no_mask_and_ignores_seed():
