@@ -1,0 +1,154 @@
+"""The @triton.jit decode GEMV behind ``fastpeft.kernels.nf4_gemv`` (the launcher lives there).
+
+``y[m, n] = sum_k x[m, k] * w[n, k]`` for ``M <= 16`` token rows, reading the
+packed NF4 weight once, at HBM speed. ``w[n, k]`` is bitsandbytes'
+dequantization, bit for bit: ``fp32(code[nibble] * absmax)`` rounded to x's
+dtype before the product (the scale is applied per element: factoring it out
+of the sum would change fp32 rounding).
+
+Layout (``docs/architecture.md``, "NF4"): row ``n`` of the weight is
+``K / 2`` bytes at ``n * K / 2``; byte ``j`` holds element ``2j`` in its high
+nibble and ``2j + 1`` in its low nibble, so a byte tile pairs with the even
+and the odd columns of x, and nothing is ever interleaved.
+
+How the work is laid out (the static facts are in the launcher's docstring):
+
+- a program owns ``BLOCK_N`` weight rows and ``BLOCK_M`` token rows and walks
+  the whole row, ``BLOCK_KB`` bytes per trip; a thread reads 16 consecutive
+  bytes of a row (one 128-bit load) and neighbouring threads read
+  neighbouring 16-byte chunks;
+- the 16 code values are gathered from a register tensor (``tl.gather``), not
+  re-read from global memory per element;
+- the products accumulate in a ``[BLOCK_M, BLOCK_N, BLOCK_KB]`` register
+  tile through the loop and are summed over K once, after it (no shuffles
+  or barriers inside the loop).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import TOKEN_ARGS
+
+
+@triton.jit
+def _nf4_pair_lookup(codes, packed):
+    """(code[high nibble], code[low nibble]) of an int32 byte tile, from the 16 fp32 ``codes`` in registers.
+
+    One ``tl.gather`` for both nibbles: the gather stages its table in shared memory once per call.
+    """
+    pairs = tl.join(packed >> 4, packed & 0xF)
+    flat = tl.reshape(pairs, (pairs.numel,))
+    return tl.split(tl.reshape(tl.gather(codes, flat, 0), pairs.shape))
+
+
+@triton.jit
+def _x_pair(x_pairs, dtype: tl.constexpr):
+    """fp32 (x[2j], x[2j + 1]) from the int32 (fp16/bf16) or int64 (fp32) word holding both (little endian)."""
+    if dtype == tl.float32:
+        even = (x_pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (x_pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    elif dtype == tl.bfloat16:
+        even = (x_pairs << 16).to(tl.float32, bitcast=True)
+        odd = (x_pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        even = (x_pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (x_pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _token_chunk_dot(xp_ptr, row, stride_xpm, byte, mask, w_even, w_odd, dtype: tl.constexpr):
+    """Per 16-byte chunk: ``sum_v x[row, 2v] w_even[v] + x[row, 2v + 1] w_odd[v]`` (the sum stays in a thread)."""
+    x_words = tl.load(xp_ptr + row.to(tl.int64) * stride_xpm + byte, mask=mask, other=0)
+    x_even, x_odd = _x_pair(x_words, dtype)
+    return tl.sum(x_even * w_even + x_odd * w_odd, axis=2)
+
+
+@triton.jit
+def _token_row(acc, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """``[1, BLOCK_N * CHUNKS]`` chunk sums -> ``[BLOCK_N]`` row sums (after the loop, once)."""
+    return tl.sum(tl.reshape(acc, (BLOCK_N, CHUNKS)), axis=1)
+
+
+@triton.jit
+def _store_token(y_ptr, row, M, stride_ym, rows, stride_yn, n_mask, out, extra, slot, BLOCK_M: tl.constexpr):
+    """Stores token ``row`` (``out`` plus its row ``slot`` of the ``[BLOCK_M, BLOCK_N]`` ``extra``)."""
+    pick = tl.arange(0, BLOCK_M)[:, None] == slot
+    out += tl.sum(tl.where(pick, extra, 0.0), axis=0)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + rows * stride_yn, out.to(y_ptr.dtype.element_ty),
+             mask=n_mask & (row < M))
+
+
+@triton.jit(do_not_specialize=TOKEN_ARGS)
+def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
+                     M, N, K, R, row_bytes,
+                     stride_xpm, stride_ym, stride_yn, stride_bias,
+                     stride_hm, stride_hr, stride_lbn, stride_lbr, lora_scale,
+                     BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KB: tl.constexpr, VEC: tl.constexpr):
+    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2)
+    # Program ids: the token groups of one row tile are neighbours, so they share its bytes in L2.
+    pid = tl.program_id(0)
+    m_groups = tl.cdiv(M, BLOCK_M)
+    pid_n = pid // m_groups
+    pid_m = pid - pid_n * m_groups
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_n.to(tl.int64)
+    dtype = y_ptr.dtype.element_ty
+    codes = tl.load(code_ptr + tl.arange(0, 16))
+    # Index space [1, chunk row r = (weight row, 16-byte chunk), byte v]: a thread owns one chunk of a row.
+    CHUNKS: tl.constexpr = BLOCK_KB // VEC
+    offs_r = tl.arange(0, BLOCK_N * CHUNKS)
+    r_row = pid_n * BLOCK_N + offs_r // CHUNKS
+    n3 = r_row.to(tl.int64)[None, :, None]
+    c3 = (offs_r % CHUNKS)[None, :, None] * VEC
+    v3 = tl.arange(0, VEC)[None, None, :]
+    n_ok = (r_row < N)[None, :, None]
+    blocks_per_row = K // BLOCKSIZE
+    # One accumulator per token row (BLOCK_M <= 2: more spills on sm_90 at fp16), each [1, chunk rows]: the x words of a token are loaded
+    # in the layout of the weight bytes, so no tile changes layout inside the loop.
+    acc0 = tl.zeros((1, BLOCK_N * CHUNKS), dtype=tl.float32)
+    acc1 = tl.zeros((1, BLOCK_N * CHUNKS), dtype=tl.float32)
+    for b0 in range(0, row_bytes, BLOCK_KB):
+        chunk = b0 + c3
+        w_mask = n_ok & (chunk < row_bytes)
+        byte = chunk + v3
+        packed = tl.load(packed_ptr + n3 * row_bytes + byte, mask=w_mask, other=0).to(tl.int32)
+        if BLOCKSIZE % (2 * VEC) == 0:
+            # a chunk lies in one quantization block: one scale per thread and trip
+            scale = tl.load(absmax_ptr + n3 * blocks_per_row + chunk // (BLOCKSIZE // 2), mask=w_mask, other=0.0)
+        else:
+            scale = tl.load(absmax_ptr + n3 * blocks_per_row + byte // (BLOCKSIZE // 2), mask=w_mask, other=0.0)
+        code_even, code_odd = _nf4_pair_lookup(codes, packed)
+        # bitsandbytes' dequantization: fp32(code * absmax), rounded to x's dtype before the product
+        w_even = (code_even * scale).to(dtype).to(tl.float32)
+        w_odd = (code_odd * scale).to(dtype).to(tl.float32)
+        acc0 += _token_chunk_dot(xp_ptr, m0, stride_xpm, byte, w_mask & (m0 < M), w_even, w_odd, dtype)
+        if BLOCK_M > 1:
+            acc1 += _token_chunk_dot(xp_ptr, m0 + 1, stride_xpm, byte, w_mask & (m0 + 1 < M), w_even, w_odd, dtype)
+    # LoRA and bias as one [BLOCK_M, BLOCK_N] term, added to each token row when it is stored.
+    extra = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        offs_k = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            in_r = offs_k < R - r0
+            ranks = (r0 + offs_k).to(tl.int64)
+            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ranks[None, :] * stride_hr,
+                        mask=m_mask[:, None] & in_r[None, :], other=0.0).to(dtype).to(tl.float32)
+            b = tl.load(lb_ptr + rows[:, None] * stride_lbn + ranks[None, :] * stride_lbr,
+                        mask=n_mask[:, None] & in_r[None, :], other=0.0).to(dtype).to(tl.float32)
+            extra += tl.sum(h[:, None, :] * b[None, :, :], axis=2)
+        extra = extra * lora_scale
+    if HAS_BIAS:
+        extra += tl.load(bias_ptr + rows * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    _store_token(y_ptr, m0, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc0, BLOCK_N, CHUNKS), extra, 0,
+                 BLOCK_M)
+    if BLOCK_M > 1:
+        _store_token(y_ptr, m0 + 1, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc1, BLOCK_N, CHUNKS),
+                     extra, 1, BLOCK_M)

@@ -1,0 +1,147 @@
+"""Triton NF4 decode GEMV (1 <= M <= 16 token rows): the launcher and what the AOT report compiles.
+
+``nf4_gemv`` computes what ``fastpeft.kernels.nf4.nf4_matmul`` computes
+(``x2d · dequant(W)ᵀ (+ bias) (+ lora_scale · lora_h · lora_Bᵀ)``, the weight
+rounded to x's dtype before the product) for the decode shapes, where the
+cost is reading the packed weight: ``N · K / 2`` bytes.
+
+Launch layout (``_nf4_gemv_kernels``): one program per ``block_n`` weight
+rows and ``block_m`` token rows, each walking its rows whole in chunks of
+``block_kb`` bytes, one 16-byte load per thread. ``block_n = num_warps``
+rows give ``N / 4`` programs (1024 at N = 4096, 3584 at N = 14336: more
+than 4 per SM on 132 SMs without splitting K). Token rows beyond
+``block_m`` run as further programs over the same bytes (neighbouring
+program ids, so the re-reads hit L2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ._common import TRITON_DTYPE, LaunchConfig, launcher
+from ._nf4_gemv_kernels import _nf4_gemv_kernel
+from .aot_spec import launch_label, module_specs
+
+__all__ = ["GEMV_MAX_M", "gemv_config", "nf4_gemv"]
+
+GEMV_MAX_M = 16
+# Rank chunk of the LoRA term (as fastpeft.kernels.nf4).
+LORA_RANK_BLOCK = 16
+
+# By token rows: block_m (token rows per program), block_n (weight rows per program), block_k (here: BYTES
+# per row per trip; 16 per thread along K).
+_CONFIGS = {
+    1: LaunchConfig("gemv_m1", 1, 4, 512, 4, 1),
+    2: LaunchConfig("gemv_m2", 2, 4, 512, 4, 1),
+}
+
+
+def gemv_config(m: int) -> LaunchConfig:
+    """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``)."""
+    if not 1 <= m <= GEMV_MAX_M:
+        raise ValueError(f"nf4_gemv takes 1 to {GEMV_MAX_M} token rows, got {m}")
+    return _CONFIGS[min(triton.next_power_of_2(m), max(_CONFIGS))]
+
+
+def _check_layout(x2d, packed, absmax, code, n: int, k: int, blocksize: int) -> None:
+    # The op layer validates user input; these guard direct launcher calls.
+    if x2d.dim() != 2 or x2d.shape[1] != k:
+        raise ValueError(f"x2d must be [M, {k}], got {tuple(x2d.shape)}")
+    if x2d.dtype not in TRITON_DTYPE:
+        raise TypeError(f"x2d must be float32, float16 or bfloat16, not {x2d.dtype}")
+    if blocksize <= 0 or blocksize % 2 or k % blocksize:
+        raise ValueError(f"in_features={k} must be a multiple of blocksize={blocksize} (an even number)")
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or not packed.is_contiguous():
+        raise ValueError(f"packed must be contiguous uint8 with {n * k // 2} bytes for a [{n}, {k}] weight")
+    if absmax.dtype != torch.float32 or absmax.numel() != n * k // blocksize or not absmax.is_contiguous():
+        raise ValueError(f"absmax must be contiguous fp32 with {n * k // blocksize} blocks")
+    if code.dtype != torch.float32 or code.numel() != 16 or not code.is_contiguous():
+        raise ValueError("code must be a contiguous fp32 tensor of 16 values")
+
+
+# x's elements 2j and 2j + 1 meet byte j of the weight: the kernel reads them as one word.
+_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
+
+
+def x_pairs(x2d: torch.Tensor) -> torch.Tensor:
+    """``x2d [M, k]`` seen as ``[M, k / 2]`` words of two elements (a copy when its rows are not contiguous)."""
+    if x2d.stride(1) != 1 or x2d.storage_offset() % 2 or (x2d.shape[0] > 1 and x2d.stride(0) % 2):
+        x2d = x2d.contiguous()
+    return x2d.view(_PAIR_DTYPE[x2d.dtype])
+
+
+@launcher
+def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
+             blocksize: int, bias: Optional[torch.Tensor] = None, lora_h: Optional[torch.Tensor] = None,
+             lora_B: Optional[torch.Tensor] = None, lora_scale: float = 1.0,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x2d [M, k] · dequant(W)ᵀ (+ bias [n]) (+ lora_scale · lora_h [M, r] · lora_B [n, r]ᵀ)`` -> ``[M, n]``.
+
+    ``1 <= M <= 16``. Same arguments and math as ``nf4_matmul``: ``lora_h`` is
+    ``drop(x) Aᵀ / (1-p)``, ``lora_h`` and ``lora_B`` are rounded to x's dtype
+    and their product scaled in fp32; ``out``: an ``[M, n]`` tensor of x's
+    dtype to write into (any strides).
+    """
+    packed = packed.reshape(-1)
+    _check_layout(x2d, packed, absmax, code, n, k, blocksize)
+    m = x2d.shape[0]
+    cfg = gemv_config(m)
+    if out is None:
+        out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != x2d.dtype or out.device != x2d.device:
+        raise ValueError(f"out must be a [{m}, {n}] {x2d.dtype} tensor on {x2d.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if n == 0:
+        return out
+    has_lora = lora_h is not None
+    if has_lora and (lora_B is None or lora_h.dim() != 2 or lora_h.shape[0] != m or lora_B.dim() != 2
+                     or lora_B.shape != (n, lora_h.shape[1])):
+        raise ValueError(f"lora_h must be [{m}, r] and lora_B [{n}, r]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    r = lora_h.shape[1] if has_lora else 0
+    h = lora_h if has_lora else out
+    lb = lora_B if has_lora else out
+    b = bias if bias is not None else out
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)
+    xp = x_pairs(x2d)
+    _nf4_gemv_kernel[grid](xp, packed, absmax, code, b, h, lb, out, m, n, k, r, k // 2,
+                           xp.stride(0), out.stride(0), out.stride(1), b.stride(0),
+                           h.stride(0), h.stride(1), lb.stride(0), lb.stride(1), float(lora_scale),
+                           BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+                           BLOCK_R=LORA_RANK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_KB=cfg.block_k, VEC=16, **cfg.launch_options())
+    return out
+
+
+# --------------------------------------------------------------------------- AOT report
+AOT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
+AOT_TOKENS = (1, 2, 4, 8, 16)
+AOT_BLOCKSIZES = (64, 128)
+
+
+def _aot_weight(n: int, k: int, blocksize: int):
+    return (torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(n * k // blocksize, dtype=torch.float32),
+            torch.empty(16, dtype=torch.float32))
+
+
+def aot_launches() -> None:
+    """Every dtype, token-count config, bias/LoRA flag, at the decode shapes of a 7-8B model."""
+    for n, k in AOT_SHAPES:
+        for blocksize in AOT_BLOCKSIZES:
+            weight = _aot_weight(n, k, blocksize)
+            for dtype, t in TRITON_DTYPE.items():
+                for m in AOT_TOKENS:
+                    x = torch.empty((m, k), dtype=dtype)
+                    with launch_label(f"{t},m{m},n{n},k{k},b{blocksize}", False):
+                        nf4_gemv(x, *weight, n, k, blocksize)
+                        h, lb = torch.empty((m, 16), dtype=dtype), torch.empty((n, 16), dtype=dtype)
+                        nf4_gemv(x, *weight, n, k, blocksize, bias=torch.empty(n, dtype=dtype), lora_h=h,
+                                 lora_B=lb, lora_scale=2.0)
+
+
+def aot_specs():
+    """Every variant ``aot_launches`` makes (see ``fastpeft.kernels.aot_spec``)."""
+    return list(module_specs(__name__))
