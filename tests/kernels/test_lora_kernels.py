@@ -151,6 +151,89 @@ def test_split_m_reduction_is_correct_and_deterministic(monkeypatch, dtype):
             assert got is None or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_split_k_shrink_matches_float64(dtype, m, p):
+    """Few rows: h = drop(x) Aᵀ and dh = dy B are split over K (N), ragged last split included; everything
+    downstream (y, dx, dA, dB) sees the summed result."""
+    k, n = 150, 99
+    for length in (k, n):
+        config, splits, per_split = cfg.plan_shrink(m, length, 8, dtype)
+        assert splits > 2 and length % per_split != 0 and per_split % config.block_k == 0
+    check_all(m, k, n, 8, dtype, True, p)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_split_k_shrink_non_contiguous(layout):
+    assert cfg.plan_shrink(2, 150, 8, torch.float16)[1] > 1
+    check_all(2, 150, 99, 8, torch.float16, False, 0.3, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_k_shrink_is_deterministic_and_keeps_the_mask(monkeypatch, dtype):
+    """Bit-identical h on every call; the unsplit kernel (a one-program-per-tile plan forced) differs by
+    summation order only, and both apply the same (seed, row, col) dropout mask."""
+    x, w, b, a, bb, _ = make(3, 300, 40, 8, dtype)
+    _, h1 = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.5, SEED)
+    _, h2 = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.5, SEED)
+    assert torch.equal(h1, h2)
+    monkeypatch.setattr(cfg, "FILL_PROGRAMS", 1)
+    assert cfg.plan_shrink(3, 300, 8, dtype)[1] == 1
+    _, unsplit = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.5, SEED)
+    keep = tl_lora.dropout_mask((3, 300), 0.5, SEED, "cpu")
+    ref = (x.double() * keep / 0.5) @ a.double().t()
+    peer = (x * keep.to(dtype) / 0.5) @ a.t()
+    assert_close_to_ref(h1, ref, peer, what="split h")
+    assert_close_to_ref(unsplit, ref, peer, what="unsplit h")
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Every LoRA kernel launch is recorded (kernel name, grid) instead of run."""
+    launches = []
+    for name in ("_lora_shrink_kernel", "_lora_fused_gemm_kernel", "_lora_reduce_kernel", "_lora_split_sum_kernel"):
+        monkeypatch.setattr(tl_lora, name, _GridRecorder(getattr(tl_lora, name), launches))
+    return launches
+
+
+class _GridRecorder:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel.__name__, tuple(grid)))
+
+
+def _count_backward_launches(launches, m, k, n, r, dtype, need=(True, True, True)):
+    launches.clear()
+    def zeros(*shape):  # no memory: nothing runs
+        return torch.zeros((1, 1), dtype=dtype).expand(*shape)
+
+    x, dy, w, a, bb, h = zeros(m, k), zeros(m, n), zeros(n, k), zeros(r, k), zeros(n, r), zeros(m, r)
+    tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, 0.1, SEED, *need)
+    return [name for name, _ in launches]
+
+
+@pytest.mark.parametrize("m", [1, 16, 512, 1024, 1500, 2048, 4096, 8192])
+@pytest.mark.parametrize("kn", [(1024, 1024), (4096, 4096), (4096, 14336)], ids=lambda kn: "K{}N{}".format(*kn))
+def test_backward_takes_at_most_five_launches(recorded_launches, m, kn):
+    """dB, dh (+ the sum of its splits), dA, one sum of the dA/dB splits, dx: the reductions do not split when the
+    shrink does, so at most one summing launch joins the four kernels. (Launches recorded, nothing runs.)"""
+    for r in (8, 128):
+        for dtype in (torch.float32, torch.bfloat16):
+            names = _count_backward_launches(recorded_launches, m, *kn, r, dtype)
+            assert len(names) <= 5, (r, dtype, names)
+            assert names.count("_lora_split_sum_kernel") <= 1, (r, dtype, names)
+            assert names.count("_lora_reduce_kernel") == 2 and names.count("_lora_fused_gemm_kernel") == 1
+
+
+def test_both_reductions_split_in_one_summing_launch(recorded_launches):
+    names = _count_backward_launches(recorded_launches, 4096, 1024, 1024, 16, torch.float16)
+    assert names == ["_lora_reduce_kernel", "_lora_shrink_kernel", "_lora_reduce_kernel", "_lora_split_sum_kernel",
+                     "_lora_fused_gemm_kernel"]
+
+
 @pytest.mark.parametrize("need", [(dx, da, db) for dx in (0, 1) for da in (0, 1) for db in (0, 1)],
                          ids=lambda n: "dx{}dA{}dB{}".format(*n))
 def test_only_requested_gradients(need):
