@@ -11,17 +11,21 @@ Layout (``docs/architecture.md``, "NF4"): row ``n`` of the weight is
 nibble and ``2j + 1`` in its low nibble, so a byte tile pairs with the even
 and the odd columns of x, and nothing is ever interleaved.
 
-How the work is laid out (the static facts are in the launcher's docstring):
+How the work is laid out (SASS facts and counts: ``fastpeft.kernels.nf4_gemv``):
 
-- a program owns ``BLOCK_N`` weight rows and ``BLOCK_M`` token rows and walks
-  the whole row, ``BLOCK_KB`` bytes per trip; a thread reads 16 consecutive
-  bytes of a row (one 128-bit load) and neighbouring threads read
-  neighbouring 16-byte chunks;
-- the 16 code values are gathered from a register tensor (``tl.gather``), not
-  re-read from global memory per element;
-- the products accumulate in a ``[BLOCK_M, BLOCK_N, BLOCK_KB]`` register
-  tile through the loop and are summed over K once, after it (no shuffles
-  or barriers inside the loop).
+- a program owns ``BLOCK_N`` weight rows and ``BLOCK_M`` (1 or 2) token rows
+  and walks the whole rows, ``BLOCK_KB`` bytes per row per trip; a thread
+  owns a 16-byte chunk of a row (one 128-bit load; neighbouring threads read
+  neighbouring chunks) and, per token, the 16 x words (x[2j], x[2j + 1])
+  that meet it, read as one int32 (fp16/bf16) or int64 (fp32) each;
+- the absmax is read once per chunk when a chunk lies in one quantization
+  block (``BLOCKSIZE % 32 == 0``), per byte otherwise;
+- the 16 code values live in registers and are looked up with one
+  ``tl.gather`` per trip (Triton stages the 16-entry table in shared memory:
+  one LDS per weight, two barriers per trip), not re-read from global memory
+  per element;
+- products accumulate per element in registers shaped like the byte tile and
+  are summed over K once, after the loop (no shuffles inside it).
 """
 from __future__ import annotations
 
@@ -58,17 +62,19 @@ def _x_pair(x_pairs, dtype: tl.constexpr):
 
 
 @triton.jit
-def _token_chunk_dot(xp_ptr, row, stride_xpm, byte, mask, w_even, w_odd, dtype: tl.constexpr):
-    """Per 16-byte chunk: ``sum_v x[row, 2v] w_even[v] + x[row, 2v + 1] w_odd[v]`` (the sum stays in a thread)."""
+def _token_fma(acc, xp_ptr, row, stride_xpm, byte, mask, w_even, w_odd, dtype: tl.constexpr):
+    """``acc + x[row, 2v] w_even + x[row, 2v + 1] w_odd`` over a tile of bytes ``v`` (two FFMAs per byte)."""
     x_words = tl.load(xp_ptr + row.to(tl.int64) * stride_xpm + byte, mask=mask, other=0)
     x_even, x_odd = _x_pair(x_words, dtype)
-    return tl.sum(x_even * w_even + x_odd * w_odd, axis=2)
+    acc += x_even * w_even
+    acc += x_odd * w_odd
+    return acc
 
 
 @triton.jit
 def _token_row(acc, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
-    """``[1, BLOCK_N * CHUNKS]`` chunk sums -> ``[BLOCK_N]`` row sums (after the loop, once)."""
-    return tl.sum(tl.reshape(acc, (BLOCK_N, CHUNKS)), axis=1)
+    """``[1, BLOCK_N * CHUNKS, VEC]`` partial sums -> ``[BLOCK_N]`` row sums (after the loop, once)."""
+    return tl.sum(tl.reshape(tl.sum(acc, axis=2), (BLOCK_N, CHUNKS)), axis=1)
 
 
 @triton.jit
@@ -111,10 +117,10 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     v3 = tl.arange(0, VEC)[None, None, :]
     n_ok = (r_row < N)[None, :, None]
     blocks_per_row = K // BLOCKSIZE
-    # One accumulator per token row (BLOCK_M <= 2: more spills on sm_90 at fp16), each [1, chunk rows]: the x words of a token are loaded
-    # in the layout of the weight bytes, so no tile changes layout inside the loop.
-    acc0 = tl.zeros((1, BLOCK_N * CHUNKS), dtype=tl.float32)
-    acc1 = tl.zeros((1, BLOCK_N * CHUNKS), dtype=tl.float32)
+    # One accumulator per token row (BLOCK_M <= 2), shaped like the byte tile: the x words of a token are
+    # loaded in the layout of the weight bytes, so no tile changes layout inside the loop.
+    acc0 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
+    acc1 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
     for b0 in range(0, row_bytes, BLOCK_KB):
         chunk = b0 + c3
         w_mask = n_ok & (chunk < row_bytes)
@@ -129,9 +135,9 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
         # bitsandbytes' dequantization: fp32(code * absmax), rounded to x's dtype before the product
         w_even = (code_even * scale).to(dtype).to(tl.float32)
         w_odd = (code_odd * scale).to(dtype).to(tl.float32)
-        acc0 += _token_chunk_dot(xp_ptr, m0, stride_xpm, byte, w_mask & (m0 < M), w_even, w_odd, dtype)
+        acc0 = _token_fma(acc0, xp_ptr, m0, stride_xpm, byte, w_mask & (m0 < M), w_even, w_odd, dtype)
         if BLOCK_M > 1:
-            acc1 += _token_chunk_dot(xp_ptr, m0 + 1, stride_xpm, byte, w_mask & (m0 + 1 < M), w_even, w_odd, dtype)
+            acc1 = _token_fma(acc1, xp_ptr, m0 + 1, stride_xpm, byte, w_mask & (m0 + 1 < M), w_even, w_odd, dtype)
     # LoRA and bias as one [BLOCK_M, BLOCK_N] term, added to each token row when it is stored.
     extra = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:

@@ -1,0 +1,38 @@
+"""The ahead-of-time gate for the NF4 decode GEMV (fastpeft.kernels.nf4_gemv), sm_80 and sm_90, no GPU needed.
+
+Uses the session's one kernel report (tests/tools/conftest.py); the gate
+itself (no spills, registers, shared memory, headline grids) is
+tests/tools/test_kernel_report.py. Here: every dtype x token-row config x
+flag x blocksize is compiled for both arches, the weight bytes arrive in
+128-bit loads, and registers allow at least 4 CTAs per SM (the decode grid
+is N / 4 programs, 1024 at N = 4096: 4 waves' worth of CTAs on 132 SMs only
+help if 4 fit at once). No variant is a GEMM: the products run on FMA units.
+"""
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARCHES = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def gemv_rows(report_rows):
+    return [r for r in report_rows if r.module == "fastpeft.kernels.nf4_gemv"]
+
+
+def test_every_gemv_variant_is_compiled_for_every_arch(gemv_rows):
+    names = {r.name for r in gemv_rows}
+    # 3 dtypes x 2 token-row configs x (plain, bias + LoRA) x 2 blocksizes
+    assert len(names) == 24, sorted(names)
+    assert sorted((r.name, r.arch) for r in gemv_rows) == sorted((n, a) for n in names for a in ARCHES)
+    for dtype in ("fp32", "fp16", "bf16"):
+        for m in ("m1", "m2"):
+            assert any(n.startswith(f"nf4_gemv[{dtype},{m},") for n in names), (dtype, m)
+
+
+def test_gemv_loads_weight_bytes_128_bits_wide_and_fits_4_ctas_per_sm(gemv_rows):
+    for r in gemv_rows:
+        assert not r.is_gemm, r.name
+        assert r.load_bits == 128, (r.name, r.arch, r.load_bits)
+        assert r.spills == 0, (r.name, r.arch)
+        assert r.ctas_per_sm >= 4, (r.name, r.arch, r.registers, r.shared_bytes)
