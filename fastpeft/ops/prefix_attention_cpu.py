@@ -58,6 +58,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _native
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -72,6 +74,86 @@ def _scale(scale: Optional[float], d: int) -> float:
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- native kernel
+DIRECT_MAX_QUERY_ROWS = 16  # at most this many query positions: one C++ pass over [prefix; sequence]
+NATIVE_DTYPES = (torch.float32, torch.float64)
+_native_ops: list = []  # [(forward, backward)] once resolved, [None] when the extension cannot be built
+
+
+def _direct_ops(dtype: torch.dtype):
+    """The C++ kernels (csrc/cpu/prefix_attention.cpp) for fp32/fp64, or None (half dtypes, no compiler)."""
+    if dtype not in NATIVE_DTYPES:
+        return None
+    if not _native_ops:
+        try:
+            _native_ops.append((_native.op("prefix_attention_direct_forward"),
+                                _native.op("prefix_attention_direct_backward")))
+        except RuntimeError:
+            _native_ops.append(None)
+    return _native_ops[0]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with stride 1 in its last dimension (what the C++ kernel reads; HF's layouts already are)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _native_prefix(q: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], hkv: int):
+    if prefix_k is None:
+        empty = q.new_empty((1, hkv, 0, q.shape[-1]))
+        return empty, empty
+    return _rows(prefix_k), _rows(prefix_v)
+
+
+def _native_forward(ops, q, k, v, prefix_k, prefix_v, mask, causal, sm_scale):
+    """Decode and short blocks: the whole attention in one C++ call. Longer: torch's flash kernel for the
+    sequence, then one C++ pass over the prefix that merges into its output (the online-softmax update
+    started from the flash partial's output and LSE)."""
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    pk, pv = _native_prefix(q, prefix_k, prefix_v, k.shape[1])
+    mask = None if mask is None else mask.contiguous()
+    if sq <= DIRECT_MAX_QUERY_ROWS or skv == 0:
+        return ops[0](_rows(q), _rows(k), _rows(v), pk, pv, mask, causal, sm_scale, True, None, None)
+    out_s, lse_s = _sequence_partial(q, k, v, mask, causal, sm_scale)
+    if pk.shape[2] == 0:
+        return out_s, lse_s.to(q.dtype)
+    no_keys = q.new_empty((b, k.shape[1], 0, d))
+    return ops[0](_rows(q), no_keys, no_keys, pk, pv, None, causal, sm_scale, False, _rows(out_s),
+                  lse_s.to(q.dtype))
+
+
+def _native_backward(ops, dout, q, k, v, prefix_k, prefix_v, mask, out, lse, causal, sm_scale, need_q, need_kv,
+                     need_prefix):
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    pk, pv = _native_prefix(q, prefix_k, prefix_v, k.shape[1])
+    need_prefix = need_prefix and pk.shape[2] > 0
+    mask = None if mask is None else mask.contiguous()
+    dout, out, lse = _rows(dout), _rows(out), lse.to(q.dtype)
+    dk = dv = None
+    if sq <= DIRECT_MAX_QUERY_ROWS or skv == 0:
+        dq, dk, dv, dpk, dpv = ops[1](dout, _rows(q), _rows(k), _rows(v), pk, pv, mask, out, lse, causal, sm_scale,
+                                      True, need_q, need_kv and skv > 0, need_prefix)
+    else:
+        no_keys = q.new_empty((b, k.shape[1], 0, d))
+        dq, _, _, dpk, dpv = ops[1](dout, _rows(q), no_keys, no_keys, pk, pv, None, out, lse, causal, sm_scale, False,
+                                    need_q, False, need_prefix)
+        if need_q or need_kv:
+            plan = _SequencePlan(q, k, mask, causal)
+            gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out, lse.masked_fill(lse == -math.inf, 0.0), 0.0,
+                                         plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
+            if need_q:
+                dq = gq if dq is None else dq.add_(gq)
+            dk, dv = gk, gv
+    if need_kv and dk is None:
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if need_prefix:
+        dpk, dpv = _prefix_grad(dpk, prefix_k), _prefix_grad(dpv, prefix_v)
+    return (dq if need_q else None, dk if need_kv else None, dv if need_kv else None,
+            dpk if need_prefix else None, dpv if need_prefix else None)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -131,21 +213,34 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
     lse_dtype = _lse_dtype(q.dtype)
     if q.numel() == 0:
         return torch.empty_like(q), torch.full((b, hq, sq), -math.inf, dtype=lse_dtype, device=q.device)
+    ops = _direct_ops(q.dtype)
+    if ops is not None:
+        return _native_forward(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, sm_scale)
 
     partials = []
     if prefix_k is not None and prefix_k.shape[2] > 0:
         partials.append(_prefix_partial(q, prefix_k, prefix_v, sm_scale))
     if skv > 0:
-        plan = _SequencePlan(q, k, key_padding_mask, causal)
-        out_s, lse_s = _flash(q, k, v, is_causal=plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
-        empty = _empty_rows(key_padding_mask, causal, b, sq, skv, q.device)
-        if empty is not None:  # the flash kernel reports LSE 0 for a row without keys
-            lse_s = lse_s.masked_fill(empty, -math.inf)
-        partials.append((out_s, lse_s))
+        partials.append(_sequence_partial(q, k, v, key_padding_mask, causal, sm_scale))
     if not partials:
         return torch.zeros_like(q), torch.full((b, hq, sq), -math.inf, dtype=lse_dtype, device=q.device)
     out, lse = _merge(partials, q.dtype)
     return out, lse.to(lse_dtype)
+
+
+def _sequence_partial(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                      sm_scale: float) -> tuple[Tensor, Tensor]:
+    """Attention over the sequence keys alone: torch's flash kernel, LSE -inf for rows without a key.
+
+    The aten kernel reads garbage when head_dim is not the fastest axis (SDPA's wrapper copies first): such
+    inputs are copied here too."""
+    b, sq, skv = q.shape[0], q.shape[2], k.shape[2]
+    plan = _SequencePlan(q, k, mask, causal)
+    out_s, lse_s = _flash(_rows(q), _rows(k), _rows(v), is_causal=plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
+    empty = _empty_rows(mask, causal, b, sq, skv, q.device)
+    if empty is not None:  # the flash kernel reports LSE 0 for a row without keys
+        lse_s = lse_s.masked_fill(empty, -math.inf)
+    return out_s, lse_s
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -221,6 +316,10 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
     has_prefix = prefix_k is not None and prefix_k.shape[2] > 0
     need_prefix = need_prefix and has_prefix
     sm_scale = _scale(scale, d)
+    ops = _direct_ops(q.dtype)
+    if ops is not None and q.numel() > 0:
+        return _native_backward(ops, dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal,
+                                sm_scale, need_q, need_kv, need_prefix)
     dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device) \
         if need_q else None
     dk = dv = dpk = dpv = None
@@ -236,7 +335,7 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
             dpk, dpv = _prefix_grad(gk, prefix_k), _prefix_grad(gv, prefix_v)
     if skv > 0 and (need_q or need_kv) and sq > 0:
         plan = _SequencePlan(q, k, key_padding_mask, causal)
-        gq, gk, gv = _flash_backward(dout, q, k, v, out, lse_flash, 0.0, plan.is_causal, attn_mask=plan.attn_mask,
+        gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out, lse_flash, 0.0, plan.is_causal, attn_mask=plan.attn_mask,
                                      scale=sm_scale)
         if need_q:
             dq += gq
