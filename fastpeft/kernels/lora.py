@@ -4,18 +4,25 @@ Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.lora`` validates
 inputs and calls ``lora_forward`` / ``lora_backward`` / ``dropout_mask`` here
 or in ``fastpeft.ops.lora_cpu``, which has the same functions.
 
-Forward (two launches, after LoRAFusion):
-  1. shrink: ``h = (keep ∘ x) Aᵀ / (1-p)`` ``[M, r]`` in x's dtype (fp32 accumulate; saved for backward);
+Forward (two launches, after LoRAFusion; three when the shrink is split):
+  1. shrink: ``h = (keep ∘ x) Aᵀ / (1-p)`` ``[M, r]`` in x's dtype (fp32 accumulate; saved for backward).
+     Few rows (M below ~2000) leave SMs idle, so K is split (``_lora_configs.plan_shrink``): fp32 partials
+     ``[splits, M, r]``, added in a fixed order by one more launch (deterministic, no atomics);
   2. fused GEMM: the accumulator starts as ``s · h Bᵀ`` (scaled in fp32), then
      accumulates ``x Wᵀ``, adds the bias and stores ``y`` once.
-Backward (each launch only when its output is needed):
-  - shrink over dy: ``dh = dy B`` (in dy's dtype, needed by dx and dA);
+Backward (each launch only when its output is needed; at most five):
+  - shrink over dy: ``dh = dy B`` (in dy's dtype, needed by dx and dA), split over N as in the forward;
   - reduce over M: ``dB = s · dyᵀ h`` and ``dA = s/(1-p) · dhᵀ (keep ∘ x)``,
-    one program per output tile and row range (several ranges for long M, so
-    the grid fills the GPU); the fp32 partials of the ranges are summed by
-    torch in a fixed order and cast: deterministic, no atomics;
+    one program per output tile and row range (several ranges for long M and
+    few columns, so the grid fills the GPU; never when the dh shrink is
+    split); the fp32 partials of both reductions are summed by one launch in
+    a fixed order: deterministic, no atomics;
   - fused GEMM: ``dx = dy W`` with ``s/(1-p) · drop'(dh A)`` as the
     accumulator's initial value.
+Every launch at the benchmark's shapes has at least one program per SM of an
+H100 (132): the plans in ``_lora_configs`` pick tiles and splits for that,
+and the kernel report's grid gate checks it (``aot_launches``' headline
+launches).
 No gradient of W is ever computed here.
 
 ``lora_forward_with_base`` / ``lora_backward_with_base`` are that

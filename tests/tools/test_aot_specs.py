@@ -127,7 +127,7 @@ def test_every_launch_has_a_spec(coverage, module):
 def test_every_lora_and_nf4_kernel_was_launched(coverage):
     kernels = {k for m in ("lora", "nf4") for k in coverage["per_module"][f"fastpeft.kernels.{m}"]["kernels"]}
     assert kernels == {"_dropout_keep_kernel", "_lora_fused_gemm_kernel", "_lora_reduce_kernel", "_lora_shrink_kernel",
-                       "_nf4_dequant_kernel", "_nf4_gemv_kernel", "_nf4_matmul_kernel", "_nf4_matmul_t_kernel"}
+                       "_lora_split_sum_kernel", "_nf4_dequant_kernel", "_nf4_gemv_kernel", "_nf4_matmul_kernel", "_nf4_matmul_t_kernel"}
 
 
 def test_spec_names_are_unique(coverage):
