@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LaunchConfig
+from ._common import LaunchConfig, cdiv
 
 # Rank chunk: the rank r is processed in chunks of this many columns. r <= 16
 # takes one 16-wide chunk (16 is the smallest tensor-core K), larger r 64-wide
@@ -101,10 +101,6 @@ def reduce_configs(dtype: torch.dtype) -> tuple[LaunchConfig, ...]:
     return _REDUCE_HALF if _is_half(dtype) else _REDUCE_FP32
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def narrow_gemm_config(dtype: torch.dtype) -> LaunchConfig:
     return _GEMM_NARROW_HALF if _is_half(dtype) else _GEMM_NARROW_FP32
 
@@ -115,20 +111,20 @@ def pick_gemm(m: int, n: int, dtype: torch.dtype, dropout: bool = False) -> Laun
     configs = gemm_configs(dtype, dropout)
     cover = next((i for i, c in enumerate(configs) if m <= c.block_m), len(configs) - 1)
     for config in (*reversed(configs[:cover + 1]), narrow_gemm_config(dtype)):
-        if _cdiv(m, config.block_m) * _cdiv(n, config.block_n) >= FILL_PROGRAMS:
+        if cdiv(m, config.block_m) * cdiv(n, config.block_n) >= FILL_PROGRAMS:
             return config
     return configs[cover]
 
 
-def plan_splits(tiles: int, steps: int, min_steps: int = 1) -> tuple[int, int]:
+def plan_splits(tiles: int, steps: int) -> tuple[int, int]:
     """``(splits, steps per split)`` of a loop of ``steps`` steps run by ``tiles`` programs: no split when the
-    tiles fill the GPU, else the fewest splits that give ``FILL_PROGRAMS`` programs, each keeping at least
-    ``min_steps`` steps (fewer splits when the loop is too short)."""
-    if tiles >= FILL_PROGRAMS or steps <= min_steps:
+    tiles fill the GPU, else the fewest splits that give ``FILL_PROGRAMS`` programs (rounding the steps per
+    split down, so never fewer), or one step per split when the loop is too short for that."""
+    if tiles >= FILL_PROGRAMS or steps <= 1:
         return 1, max(steps, 1)
-    wanted = min(_cdiv(FILL_PROGRAMS, tiles), steps // min_steps)
-    per_split = max(steps // wanted, min_steps)
-    return _cdiv(steps, per_split), per_split
+    wanted = min(cdiv(FILL_PROGRAMS, tiles), steps)
+    per_split = steps // wanted
+    return cdiv(steps, per_split), per_split
 
 
 def plan_shrink(m: int, length: int, r: int, dtype: torch.dtype) -> tuple[LaunchConfig, int, int]:
@@ -140,16 +136,16 @@ def plan_shrink(m: int, length: int, r: int, dtype: torch.dtype) -> tuple[Launch
     the most programs (small problems).
     """
     configs = shrink_configs(dtype)
-    ranks = _cdiv(r, rank_block(r))
+    ranks = cdiv(r, rank_block(r))
     for config in configs:
-        if _cdiv(m, config.block_m) * ranks >= FILL_PROGRAMS:
-            return config, 1, _cdiv(length, config.block_k) * config.block_k
+        if cdiv(m, config.block_m) * ranks >= FILL_PROGRAMS:
+            return config, 1, cdiv(length, config.block_k) * config.block_k
     if m <= configs[1].block_m:
         configs = configs[1:]
     best = None
     for config in configs:
-        tiles = _cdiv(m, config.block_m) * ranks
-        splits, per_split = plan_splits(tiles, _cdiv(length, config.block_k))
+        tiles = cdiv(m, config.block_m) * ranks
+        splits, per_split = plan_splits(tiles, cdiv(length, config.block_k))
         plan = (config, splits, per_split * config.block_k)
         if tiles * splits >= FILL_PROGRAMS:
             return plan
@@ -168,16 +164,16 @@ def plan_reduce(m: int, p_len: int, r: int, dtype: torch.dtype, may_split: bool 
     launch; only when ``may_split``). Small problems: the 64-column plan.
     """
     wide, narrow = reduce_configs(dtype)
-    ranks = _cdiv(r, rank_block(r))
-    tiles = _cdiv(p_len, wide.block_m) * ranks
-    rows = _cdiv(max(m, 1), wide.block_k) * wide.block_k
-    if tiles < FILL_PROGRAMS and _cdiv(p_len, narrow.block_m) * ranks >= FILL_PROGRAMS:
-        return narrow, 1, _cdiv(max(m, 1), narrow.block_k) * narrow.block_k
+    ranks = cdiv(r, rank_block(r))
+    tiles = cdiv(p_len, wide.block_m) * ranks
+    rows = cdiv(max(m, 1), wide.block_k) * wide.block_k
+    if tiles < FILL_PROGRAMS and cdiv(p_len, narrow.block_m) * ranks >= FILL_PROGRAMS:
+        return narrow, 1, cdiv(max(m, 1), narrow.block_k) * narrow.block_k
     if tiles >= FILL_PROGRAMS or not may_split:
         return wide, 1, rows
     splits = max(1, min(REDUCE_TARGET_PROGRAMS // max(tiles, 1), m // REDUCE_MIN_SPLIT_ROWS))
-    rows_per_split = _cdiv(_cdiv(m, splits), wide.block_k) * wide.block_k
-    return wide, _cdiv(m, rows_per_split), rows_per_split
+    rows_per_split = cdiv(cdiv(m, splits), wide.block_k) * wide.block_k
+    return wide, cdiv(m, rows_per_split), rows_per_split
 
 
 def rank_block(r: int) -> int:

@@ -164,6 +164,20 @@ def test_split_k_shrink_matches_float64(dtype, m, p):
     check_all(m, k, n, 8, dtype, True, p)
 
 
+def test_split_plans_cover_the_loop_and_fill_the_gpu():
+    """Every step in exactly one split (none empty); FILL_PROGRAMS programs whenever the loop is long enough."""
+    for tiles in (1, 2, 3, 7, 64, 131, 132, 500):
+        for steps in (1, 2, 5, 64, 131, 132, 133, 256, 896):
+            splits, per_split = cfg.plan_splits(tiles, steps)
+            assert (splits - 1) * per_split < steps <= splits * per_split
+            if tiles >= cfg.FILL_PROGRAMS:
+                assert splits == 1
+            elif tiles * steps >= cfg.FILL_PROGRAMS:
+                assert tiles * splits >= cfg.FILL_PROGRAMS
+            else:
+                assert splits == steps
+
+
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
 def test_split_k_shrink_non_contiguous(layout):
     assert cfg.plan_shrink(2, 150, 8, torch.float16)[1] > 1
