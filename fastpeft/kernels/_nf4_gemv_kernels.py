@@ -93,8 +93,8 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
                      stride_hm, stride_hr, stride_lbn, stride_lbr, lora_scale,
                      BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KB: tl.constexpr, VEC: tl.constexpr):
-    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2)
+                     BLOCK_KB: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr):
+    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4)
     # Program ids: the token groups of one row tile are neighbours, so they share its bytes in L2.
     pid = tl.program_id(0)
     m_groups = tl.cdiv(M, BLOCK_M)
@@ -112,18 +112,22 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     CHUNKS: tl.constexpr = BLOCK_KB // VEC
     offs_r = tl.arange(0, BLOCK_N * CHUNKS)
     r_row = pid_n * BLOCK_N + offs_r // CHUNKS
-    n3 = r_row.to(tl.int64)[None, :, None]
     c3 = (offs_r % CHUNKS)[None, :, None] * VEC
     v3 = tl.arange(0, VEC)[None, None, :]
-    n_ok = (r_row < N)[None, :, None]
+    # Rows past N and tokens past M read row N - 1 / token M - 1 (real memory) and are never stored, so
+    # only a ragged last K step (EVEN_K False) needs masked loads.
+    n3 = tl.minimum(r_row, N - 1).to(tl.int64)[None, :, None]
     blocks_per_row = K // BLOCKSIZE
     # One accumulator per token row (BLOCK_M <= 2), shaped like the byte tile: the x words of a token are
     # loaded in the layout of the weight bytes, so no tile changes layout inside the loop.
     acc0 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
     acc1 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
+    acc2 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
+    acc3 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
     for b0 in range(0, row_bytes, BLOCK_KB):
         chunk = b0 + c3
-        w_mask = n_ok & (chunk < row_bytes)
+        # EVEN_K: an always-true mask, which Triton folds away
+        w_mask = (chunk < row_bytes) | EVEN_K
         byte = chunk + v3
         packed = tl.load(packed_ptr + n3 * row_bytes + byte, mask=w_mask, other=0).to(tl.int32)
         if BLOCKSIZE % (2 * VEC) == 0:
@@ -135,9 +139,12 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
         # bitsandbytes' dequantization: fp32(code * absmax), rounded to x's dtype before the product
         w_even = (code_even * scale).to(dtype).to(tl.float32)
         w_odd = (code_odd * scale).to(dtype).to(tl.float32)
-        acc0 = _token_fma(acc0, xp_ptr, m0, stride_xpm, byte, w_mask & (m0 < M), w_even, w_odd, dtype)
+        acc0 = _token_fma(acc0, xp_ptr, tl.minimum(m0, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
         if BLOCK_M > 1:
-            acc1 = _token_fma(acc1, xp_ptr, m0 + 1, stride_xpm, byte, w_mask & (m0 + 1 < M), w_even, w_odd, dtype)
+            acc1 = _token_fma(acc1, xp_ptr, tl.minimum(m0 + 1, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
+        if BLOCK_M > 2:
+            acc2 = _token_fma(acc2, xp_ptr, tl.minimum(m0 + 2, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
+            acc3 = _token_fma(acc3, xp_ptr, tl.minimum(m0 + 3, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
     # LoRA and bias as one [BLOCK_M, BLOCK_N] term, added to each token row when it is stored.
     extra = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
@@ -158,3 +165,8 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     if BLOCK_M > 1:
         _store_token(y_ptr, m0 + 1, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc1, BLOCK_N, CHUNKS),
                      extra, 1, BLOCK_M)
+    if BLOCK_M > 2:
+        _store_token(y_ptr, m0 + 2, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc2, BLOCK_N, CHUNKS),
+                     extra, 2, BLOCK_M)
+        _store_token(y_ptr, m0 + 3, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc3, BLOCK_N, CHUNKS),
+                     extra, 3, BLOCK_M)

@@ -38,19 +38,29 @@ GEMV_MAX_M = 16
 # Rank chunk of the LoRA term (as fastpeft.kernels.nf4).
 LORA_RANK_BLOCK = 16
 
-# By token rows: block_m (token rows per program), block_n (weight rows per program), block_k (here: BYTES
-# per row per trip; 16 per thread along K).
+# block_m: token rows per program; block_n: weight rows per program (one warp each); block_k: BYTES per row
+# per trip (16 per thread). Four token rows need 128 registers (sm_90, fp32 and bf16: 4 CTAs per SM); fp16
+# needs 168 there (its x words take one conversion per element), so fp16 stops at two, and so does a ragged
+# K (K / 2 not a multiple of block_k: the masked loads cost registers; bf16 spilled on sm_80).
 _CONFIGS = {
     1: LaunchConfig("gemv_m1", 1, 4, 512, 4, 1),
     2: LaunchConfig("gemv_m2", 2, 4, 512, 4, 1),
+    4: LaunchConfig("gemv_m4", 4, 4, 512, 4, 1),
 }
+_MAX_BLOCK_M = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 2}
 
 
-def gemv_config(m: int) -> LaunchConfig:
-    """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``)."""
+def gemv_config(m: int, dtype: torch.dtype, k: int) -> LaunchConfig:
+    """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``) of ``dtype`` and ``k`` input features."""
     if not 1 <= m <= GEMV_MAX_M:
         raise ValueError(f"nf4_gemv takes 1 to {GEMV_MAX_M} token rows, got {m}")
-    return _CONFIGS[min(triton.next_power_of_2(m), max(_CONFIGS))]
+    largest = _MAX_BLOCK_M[dtype] if _even_k(k, _CONFIGS[4]) else 2
+    return _CONFIGS[min(triton.next_power_of_2(m), largest)]
+
+
+def _even_k(k: int, cfg: LaunchConfig) -> bool:
+    """Whether every trip reads whole ``block_k``-byte steps of a row (no masked loads)."""
+    return (k // 2) % cfg.block_k == 0
 
 
 def _check_layout(x2d, packed, absmax, code, n: int, k: int, blocksize: int) -> None:
@@ -95,7 +105,7 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     packed = packed.reshape(-1)
     _check_layout(x2d, packed, absmax, code, n, k, blocksize)
     m = x2d.shape[0]
-    cfg = gemv_config(m)
+    cfg = gemv_config(m, x2d.dtype, k)
     if out is None:
         out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     elif tuple(out.shape) != (m, n) or out.dtype != x2d.dtype or out.device != x2d.device:
@@ -120,14 +130,15 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                            h.stride(0), h.stride(1), lb.stride(0), lb.stride(1), float(lora_scale),
                            BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
                            BLOCK_R=LORA_RANK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_KB=cfg.block_k, VEC=16, **cfg.launch_options())
+                           BLOCK_KB=cfg.block_k, VEC=16,
+                           EVEN_K=_even_k(k, cfg), **cfg.launch_options())
     return out
 
 
 # --------------------------------------------------------------------------- AOT report
-AOT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
+AOT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K) of a 7-8B model's decode GEMVs
 AOT_TOKENS = (1, 2, 4, 8, 16)
-AOT_BLOCKSIZES = (64, 128)
+AOT_RAGGED_K = 4160  # K / 2 not a multiple of the 512-byte step: the masked last step (EVEN_K False)
 
 
 def _aot_weight(n: int, k: int, blocksize: int):
@@ -136,18 +147,22 @@ def _aot_weight(n: int, k: int, blocksize: int):
 
 
 def aot_launches() -> None:
-    """Every dtype, token-count config, bias/LoRA flag, at the decode shapes of a 7-8B model."""
-    for n, k in AOT_SHAPES:
-        for blocksize in AOT_BLOCKSIZES:
-            weight = _aot_weight(n, k, blocksize)
-            for dtype, t in TRITON_DTYPE.items():
-                for m in AOT_TOKENS:
-                    x = torch.empty((m, k), dtype=dtype)
-                    with launch_label(f"{t},m{m},n{n},k{k},b{blocksize}", False, headline=n == k == 4096):
-                        nf4_gemv(x, *weight, n, k, blocksize)
-                        h, lb = torch.empty((m, 16), dtype=dtype), torch.empty((n, 16), dtype=dtype)
-                        nf4_gemv(x, *weight, n, k, blocksize, bias=torch.empty(n, dtype=dtype), lora_h=h,
-                                 lora_B=lb, lora_scale=2.0)
+    """Every dtype and token-row config; bias + LoRA at blocksize 64; blocksize 128 and a ragged K plain."""
+    launches = [(n, k, 64, flags) for n, k in AOT_SHAPES for flags in (False, True)]
+    launches += [(n, k, 128, False) for n, k in AOT_SHAPES] + [(4096, AOT_RAGGED_K, 64, False)]
+    for n, k, blocksize, flags in launches:
+        weight = _aot_weight(n, k, blocksize)
+        for dtype, t in TRITON_DTYPE.items():
+            extra = {}
+            if flags:
+                extra = dict(bias=torch.empty(n, dtype=dtype), lora_B=torch.empty((n, 16), dtype=dtype),
+                             lora_scale=2.0)
+            for m in AOT_TOKENS:
+                if flags:
+                    extra["lora_h"] = torch.empty((m, 16), dtype=dtype)
+                label = f"{t},m{m},n{n},k{k},b{blocksize}" + (",bias,lora" if flags else "")
+                with launch_label(label, False, headline=n == k == 4096):
+                    nf4_gemv(torch.empty((m, k), dtype=dtype), *weight, n, k, blocksize, **extra)
 
 
 def aot_specs():

@@ -80,7 +80,7 @@ def poisoned(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,blocksize", [(37, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48)])
+@pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48)])
 def test_dequantized_weight_is_bit_exact(dtype, n, k, blocksize):
     gen = torch.Generator().manual_seed(n * k + blocksize)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
@@ -144,8 +144,9 @@ def test_matches_float64_reference_with_bias_and_lora(dtype, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_plain_product_and_lora_over_several_rank_chunks(dtype):
-    n, k, blocksize, m, r = 11, 384, 128, 4, 20  # r = 20: two 16-wide rank chunks
+@pytest.mark.parametrize("k,m", [(384, 4), (1024, 3), (2048, 16)])  # k = 1024, 2048: whole 512-byte steps only
+def test_plain_product_and_lora_over_several_rank_chunks(dtype, k, m):
+    n, blocksize, r = 11, 128, 20  # r = 20: two 16-wide rank chunks
     gen = torch.Generator().manual_seed(7)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
     w32 = dequant_fp32(packed, absmax, n, k, blocksize)
@@ -154,9 +155,11 @@ def test_plain_product_and_lora_over_several_rank_chunks(dtype):
     assert_close_to_ref(G.nf4_gemv(x, packed, absmax, code, n, k, blocksize), ref, torch_out)
     h = torch.randn(m, r, generator=gen).to(dtype)
     lora_b = torch.randn(n, r, generator=gen).to(dtype)
-    ref, torch_out = reference(x, w32, dtype, None, h, lora_b, 2.0)
-    assert_close_to_ref(G.nf4_gemv(x, packed, absmax, code, n, k, blocksize, lora_h=h, lora_B=lora_b, lora_scale=2.0),
-                        ref, torch_out)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    ref, torch_out = reference(x, w32, dtype, bias, h, lora_b, 2.0)
+    y = G.nf4_gemv(x, packed, absmax, code, n, k, blocksize, bias=bias, lora_h=h, lora_B=lora_b, lora_scale=2.0,
+                   out=poisoned((m, n), dtype))
+    assert_close_to_ref(y, ref, torch_out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -196,9 +199,11 @@ def test_bad_arguments_raise_before_launching():
         G.nf4_gemv(x, packed, absmax, code, n, k, blocksize, bias=torch.randn(n + 1))
 
 
-def test_every_token_count_has_a_config_and_enough_programs():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_token_count_has_a_config_and_enough_programs(dtype):
     for m in range(1, G.GEMV_MAX_M + 1):
-        cfg = G.gemv_config(m)
-        assert cfg.block_m in (1, 2) and cfg.block_m <= max(m, 1) * 2
-        # N = 4096: at least 4 programs per SM on 132 SMs
-        assert (4096 // cfg.block_n) * -(-m // cfg.block_m) >= 4 * 132
+        for k in (4096, 4160):  # whole 512-byte steps; a ragged last step
+            cfg = G.gemv_config(m, dtype, k)
+            assert 1 <= cfg.block_m <= 4 and cfg.block_m < 2 * m
+            # N = 4096: at least 4 programs per SM on 132 SMs
+            assert (4096 // cfg.block_n) * -(-m // cfg.block_m) >= 4 * 132

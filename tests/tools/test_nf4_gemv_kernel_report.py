@@ -22,12 +22,17 @@ def gemv_rows(report_rows):
 
 def test_every_gemv_variant_is_compiled_for_every_arch(gemv_rows):
     names = {r.name for r in gemv_rows}
-    # 3 dtypes x 2 token-row configs x (plain, bias + LoRA) x 2 blocksizes
-    assert len(names) == 24, sorted(names)
+    # 8 (dtype, token-row config) pairs x (plain and bias + LoRA at blocksize 64, plain at 128), and the 6
+    # configs a ragged K uses (at most two token rows)
+    assert len(names) == 30, sorted(names)
     assert sorted((r.name, r.arch) for r in gemv_rows) == sorted((n, a) for n in names for a in ARCHES)
-    for dtype in ("fp32", "fp16", "bf16"):
-        for m in ("m1", "m2"):
-            assert any(n.startswith(f"nf4_gemv[{dtype},{m},") for n in names), (dtype, m)
+    configs = {("fp32", "m1"), ("fp32", "m2"), ("fp32", "m4"), ("fp16", "m1"), ("fp16", "m2"),
+               ("bf16", "m1"), ("bf16", "m2"), ("bf16", "m4")}
+    for dtype, m in configs:
+        for tail in (",n4096,k4096,b64]", ",n4096,k4096,b64,bias,lora]", ",n4096,k4096,b128]"):
+            assert f"nf4_gemv[{dtype},{m}{tail}" in names, (dtype, m, tail)
+        if m != "m4":
+            assert f"nf4_gemv[{dtype},{m},n4096,k4160,b64]" in names, (dtype, m)
 
 
 def test_gemv_loads_weight_bytes_128_bits_wide_and_fits_4_ctas_per_sm(gemv_rows):
