@@ -8,8 +8,8 @@
 //   - GQA: query head h reads KV head h / (Hq / Hkv); the prefix has batch 1 (shared) or B;
 //   - a row that sees no key gets output 0 and LSE -inf (and no gradient).
 // With `with_sequence == false` only the prefix keys are attended, merged into an already normalised
-// partial (out_init, lse_init) when given (the sequence partial from torch's flash kernel): the merge
-// is the online-softmax update started from that state. The backward of that mode returns the prefix
+// partial (out_init, lse_init) when given (the sequence partial from torch's flash kernel), in place: the
+// result is out_init. The merge is the online-softmax update started from that state. The backward of that mode returns the prefix
 // keys' share of dq and the prefix gradients, computed with the merged output and LSE.
 //
 // Every tensor's last dimension must have stride 1 (the Python caller makes it so); the other strides
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -237,6 +238,55 @@ inline void accumulate<float>(const float* w, const float* base, int64_t stride,
     if (more3) _mm512_mask_storeu_ps(out + c + 48, m3, a3);
   }
 }
+
+// Four query rows at once against a packed prefix (the same [d, n] layout as scores_packed): each column
+// load serves four rows. s is [4][ld].
+inline void scores_packed4(const float* const x[4], const float* kt, int64_t n, int64_t d, float scale, float* s,
+                           int64_t ld) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 m0 = tail_mask(n - j), m1 = tail_mask(n - j - 16);
+    __m512 a[4][2];
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; ++i) {
+      const float* col = kt + i * n + j;
+      const __m512 c0 = _mm512_maskz_loadu_ps(m0, col), c1 = _mm512_maskz_loadu_ps(m1, col + 16);
+      for (int r = 0; r < 4; ++r) {
+        const __m512 xi = _mm512_set1_ps(x[r][i]);
+        a[r][0] = _mm512_fmadd_ps(xi, c0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(xi, c1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm512_mask_storeu_ps(s + r * ld + j, m0, _mm512_mul_ps(a[r][0], vscale));
+      _mm512_mask_storeu_ps(s + r * ld + j + 16, m1, _mm512_mul_ps(a[r][1], vscale));
+    }
+  }
+}
+
+// out[r] += sum_j w[r * ld + j] * row j for four output rows: each value-row load serves four rows.
+inline void accumulate4(const float* w, int64_t ld, const float* base, int64_t stride, int64_t n, int64_t d,
+                        float* const out[4]) {
+  for (int64_t c = 0; c < d; c += 64) {
+    __mmask16 m[4];
+    for (int q = 0; q < 4; ++q) m[q] = tail_mask(d - c - 16 * q);
+    __m512 a[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) a[r][q] = _mm512_maskz_loadu_ps(m[q], out[r] + c + 16 * q);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* row = base + j * stride + c;
+      __m512 v[4];
+      for (int q = 0; q < 4; ++q) v[q] = _mm512_maskz_loadu_ps(m[q], row + 16 * q);
+      for (int r = 0; r < 4; ++r) {
+        const __m512 wr = _mm512_set1_ps(w[r * ld + j]);
+        for (int q = 0; q < 4; ++q) a[r][q] = _mm512_fmadd_ps(wr, v[q], a[r][q]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(out[r] + c + 16 * q, m[q], a[r][q]);
+  }
+}
+#define FASTPEFT_PREFIX_QUAD 1
 #endif
 
 // A [*, *, S, D] tensor read through its strides (last stride 1).
@@ -290,6 +340,34 @@ T row_scores(const Shape& sh, const T* qrow, const T* pkt, const T* k, int64_t k
   return mx;
 }
 
+#ifdef FASTPEFT_PREFIX_QUAD
+// The prefix-only merge for four query rows that read the same KV head (four heads of one GQA group at
+// one position): each packed-prefix column and prefix-value row loaded serves four rows.
+// x: query rows, o: output rows (hold the initial partial when init_lse is finite), s: [4][P] scratch.
+inline void prefix_merge_quad(const Shape& sh, const float* const x[4], float* const o[4], const float init_lse[4],
+                              float* const lse_out[4], const float* pkt, const float* pv, int64_t pv_stride,
+                              float scale, float* s) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t ld = sh.P;
+  scores_packed4(x, pkt, sh.P, sh.D, scale, s, ld);
+  for (int i = 0; i < 4; ++i) {
+    float* si = s + i * ld;
+    float mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < sh.P; ++j) mx = si[j] > mx ? si[j] : mx;
+    mx = std::max(mx, init_lse[i]);
+    const float sum = exp_sum(si, sh.P, mx) + (init_lse[i] == neg_inf ? 0.0f : softmax_exp(init_lse[i] - mx));
+    const float row_lse = mx + std::log(sum);
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < sh.P; ++j) si[j] *= inv;
+    const float w = init_lse[i] == neg_inf ? 0.0f : softmax_exp(init_lse[i] - row_lse);
+    for (int64_t d = 0; d < sh.D; ++d) o[i][d] = init_lse[i] == neg_inf ? 0.0f : w * o[i][d];
+    *lse_out[i] = row_lse;
+  }
+  accumulate4(s, ld, pv, pv_stride, sh.P, sh.D, o);
+}
+#endif
+
 template <typename T>
 void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                     const Tensor& pv, const Tensor& out_init, const Tensor& lse_init, Tensor& out, Tensor& lse,
@@ -302,49 +380,78 @@ void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Ten
   T* lv = lse.data_ptr<T>();  // contiguous [B, Hq, Sq]
   const Tensor pk_packed = pk.transpose(2, 3).contiguous();  // [Bp, Hkv, D, P]
   const T* pkt = pk_packed.data_ptr<T>();
-  const int64_t rows_per_task = 16;
-  const int64_t tasks_per_head = (sh.Sq + rows_per_task - 1) / rows_per_task;
-  const int64_t ntasks = sh.B * sh.Hq * tasks_per_head;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end_task) {
-    std::vector<T> s(sh.P + sh.Skv);
+
+  // One query row (b, h, r), s: scratch of P + Skv.
+  auto one_row = [&](int64_t b, int64_t h, int64_t r, T* s) {
+    const int64_t hkv = h / sh.G, pb = sh.prefix_batched ? b : 0;
+    T* orow = ov.row(b, h, r);
+    T* lse_out = lv + (b * sh.Hq + h) * sh.Sq + r;
+    const int64_t end = sh.seq_end(r);
+    const int64_t n = sh.P + end;
+    T mx = row_scores(sh, qv.row(b, h, r), pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P, kv.row(b, hkv, 0), kv.s2, b,
+                      end, scale, s);
+    const T init_lse = has_init ? li[(b * sh.Hq + h) * sh.Sq + r] : neg_inf;
+    mx = std::max(mx, init_lse);
+    if (mx == neg_inf) {  // no key at all
+      std::fill(orow, orow + sh.D, T(0));
+      *lse_out = neg_inf;
+      return;
+    }
+    const T sum = exp_sum(s, n, mx) + (init_lse == neg_inf ? T(0) : softmax_exp(init_lse - mx));
+    const T row_lse = mx + std::log(sum);
+    const T inv = T(1) / sum;
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+    if (init_lse != neg_inf) {
+      const T w = softmax_exp(init_lse - row_lse);
+      const T* irow = oi.row(b, h, r);
+      for (int64_t d = 0; d < sh.D; ++d) orow[d] = w * irow[d];
+    } else {
+      std::fill(orow, orow + sh.D, T(0));
+    }
+    accumulate(s, pvv.row(pb, hkv, 0), pvv.s2, sh.P, sh.D, orow);
+    accumulate(s + sh.P, vv.row(b, hkv, 0), vv.s2, end, sh.D, orow);
+    *lse_out = row_lse;
+  };
+
+  // Tasks: (b, block of positions), every head of a position in turn (HF's [B, S, H, D] memory order).
+  const int64_t rows_per_task = std::max<int64_t>(1, 64 / sh.Hq);
+  const int64_t tasks_per_sample = (sh.Sq + rows_per_task - 1) / rows_per_task;
+  bool quads = false;
+#ifdef FASTPEFT_PREFIX_QUAD
+  quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0 && (!has_init || out.is_same(out_init));
+#endif
+  at::parallel_for(0, sh.B * tasks_per_sample, 1, [&](int64_t begin, int64_t end_task) {
+    std::vector<T> s(std::max(sh.P + sh.Skv, 4 * sh.P));
     for (int64_t task = begin; task < end_task; ++task) {
-      const int64_t bh = task / tasks_per_head;
-      const int64_t b = bh / sh.Hq, h = bh % sh.Hq, hkv = h / sh.G;
-      const int64_t pb = sh.prefix_batched ? b : 0;
-      const T* pkt_rows = pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P;
-      const T* pv_rows = pvv.row(pb, hkv, 0);
-      const T* k_rows = kv.row(b, hkv, 0);
-      const T* v_rows = vv.row(b, hkv, 0);
-      const int64_t r0 = (task % tasks_per_head) * rows_per_task;
+      const int64_t b = task / tasks_per_sample;
+      const int64_t r0 = (task % tasks_per_sample) * rows_per_task;
       const int64_t r1 = std::min(sh.Sq, r0 + rows_per_task);
       for (int64_t r = r0; r < r1; ++r) {
-        T* orow = ov.row(b, h, r);
-        T* lse_out = lv + (b * sh.Hq + h) * sh.Sq + r;
-        const int64_t end = sh.seq_end(r);
-        const int64_t n = sh.P + end;
-        T mx = row_scores(sh, qv.row(b, h, r), pkt_rows, k_rows, kv.s2, b, end, scale, s.data());
-        const T init_lse = has_init ? li[(b * sh.Hq + h) * sh.Sq + r] : neg_inf;
-        mx = std::max(mx, init_lse);
-        if (mx == neg_inf) {  // no key at all
-          std::fill(orow, orow + sh.D, T(0));
-          *lse_out = neg_inf;
-          continue;
+        for (int64_t hkv = 0; hkv < sh.Hkv; ++hkv) {
+          int64_t g = 0;
+#ifdef FASTPEFT_PREFIX_QUAD
+          if constexpr (std::is_same_v<T, float>) {
+            const int64_t pb = sh.prefix_batched ? b : 0;
+            for (; quads && g + 4 <= sh.G; g += 4) {
+              const float* x[4];
+              float* o[4];
+              float init[4];
+              float* lo[4];
+              for (int i = 0; i < 4; ++i) {
+                const int64_t h = hkv * sh.G + g + i, row = (b * sh.Hq + h) * sh.Sq + r;
+                x[i] = qv.row(b, h, r);
+                o[i] = ov.row(b, h, r);
+                init[i] = has_init ? li[row] : neg_inf;
+                lo[i] = lv + row;
+              }
+              prefix_merge_quad(sh, x, o, init, lo, pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P, pvv.row(pb, hkv, 0),
+                                pvv.s2, scale, s.data());
+            }
+          }
+#endif
+          for (; g < sh.G; ++g) one_row(b, hkv * sh.G + g, r, s.data());
         }
-        const T sum = exp_sum(s.data(), n, mx) + (init_lse == neg_inf ? T(0) : softmax_exp(init_lse - mx));
-        const T row_lse = mx + std::log(sum);
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-        if (init_lse != neg_inf) {
-          const T w = softmax_exp(init_lse - row_lse);
-          const T* irow = oi.row(b, h, r);
-          for (int64_t d = 0; d < sh.D; ++d) orow[d] = w * irow[d];
-        } else {
-          std::fill(orow, orow + sh.D, T(0));
-        }
-        accumulate(s.data(), pv_rows, pvv.s2, sh.P, sh.D, orow);
-        accumulate(s.data() + sh.P, v_rows, vv.s2, end, sh.D, orow);
-        *lse_out = row_lse;
       }
     }
   });
@@ -479,7 +586,9 @@ std::tuple<Tensor, Tensor> prefix_attention_direct_forward(
                           init_lse.size(2) == sh.Sq && init_lse.scalar_type() == q.scalar_type(),
                       "lse_init must be [B, Hq, Sq] in q's dtype");
   }
-  Tensor out = new_like(q);
+  // The prefix-only merge updates out_init in place (no fresh output to fault in, one read-modify-write of
+  // each row: the merge is bound by memory traffic at long sequences).
+  Tensor out = init_out.defined() && !with_sequence ? init_out : new_like(q);
   Tensor lse = new_like(at::empty({sh.B, sh.Hq, sh.Sq}, q.options()));
   if (q.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_direct_forward", [&] {
@@ -524,7 +633,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_direct_backw
 
 TORCH_LIBRARY_FRAGMENT(fastpeft_native, m) {
   m.def("prefix_attention_direct_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-        "Tensor? key_padding_mask, bool causal, float scale, bool with_sequence, Tensor? out_init, "
+        "Tensor? key_padding_mask, bool causal, float scale, bool with_sequence, Tensor(a!)? out_init, "
         "Tensor? lse_init) -> (Tensor, Tensor)");
   m.def("prefix_attention_direct_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
         "Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "

@@ -34,6 +34,8 @@ CASES = [
     BASE.but(p=2, padding="all", causal=True),  # with a prefix every row sees a key
     BASE.but(p=0, causal=True),  # an empty prefix tensor
     BASE.but(skv=0),  # no sequence keys: the prefix alone
+    BASE.but(hq=8, hkv=2, sq=18, skv=18, d=72, causal=True, padding="left"),  # GQA 4: the merge's four-row blocks
+    BASE.but(hq=10, hkv=2, sq=9, skv=12, p=33, d=24, bp=2),  # GQA 5: four-row blocks and a single row
 ]
 
 
