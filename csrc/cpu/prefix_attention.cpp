@@ -286,6 +286,24 @@ inline void accumulate4(const float* w, int64_t ld, const float* base, int64_t s
       for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(out[r] + c + 16 * q, m[q], a[r][q]);
   }
 }
+// dst row j += sum_i w[i * ld + j] * x[i] for the n rows of dst (the prefix gradients of four query rows).
+inline void outer4(const float* w, int64_t ld, const float* const x[4], int64_t n, int64_t d, float* dst,
+                   int64_t dst_stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 w0 = _mm512_set1_ps(w[j]), w1 = _mm512_set1_ps(w[ld + j]), w2 = _mm512_set1_ps(w[2 * ld + j]),
+                 w3 = _mm512_set1_ps(w[3 * ld + j]);
+    float* row = dst + j * dst_stride;
+    for (int64_t c = 0; c < d; c += 16) {
+      const __mmask16 m = tail_mask(d - c);
+      __m512 acc = _mm512_maskz_loadu_ps(m, row + c);
+      acc = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x[0] + c), acc);
+      acc = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m, x[1] + c), acc);
+      acc = _mm512_fmadd_ps(w2, _mm512_maskz_loadu_ps(m, x[2] + c), acc);
+      acc = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(m, x[3] + c), acc);
+      _mm512_mask_storeu_ps(row + c, m, acc);
+    }
+  }
+}
 #define FASTPEFT_PREFIX_QUAD 1
 #endif
 
@@ -473,8 +491,9 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
   MutView4<T> dqv(need_q ? dq : unused), dkv(need_kv ? dk : unused), dvv(need_kv ? dv : unused);
   MutView4<T> dpkv(need_prefix ? dpk : unused), dpvv(need_prefix ? dpv : unused);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0;
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end_task) {
-    std::vector<T> p(sh.P + sh.Skv), ds(sh.P + sh.Skv), dqrow(sh.D);
+    std::vector<T> p(std::max(sh.P + sh.Skv, 4 * sh.P)), ds(std::max(sh.P + sh.Skv, 4 * sh.P)), dqrow(sh.D);
     for (int64_t task = begin; task < end_task; ++task) {
       const int64_t b = task / sh.Hkv, hkv = task % sh.Hkv;
       const int64_t pb = sh.prefix_batched ? b : 0;
@@ -483,9 +502,46 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
       const T* pvt_rows = pvt + (pb * sh.Hkv + hkv) * sh.D * sh.P;
       const T* k_rows = kv.row(b, hkv, 0);
       const T* v_rows = vv.row(b, hkv, 0);
-      for (int64_t g = 0; g < sh.G; ++g) {
-        const int64_t h = hkv * sh.G + g;
-        for (int64_t r = 0; r < sh.Sq; ++r) {
+      for (int64_t r = 0; r < sh.Sq; ++r) {  // positions outer: HF's [B, S, H, D] memory order
+        int64_t g = 0;
+#ifdef FASTPEFT_PREFIX_QUAD
+        if constexpr (std::is_same_v<T, float>) {
+          for (; quads && g + 4 <= sh.G; g += 4) {
+            const float* x[4];
+            const float* dor[4];
+            float* dqr[4];
+            float row_lse[4];
+            bool finite = true;
+            for (int i = 0; i < 4; ++i) {
+              const int64_t h = hkv * sh.G + g + i;
+              x[i] = qv.row(b, h, r);
+              dor[i] = dov.row(b, h, r);
+              dqr[i] = need_q ? dqv.row(b, h, r) : nullptr;
+              row_lse[i] = lv[(b * sh.Hq + h) * sh.Sq + r];
+              finite = finite && row_lse[i] != neg_inf;
+            }
+            if (!finite) break;  // rows without keys: the one-row path below
+            const int64_t ld = sh.P;
+            scores_packed4(x, pkt_rows, sh.P, sh.D, scale, p.data(), ld);
+            scores_packed4(dor, pvt_rows, sh.P, sh.D, 1.0f, ds.data(), ld);
+            for (int i = 0; i < 4; ++i) {
+              float* pi = p.data() + i * ld;
+              float* dsi = ds.data() + i * ld;
+              exp_sum(pi, sh.P, row_lse[i]);
+              const float delta = dot(dor[i], ov.row(b, hkv * sh.G + g + i, r), sh.D);
+              for (int64_t j = 0; j < sh.P; ++j) dsi[j] = pi[j] * (dsi[j] - delta) * scale;
+              if (need_q) std::fill(dqr[i], dqr[i] + sh.D, 0.0f);
+            }
+            if (need_q) accumulate4(ds.data(), ld, pk_rows, pkv.s2, sh.P, sh.D, dqr);
+            if (need_prefix) {
+              outer4(ds.data(), ld, x, sh.P, sh.D, dpkv.row(b, hkv, 0), dpkv.s2);
+              outer4(p.data(), ld, dor, sh.P, sh.D, dpvv.row(b, hkv, 0), dpvv.s2);
+            }
+          }
+        }
+#endif
+        for (; g < sh.G; ++g) {
+          const int64_t h = hkv * sh.G + g;
           const T row_lse = lv[(b * sh.Hq + h) * sh.Sq + r];
           if (row_lse == neg_inf) {  // a row that saw no key has no gradient
             if (need_q) std::fill(dqv.row(b, h, r), dqv.row(b, h, r) + sh.D, T(0));
