@@ -493,7 +493,7 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0;
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end_task) {
-    std::vector<T> p(std::max(sh.P + sh.Skv, 4 * sh.P)), ds(std::max(sh.P + sh.Skv, 4 * sh.P)), dqrow(sh.D);
+    std::vector<T> p(4 * (sh.P + sh.Skv)), ds(4 * (sh.P + sh.Skv)), dqrow(sh.D);
     for (int64_t task = begin; task < end_task; ++task) {
       const int64_t b = task / sh.Hkv, hkv = task % sh.Hkv;
       const int64_t pb = sh.prefix_batched ? b : 0;
@@ -540,29 +540,64 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
           }
         }
 #endif
-        for (; g < sh.G; ++g) {
-          const int64_t h = hkv * sh.G + g;
+        // Rows one at a time; four heads at a time share the key-gradient updates (one load and store of
+        // each dk/dv/dprefix row per four query rows).
+        const int64_t ld = sh.P + sh.Skv;
+        auto row_grads = [&](int64_t h, T* pr, T* dsr) -> bool {
           const T row_lse = lv[(b * sh.Hq + h) * sh.Sq + r];
+          const int64_t end = sh.seq_end(r);
+          const int64_t n = sh.P + end;
           if (row_lse == neg_inf) {  // a row that saw no key has no gradient
             if (need_q) std::fill(dqv.row(b, h, r), dqv.row(b, h, r) + sh.D, T(0));
-            continue;
+            std::fill(pr, pr + n, T(0));
+            std::fill(dsr, dsr + n, T(0));
+            return false;
           }
           const T* qrow = qv.row(b, h, r);
           const T* dorow = dov.row(b, h, r);
-          const int64_t end = sh.seq_end(r);
-          const int64_t n = sh.P + end;
-          row_scores(sh, qrow, pkt_rows, k_rows, kv.s2, b, end, scale, p.data());
-          exp_sum(p.data(), n, row_lse);  // the probabilities
+          row_scores(sh, qrow, pkt_rows, k_rows, kv.s2, b, end, scale, pr);
+          exp_sum(pr, n, row_lse);  // the probabilities
           const T delta = dot(dorow, ov.row(b, h, r), sh.D);
-          scores_packed(dorow, pvt_rows, sh.P, sh.D, T(1), ds.data());
-          scores(dorow, v_rows, vv.s2, end, sh.D, T(1), ds.data() + sh.P);
-          for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta) * scale;
+          scores_packed(dorow, pvt_rows, sh.P, sh.D, T(1), dsr);
+          scores(dorow, v_rows, vv.s2, end, sh.D, T(1), dsr + sh.P);
+          for (int64_t j = 0; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
           if (need_q) {
             std::fill(dqrow.begin(), dqrow.end(), T(0));
-            accumulate(ds.data(), pk_rows, pkv.s2, sh.P, sh.D, dqrow.data());
-            accumulate(ds.data() + sh.P, k_rows, kv.s2, end, sh.D, dqrow.data());
+            accumulate(dsr, pk_rows, pkv.s2, sh.P, sh.D, dqrow.data());
+            accumulate(dsr + sh.P, k_rows, kv.s2, end, sh.D, dqrow.data());
             std::copy(dqrow.begin(), dqrow.end(), dqv.row(b, h, r));
           }
+          return true;
+        };
+#ifdef FASTPEFT_PREFIX_QUAD
+        if constexpr (std::is_same_v<T, float>) {
+          const int64_t end = sh.seq_end(r);
+          for (; sh.with_sequence && g + 4 <= sh.G; g += 4) {
+            const float* x[4];
+            const float* dor[4];
+            for (int i = 0; i < 4; ++i) {
+              const int64_t h = hkv * sh.G + g + i;
+              x[i] = qv.row(b, h, r);
+              dor[i] = dov.row(b, h, r);
+              row_grads(h, p.data() + i * ld, ds.data() + i * ld);
+            }
+            if (need_prefix) {
+              outer4(ds.data(), ld, x, sh.P, sh.D, dpkv.row(b, hkv, 0), dpkv.s2);
+              outer4(p.data(), ld, dor, sh.P, sh.D, dpvv.row(b, hkv, 0), dpvv.s2);
+            }
+            if (need_kv) {
+              outer4(ds.data() + sh.P, ld, x, end, sh.D, dkv.row(b, hkv, 0), dkv.s2);
+              outer4(p.data() + sh.P, ld, dor, end, sh.D, dvv.row(b, hkv, 0), dvv.s2);
+            }
+          }
+        }
+#endif
+        for (; g < sh.G; ++g) {
+          const int64_t h = hkv * sh.G + g;
+          if (!row_grads(h, p.data(), ds.data())) continue;
+          const T* qrow = qv.row(b, h, r);
+          const T* dorow = dov.row(b, h, r);
+          const int64_t end = sh.seq_end(r);
           if (need_prefix) {
             for (int64_t j = 0; j < sh.P; ++j) {
               axpy(ds[j], qrow, dpkv.row(b, hkv, j), sh.D);
@@ -669,8 +704,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_direct_backw
                     "lse must be [B, Hq, Sq]");
   need_kv = need_kv && with_sequence;
   Tensor dq = need_q ? new_like(q) : Tensor();
-  Tensor dk = need_kv ? at::zeros(k.sizes(), k.options()) : Tensor();
-  Tensor dv = need_kv ? at::zeros(v.sizes(), v.options()) : Tensor();
+  Tensor dk = need_kv ? at::zeros_like(k) : Tensor();  // k's strides: the op returns it without a copy
+  Tensor dv = need_kv ? at::zeros_like(v) : Tensor();
   // Per-sample prefix gradients; the caller sums them over the batch for a shared prefix.
   Tensor dpk = need_prefix ? at::zeros({sh.B, sh.Hkv, sh.P, sh.D}, q.options()) : Tensor();
   Tensor dpv = need_prefix ? at::zeros({sh.B, sh.Hkv, sh.P, sh.D}, q.options()) : Tensor();
