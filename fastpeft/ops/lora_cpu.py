@@ -16,6 +16,16 @@ the GEMMs' accumulators, ``scaled_mm``); frozen
 tensors get no gradient. ``lora_backward_with_base`` is the same around any
 frozen base (QLoRA's NF4 base in ``fastpeft.ops.qlora_cpu``).
 
+Few rows of fp16/bf16 on the CPU (``M <= FP32_BRANCH_MAX_ROWS``): the LoRA
+branch's GEMMs (everything but the base's) run in fp32 on upcast copies of the
+operands (``branch_dtype``). A bf16/fp16 GEMM on the CPU goes through oneDNN,
+which costs about 25 µs per call whatever its size, more than the whole fp32
+branch at one token (the upcast copies of A and B are ``r·(K+N)`` elements).
+Only the rounding of the results (``y``, ``h``, ``dx``, ``dA``, ``dB``) to x's
+dtype remains, so the branch is more accurate than torch's own bf16 LoRA.
+From a few dozen rows on the fp32 GEMMs cost more than oneDNN's, which then
+runs the branch in x's dtype with fp32 accumulation.
+
 Dropout mask: not stored. It is regenerated in backward from the integer seed
 with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
 """
@@ -35,6 +45,23 @@ def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return x_dtype
 
 
+# Up to this many rows of fp16/bf16 input the LoRA branch runs in fp32 (module docstring).
+FP32_BRANCH_MAX_ROWS = 16
+_REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def branch_dtype(rows: torch.Tensor) -> torch.dtype:
+    """dtype the LoRA branch's GEMMs run in for an input or output gradient of ``rows`` rows."""
+    if rows.dtype in _REDUCED_DTYPES and rows.shape[0] <= FP32_BRANCH_MAX_ROWS and rows.device.type == "cpu":
+        return torch.float32
+    return rows.dtype
+
+
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` itself when it already has ``dtype``, else a converted copy."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
     """Boolean keep-mask (True = kept) that the CPU path uses for ``seed``."""
     generator = torch.Generator(device=device)
@@ -52,26 +79,43 @@ def apply_dropout(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tenso
 
 def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Returns ``(y [M, N] in x's dtype, h [M, r] in lora_h_dtype)``."""
-    y = F.linear(x2d, weight, bias)  # torch.addmm(bias, x, Wᵀ) / torch.mm(x, Wᵀ), without a Python-level Wᵀ
+    y = base_output(x2d, weight, bias)
     return y, add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def base_output(x2d, weight, bias):
+    """``x Wᵀ + b`` (a new tensor), one bf16 row on the CPU as a matrix-vector product.
+
+    For one bf16 row, torch's ``mv`` (a gemv with fp32 accumulation, reading W
+    once) takes about 0.6x the time of ``linear``'s oneDNN matmul; the values
+    are the same. Everything else is ``F.linear`` (``addmm(b, x, Wᵀ)`` /
+    ``mm(x, Wᵀ)`` without a Python-level ``Wᵀ``).
+    """
+    if x2d.shape[0] == 1 and x2d.dtype is torch.bfloat16 and x2d.device.type == "cpu":
+        row = x2d[0]
+        return (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)).unsqueeze(0)
+    return F.linear(x2d, weight, bias)
 
 
 def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
-    h = F.linear(x2d if dropout_p == 0.0 else apply_dropout(x2d, dropout_p, seed), lora_A)
-    h_dtype = lora_h_dtype(x2d.dtype)
-    if h.dtype is not h_dtype:
-        h = h.to(h_dtype)
-    y.addmm_(h if h.dtype is y.dtype else h.to(y.dtype), lora_B.t(), alpha=scaling)
-    return h
+    work = branch_dtype(x2d)
+    x_work = in_dtype(x2d, work)
+    h = F.linear(x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed), in_dtype(lora_A, work))
+    if work is y.dtype:
+        y.addmm_(h, in_dtype(lora_B, work).t(), alpha=scaling)
+    else:  # one rounding of y + s · h Bᵀ, the sum formed in fp32
+        y.add_(F.linear(h, in_dtype(lora_B, work)), alpha=scaling)
+    return in_dtype(h, lora_h_dtype(x2d.dtype))
 
 
 def scaled_mm(a, b, scaling: float, like):
     """``scaling · (a @ b)``, the scaling applied in the GEMM's accumulator (addmm's ``alpha``).
 
     One op instead of ``mm(a, b).mul_(scaling)``: no second pass and no
-    second rounding in fp16/bf16. ``like`` only gives the result's shape
-    (``beta=0``: addmm ignores its values, NaN included).
+    second rounding in fp16/bf16. ``like`` only gives the result's dtype:
+    it is broadcast to the result's shape (a 0-dim tensor will do) and
+    ``beta=0`` ignores its values, NaN included.
     """
     return torch.addmm(like, a, b, beta=0, alpha=scaling)
 
@@ -87,19 +131,29 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
                             seed: int, need_dx: bool, need_dA: bool, need_dB: bool):
     """LoRA backward around any frozen base: ``base_input_grad(dy)`` gives the base's ``dy W``.
 
-    Returns ``(dx, dA, dB)``; an entry not asked for is ``None``.
+    Returns ``(dx, dA, dB)``; an entry not asked for is ``None``. The LoRA
+    GEMMs run in ``branch_dtype(dy)``; each gradient comes back in its
+    input's dtype.
     """
+    work = branch_dtype(dy)
+    dy_work = in_dtype(dy, work)
+    like = dy_work.new_empty(())  # only scaled_mm's dtype: beta=0 ignores it, and () broadcasts to any shape
     dx = dA = dB = None
     if need_dB:
-        dB = scaled_mm(dy.t(), h if h.dtype is dy.dtype else h.to(dy.dtype), scaling, lora_B)
+        dB = in_dtype(scaled_mm(dy_work.t(), in_dtype(h, work), scaling, like), lora_B.dtype)
     if need_dx or need_dA:
-        dh = torch.mm(dy, lora_B)
+        dh = torch.mm(dy_work, in_dtype(lora_B, work))
         if need_dA:
-            dA = scaled_mm(dh.t(), x2d if dropout_p == 0.0 else apply_dropout(x2d, dropout_p, seed), scaling, lora_A)
+            x_work = in_dtype(x2d, work)
+            x_dropped = x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed)
+            dA = in_dtype(scaled_mm(dh.t(), x_dropped, scaling, like), lora_A.dtype)
         if need_dx:
             dx = base_input_grad(dy)
-            if dropout_p == 0.0:
-                dx.addmm_(dh, lora_A, alpha=scaling)
-            else:
-                dx.add_(apply_dropout(torch.mm(dh, lora_A), dropout_p, seed), alpha=scaling)
+            a_work = in_dtype(lora_A, work)
+            if dropout_p != 0.0:
+                dx.add_(apply_dropout(torch.mm(dh, a_work), dropout_p, seed), alpha=scaling)
+            elif work is dx.dtype:
+                dx.addmm_(dh, a_work, alpha=scaling)
+            else:  # one rounding of dx + s · dh A, the sum formed in fp32
+                dx.add_(torch.mm(dh, a_work), alpha=scaling)
     return dx, dA, dB

@@ -1,0 +1,131 @@
+"""The CPU LoRA path's shape- and dtype-dependent variants, each against float64.
+
+``fastpeft.ops.lora_cpu`` runs the LoRA branch in fp32 for few rows of
+fp16/bf16 (``branch_dtype``, ``FP32_BRANCH_MAX_ROWS``) and one bf16 row's base
+product as ``torch.mv`` (``base_output``). On both sides of each switch the
+output and every gradient must be within the numerics policy (error vs float64
+at most 4x plain torch's in the same dtype, ``numerics.assert_close_to_ref``),
+with bias, with dropout (the mask regenerated in backward), and for every
+subset of the gradients.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpeft.ops import lora_cpu, lora_linear
+from numerics import assert_close_to_ref
+
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
+MAX_ROWS = lora_cpu.FP32_BRANCH_MAX_ROWS
+# Rows on both sides of the fp32-branch switch; 1 is also base_output's torch.mv row.
+ROWS = [1, 2, MAX_ROWS, MAX_ROWS + 1]
+K, N, R = 67, 45, 5
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cpu")
+
+
+def _tensors(m, dtype, bias):
+    x = torch.randn(m, K).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    a = (torch.randn(R, K) / K**0.5).to(dtype)
+    bb = (torch.randn(N, R) / R**0.5).to(dtype)
+    return x, w, b, a, bb
+
+
+def _lora_math(x, w, b, a, bb, s, keep=None, p=0.0):
+    """Plain torch: the float64 reference and the same-dtype peer."""
+    xd = x if keep is None else x * keep / (1 - p)
+    return F.linear(x, w, b) + s * F.linear(F.linear(xd, a), bb)
+
+
+def test_branch_dtype_switches_at_the_documented_row_count():
+    for dtype in (torch.bfloat16, torch.float16):
+        assert lora_cpu.branch_dtype(torch.empty(MAX_ROWS, 3, dtype=dtype)) is torch.float32
+        assert lora_cpu.branch_dtype(torch.empty(MAX_ROWS + 1, 3, dtype=dtype)) is dtype
+    for dtype in (torch.float32, torch.float64):
+        assert lora_cpu.branch_dtype(torch.empty(1, 3, dtype=dtype)) is dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_op_values_and_grads_match_float64(dtype, m, bias):
+    x, w, b, a, bb = _tensors(m, dtype, bias)
+    s = 1.9
+    dy = torch.randn(m, N).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    y = lora_linear(leaves[0], w, leaves[1], leaves[2], s, bias=b)
+    assert y.dtype == dtype and y.shape == (m, N)
+    ref_leaves = [t.double().requires_grad_() for t in (x, a, bb)]
+    ref = _lora_math(ref_leaves[0], w.double(), None if b is None else b.double(), ref_leaves[1], ref_leaves[2], s)
+    peer_leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    peer = _lora_math(peer_leaves[0], w, b, peer_leaves[1], peer_leaves[2], s)
+    tiny = 1e-7
+    assert_close_to_ref(y, ref, peer, tiny=tiny, what="y")
+    y.backward(dy)
+    ref.backward(dy.double())
+    peer.backward(dy)
+    for name, got, r, t in zip(("dx", "dA", "dB"), leaves, ref_leaves, peer_leaves):
+        assert got.grad.dtype == dtype, name
+        assert_close_to_ref(got.grad, r.grad, t.grad, tiny=tiny, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, MAX_ROWS + 1])
+def test_dropout_forward_and_backward_use_one_mask(dtype, m):
+    x, w, b, a, bb = _tensors(m, dtype, bias=True)
+    s, p, seed = 0.8, 0.3, 1234
+    y, h = lora_cpu.lora_forward(x, w, b, a, bb, s, p, seed)
+    assert h.dtype == lora_cpu.lora_h_dtype(dtype)
+    dy = torch.randn(m, N).to(dtype)
+    dx, dA, dB = lora_cpu.lora_backward(dy, x, w, a, bb, h, s, p, seed, True, True, True)
+    keep = lora_cpu.dropout_mask((m, K), p, seed, "cpu")
+    assert 0 < keep.sum() < keep.numel()
+
+    def run(dt):
+        leaves = [t.to(dt).requires_grad_() for t in (x, a, bb)]
+        out = _lora_math(leaves[0], w.to(dt), b.to(dt), leaves[1], leaves[2], s, keep.to(dt), p)
+        out.backward(dy.to(dt))
+        return out, [t.grad for t in leaves]
+
+    ref, ref_grads = run(torch.float64)
+    peer, peer_grads = run(dtype)
+    assert_close_to_ref(y, ref, peer, tiny=1e-7, what="y")
+    for name, got, r, t in zip(("dx", "dA", "dB"), (dx, dA, dB), ref_grads, peer_grads):
+        assert got.dtype == dtype, name
+        assert_close_to_ref(got, r, t, tiny=1e-7, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, MAX_ROWS + 1])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_each_gradient_alone_equals_all_together(dtype, m, dropout_p):
+    x, w, _, a, bb = _tensors(m, dtype, bias=False)
+    _, h = lora_cpu.lora_forward(x, w, None, a, bb, 1.3, dropout_p, 99)
+    dy = torch.randn(m, N).to(dtype)
+    everything = lora_cpu.lora_backward(dy, x, w, a, bb, h, 1.3, dropout_p, 99, True, True, True)
+    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        got = lora_cpu.lora_backward(dy, x, w, a, bb, h, 1.3, dropout_p, 99, *need)
+        for asked, g, full in zip(need, got, everything):
+            if asked:
+                assert torch.equal(g, full)
+            else:
+                assert g is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "transposed view"])
+def test_one_bf16_row_base_output_matches_float64(bias, weight_layout):
+    x, w, b, _, _ = _tensors(1, torch.bfloat16, bias)
+    if weight_layout == "transposed view":
+        w = w.t().contiguous().t()
+        assert not w.is_contiguous()
+    y = lora_cpu.base_output(x, w, b)
+    assert y.shape == (1, N) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert_close_to_ref(y, ref, F.linear(x, w, b), tiny=1e-7, what="y")
