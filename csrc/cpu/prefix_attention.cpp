@@ -1,16 +1,16 @@
-// Prefix attention on the CPU, one pass over [prefix; sequence] per query row (fp32 and fp64).
+// Prefix attention on the CPU (fp32 and fp64): softmax over [prefix; sequence] without building it.
 //
-// Used by fastpeft/ops/prefix_attention_cpu.py for short query blocks (a decode step), where torch's
-// flash kernel plus an explicit prefix partial and a merge cost several times the arithmetic in
-// per-call overhead. Semantics (docs/architecture.md, prefix attention):
+// Called by fastpeft/ops/prefix_attention_cpu.py (its docstring has the two modes and why). Semantics
+// (the op fastpeft.ops.prefix_attention):
 //   - every query row sees every prefix key, and the sequence keys j <= r + (Skv - Sq) when causal,
 //     and only keys whose key_padding_mask entry is true;
 //   - GQA: query head h reads KV head h / (Hq / Hkv); the prefix has batch 1 (shared) or B;
 //   - a row that sees no key gets output 0 and LSE -inf (and no gradient).
-// With `with_sequence == false` only the prefix keys are attended, merged into an already normalised
-// partial (out_init, lse_init) when given (the sequence partial from torch's flash kernel), in place: the
-// result is out_init. The merge is the online-softmax update started from that state. The backward of that mode returns the prefix
-// keys' share of dq and the prefix gradients, computed with the merged output and LSE.
+// `with_sequence == true` ("direct"): one pass per query row over the prefix and the sequence keys.
+// `with_sequence == false` ("merged"): only the prefix keys, merged into an already normalised partial
+// (out_init, lse_init: the sequence partial from torch's flash kernel) in place, so the result is
+// out_init; the merge is the online-softmax update started from that state. Its backward returns the
+// prefix keys' share of dq and the prefix gradients, computed with the merged output and LSE.
 //
 // Every tensor's last dimension must have stride 1 (the Python caller makes it so); the other strides
 // are free (HF's [B, S, H, D] projections seen as [B, H, S, D] are read in place).
@@ -153,7 +153,8 @@ inline void axpy<float>(float alpha, const float* x, float* y, int64_t n) {
   const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    const __m512 sum = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i));
+    _mm512_mask_storeu_ps(y + i, m, sum);
   }
 }
 
@@ -304,6 +305,26 @@ inline void outer4(const float* w, int64_t ld, const float* const x[4], int64_t 
     }
   }
 }
+// s[i * ld + j] = scale * <x[i], row j> for four query rows: each key row loaded serves four rows.
+inline void scores4(const float* const x[4], const float* base, int64_t stride, int64_t n, int64_t d, float scale,
+                    float* s, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = base + j * stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+      const __mmask16 m = tail_mask(d - c);
+      const __m512 kc = _mm512_maskz_loadu_ps(m, row + c);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x[0] + c), kc, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x[1] + c), kc, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x[2] + c), kc, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x[3] + c), kc, a3);
+    }
+    s[j] = scale * _mm512_reduce_add_ps(a0);
+    s[ld + j] = scale * _mm512_reduce_add_ps(a1);
+    s[2 * ld + j] = scale * _mm512_reduce_add_ps(a2);
+    s[3 * ld + j] = scale * _mm512_reduce_add_ps(a3);
+  }
+}
 #define FASTPEFT_PREFIX_QUAD 1
 #endif
 
@@ -386,6 +407,42 @@ inline void prefix_merge_quad(const Shape& sh, const float* const x[4], float* c
 }
 #endif
 
+#ifdef FASTPEFT_PREFIX_QUAD
+// Direct mode for the four heads of one GQA group at position r (same visible keys): every prefix column,
+// key row and value row loaded serves four query rows. lse: the first row's LSE, lse_stride between heads.
+inline void direct_quad(const Shape& sh, const float* const x[4], float* const o[4], float* lse, int64_t lse_stride,
+                        const float* pkt, const float* pv, int64_t pv_stride, const float* k, int64_t k_stride,
+                        const float* v, int64_t v_stride, int64_t b, int64_t r, float scale, float* s) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t end = sh.seq_end(r), n = sh.P + end, ld = sh.P + sh.Skv;
+  scores_packed4(x, pkt, sh.P, sh.D, scale, s, ld);
+  scores4(x, k, k_stride, end, sh.D, scale, s + sh.P, ld);
+  for (int i = 0; i < 4; ++i) {
+    float* si = s + i * ld;
+    if (sh.mask != nullptr) {
+      for (int64_t j = 0; j < end; ++j) {
+        if (!sh.visible(b, j)) si[sh.P + j] = neg_inf;
+      }
+    }
+    float mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = si[j] > mx ? si[j] : mx;
+    std::fill(o[i], o[i] + sh.D, 0.0f);
+    if (mx == neg_inf) {  // no key at all: zero weights, output 0
+      std::fill(si, si + n, 0.0f);
+      lse[i * lse_stride] = neg_inf;
+      continue;
+    }
+    const float sum = exp_sum(si, n, mx);
+    lse[i * lse_stride] = mx + std::log(sum);
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) si[j] *= inv;
+  }
+  accumulate4(s, ld, pv, pv_stride, sh.P, sh.D, o);
+  accumulate4(s + sh.P, ld, v, v_stride, end, sh.D, o);
+}
+#endif
+
 template <typename T>
 void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                     const Tensor& pv, const Tensor& out_init, const Tensor& lse_init, Tensor& out, Tensor& lse,
@@ -439,14 +496,19 @@ void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Ten
 #ifdef FASTPEFT_PREFIX_QUAD
   quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0 && (!has_init || out.is_same(out_init));
 #endif
-  at::parallel_for(0, sh.B * tasks_per_sample, 1, [&](int64_t begin, int64_t end_task) {
-    std::vector<T> s(std::max(sh.P + sh.Skv, 4 * sh.P));
+  // Too few position blocks for the threads (a decode step): one task per KV head too.
+  const int64_t kv_tasks = sh.B * tasks_per_sample >= at::get_num_threads() ? 1 : sh.Hkv;
+  const int64_t kv_per_task = sh.Hkv / kv_tasks;
+  at::parallel_for(0, sh.B * tasks_per_sample * kv_tasks, 1, [&](int64_t begin, int64_t end_task) {
+    std::vector<T> s(4 * (sh.P + sh.Skv));
     for (int64_t task = begin; task < end_task; ++task) {
-      const int64_t b = task / tasks_per_sample;
-      const int64_t r0 = (task % tasks_per_sample) * rows_per_task;
+      const int64_t kv0 = (task % kv_tasks) * kv_per_task;
+      const int64_t block = task / kv_tasks;
+      const int64_t b = block / tasks_per_sample;
+      const int64_t r0 = (block % tasks_per_sample) * rows_per_task;
       const int64_t r1 = std::min(sh.Sq, r0 + rows_per_task);
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t hkv = 0; hkv < sh.Hkv; ++hkv) {
+        for (int64_t hkv = kv0; hkv < kv0 + kv_per_task; ++hkv) {
           int64_t g = 0;
 #ifdef FASTPEFT_PREFIX_QUAD
           if constexpr (std::is_same_v<T, float>) {
@@ -465,6 +527,22 @@ void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Ten
               }
               prefix_merge_quad(sh, x, o, init, lo, pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P, pvv.row(pb, hkv, 0),
                                 pvv.s2, scale, s.data());
+            }
+          }
+#endif
+#ifdef FASTPEFT_PREFIX_QUAD
+          if constexpr (std::is_same_v<T, float>) {
+            const int64_t pb = sh.prefix_batched ? b : 0;
+            for (; sh.with_sequence && g + 4 <= sh.G; g += 4) {
+              const float* x[4];
+              float* o[4];
+              for (int i = 0; i < 4; ++i) {
+                x[i] = qv.row(b, hkv * sh.G + g + i, r);
+                o[i] = ov.row(b, hkv * sh.G + g + i, r);
+              }
+              direct_quad(sh, x, o, lv + (b * sh.Hq + hkv * sh.G + g) * sh.Sq + r, sh.Sq,
+                          pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P, pvv.row(pb, hkv, 0), pvv.s2, kv.row(b, hkv, 0),
+                          kv.s2, vv.row(b, hkv, 0), vv.s2, b, r, scale, s.data());
             }
           }
 #endif

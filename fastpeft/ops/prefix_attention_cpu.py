@@ -1,49 +1,41 @@
 """CPU path of prefix attention: the same functions as ``fastpeft.kernels.prefix_attention``.
 
-Two partial attentions merged by their log-sum-exps:
+fp32 and fp64 run the C++ kernel ``csrc/cpu/prefix_attention.cpp`` (native
+extension, ``fastpeft._native``), in one of two modes:
 
-- the prefix partial: ``q`` over ``pk, pv`` in two explicit matmuls (fp32
-  for half inputs; with tens of prefix keys this is about 2x faster than the
-  flash kernel), a shared prefix broadcast over the batch, not copied;
-- the sequence partial: torch's fused CPU flash-attention kernel
-  (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the
-  LSE and has a matching backward) with the causal rule and the padding mask
-  (``is_causal`` when ``Sq == Skv`` and no padding, else an additive mask that
-  broadcasts over heads, and over rows when only padding);
-- merge: ``lse = logaddexp(lse_a, lse_b)``, ``out = Σ exp(lse_i − lse) · out_i``.
+- **direct** (at most ``DIRECT_MAX_QUERY_ROWS`` query positions: decode and
+  short blocks): one pass per query row over ``[prefix; sequence]`` (scores,
+  softmax, ``P·V``) and one backward pass that recomputes the probabilities
+  from the saved LSE. At one token the cost of torch's flash kernel plus a
+  separate prefix partial and merge is per-call overhead, several times the
+  arithmetic; the kernel reads K/V in place and never builds ``[pk; k]``.
+- **merged** (longer blocks): torch's fused CPU flash kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the LSE
+  and has a matching backward) for the sequence with the causal rule and the
+  padding mask, then one C++ pass over the prefix that merges into the flash
+  output in place (the online-softmax update started from the flash partial's
+  output and LSE). The prefix is packed transposed once per call (``[D, P]``,
+  tiny) so that scores need no horizontal sums, and the four query heads of a
+  GQA group at one position share every prefix load. Backward: the C++ pass
+  returns the prefix keys' share of ``dq`` and the prefix gradients, computed
+  with the *merged* output and LSE (with the global LSE each partial's
+  probabilities are the true ones and ``Δ = rowsum(dO ∘ O)`` is the global one:
+  FlashAttention-2's split-KV rule), and the flash backward the sequence's.
 
-Backward runs each partial's backward with the *merged* output and LSE: with
-the global LSE each partial's probabilities are the true ones and
-``Δ = rowsum(dO ∘ O)`` is the global one, so each returns exactly its keys'
-share of the gradients (FlashAttention-2's split-KV rule); the two ``dq`` add.
+GQA without copies (the kernel maps query head ``h`` to KV head
+``h // (Hq / Hkv)``, the flash kernel takes fewer KV heads natively); any
+strides with head_dim the fastest axis (HF's ``[B, S, H, D]`` projections seen
+as ``[B, H, S, D]``), other layouts are copied first (aten's flash kernel reads
+garbage otherwise). A shared prefix's gradient is summed over the batch from
+per-sample partials, deterministically.
 
-GQA without copies: the flash kernel (forward and backward) takes fewer KV
-heads than query heads; the prefix partial views ``q`` as ``[B, Hkv, G, Sq,
-D]`` and broadcasts the prefix over the group.
+fp16/bf16, and fp32/fp64 where the native extension cannot be built (no
+compiler), run the torch-ops form of the merged mode: the prefix partial in two
+explicit matmuls (fp32 for half inputs) merged by ``lse = logaddexp(lse_a,
+lse_b)``, ``out = Σ exp(lse_i − lse) · out_i``.
 
-Why not SDPA on the concatenation (what PEFT runs): it copies K and V on
-every call, and with a prefix the causal rule is no longer SDPA's top-left
-``is_causal``, so it needs an explicit ``[Sq, P + Skv]`` mask. Measured on the
-shared 2-core CPU of the build machine (fp32, Hq=8, Hkv=2, D=64, P=30, one
-thread, min of repeated runs, ms; other jobs were running, expect +-20%):
-
-============================  =========  ======  ==============  ===========
-shape                         SDPA, no   merged  concat + flash  concat+SDPA
-                              prefix             + explicit mask  (PEFT)
-============================  =========  ======  ==============  ===========
-fwd B=1 S=512 causal             4.75      6.57       6.74           6.38
-fwd B=4 S=512 causal            19.5      25.6       27.0           24.8
-fwd B=4 decode, cache 512        0.22      0.51       1.36           0.47
-fwd+bwd B=1 S=512 causal          -       19.7         -            19.2
-fwd+bwd B=4 S=512 causal          -       93.5         -            76.5
-fwd+bwd B=4 decode                -        1.81        -             1.64
-============================  =========  ======  ==============  ===========
-
-So on a CPU the merged path is on par with SDPA on the concatenation (it
-is chosen for what it does not build: no ``P + Skv`` copy of K/V, no mask
-for the common causal case), and its backward is up to ~20% slower at
-training lengths (the explicit prefix backward and the merge are a dozen
-small elementwise ops); the GPU path is the Triton kernels.
+Measured against PEFT's way (SDPA over ``cat([pk; k])`` with an explicit
+mask) in the benchmark suite: ``python -m benchmarks --op prefix_attention``.
 
 Rows that see no key (only possible without a prefix) get output 0 and LSE
 ``-inf`` and no gradient, as on the Triton path. LSE is fp32 (fp64 for fp64
@@ -143,7 +135,8 @@ def _native_backward(ops, dout, q, k, v, prefix_k, prefix_v, mask, out, lse, cau
                                     need_q, False, need_prefix)
         if need_q or need_kv:
             plan = _SequencePlan(q, k, mask, causal)
-            gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out, lse.masked_fill(lse == -math.inf, 0.0), 0.0,
+            gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out,
+                                         lse.masked_fill(lse == -math.inf, 0.0), 0.0,
                                          plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
             if need_q:
                 dq = gq if dq is None else dq.add_(gq)
@@ -236,7 +229,8 @@ def _sequence_partial(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
     inputs are copied here too."""
     b, sq, skv = q.shape[0], q.shape[2], k.shape[2]
     plan = _SequencePlan(q, k, mask, causal)
-    out_s, lse_s = _flash(_rows(q), _rows(k), _rows(v), is_causal=plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
+    out_s, lse_s = _flash(_rows(q), _rows(k), _rows(v), is_causal=plan.is_causal, attn_mask=plan.attn_mask,
+                          scale=sm_scale)
     empty = _empty_rows(mask, causal, b, sq, skv, q.device)
     if empty is not None:  # the flash kernel reports LSE 0 for a row without keys
         lse_s = lse_s.masked_fill(empty, -math.inf)
@@ -335,8 +329,8 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
             dpk, dpv = _prefix_grad(gk, prefix_k), _prefix_grad(gv, prefix_v)
     if skv > 0 and (need_q or need_kv) and sq > 0:
         plan = _SequencePlan(q, k, key_padding_mask, causal)
-        gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out, lse_flash, 0.0, plan.is_causal, attn_mask=plan.attn_mask,
-                                     scale=sm_scale)
+        gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out, lse_flash, 0.0, plan.is_causal,
+                                     attn_mask=plan.attn_mask, scale=sm_scale)
         if need_q:
             dq += gq
         if need_kv:

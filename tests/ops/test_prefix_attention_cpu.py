@@ -144,19 +144,21 @@ def test_gradcheck_float64(mode, cpu_backend, monkeypatch):
 
 
 def test_threads_agree_with_one_thread(cpu_backend):
-    """The kernel's parallel split (rows forward, KV groups backward) gives the same values as one thread."""
-    case = BASE.but(sq=3, skv=40, b=3, hq=8, hkv=2, causal=True, padding="right")
-    inputs = make_inputs(case, torch.float32)
+    """The kernel's parallel split (positions, or KV heads at decode, forward; KV groups backward) gives the
+    same values as one thread."""
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(inputs, True)
-        torch.set_num_threads(max(2, before))
-        many = run(inputs, True)
-    finally:
-        torch.set_num_threads(before)
-    for name in one:
-        assert torch.equal(one[name], many[name]), name
+    for case in (BASE.but(sq=3, skv=40, b=3, hq=8, hkv=2, causal=True, padding="right"),
+                 BASE.but(sq=1, skv=40, b=1, hq=8, hkv=2, causal=True, padding="right")):
+        inputs = make_inputs(case, torch.float32)
+        try:
+            torch.set_num_threads(1)
+            one = run(inputs, True)
+            torch.set_num_threads(max(2, before))
+            many = run(inputs, True)
+        finally:
+            torch.set_num_threads(before)
+        for name in one:
+            assert torch.equal(one[name], many[name]), name
 
 
 @pytest.mark.parametrize("bad, error, match", [
