@@ -30,19 +30,25 @@ __all__ = ["check_kernel_dtype", "nf4_dequantize", "nf4_forward", "nf4_input_gra
 
 GEMV_MAX_M = 16
 
-# Tensor-core GEMM tiles by dot precision: forward for M < 1024 / M >= 1024, and backward over (M, K).
-# fp32 "ieee" runs on FMA units, whose dot needs much smaller tiles to stay within registers; tf32 sits
-# in between.
+# GEMM tiles by dot precision: forward and dX (backward), each for M < 1024 ("small") and M >= 1024
+# ("large"). The kernels compute the transposed tile (the dequantized weight is the register operand of the
+# dot), so block_m is the dot's N: a larger block_m spreads each dequantized weight tile over more tokens.
+# 16-bit tiles are sized for sm_90 (kernel report): wgmma kept in flight, >= 2 CTAs per SM, no spills on
+# sm_80 or sm_90. fp32 "ieee" runs on FMA units, whose dot needs much smaller tiles; tf32 sits in between.
 _GEMM = {
-    "16bit": dict(small=LaunchConfig("small", 64, 64, 64, 4, 3), large=LaunchConfig("large", 128, 128, 64, 8, 3),
-                  # with the LoRA term the 128 x 128 tile spills on sm_80 (r = 8: 200 B); 128 x 64 does not
-                  large_lora=LaunchConfig("large_lora", 128, 64, 64, 8, 3),
-                  bwd=LaunchConfig("bwd", 64, 64, 64, 4, 3)),
+    "16bit": dict(small=LaunchConfig("small", 64, 64, 64, 4, 2), large=LaunchConfig("large", 128, 128, 64, 8, 2),
+                  # with the LoRA term, 8-warp tiles fit only one CTA per SM on sm_90; these 4-warp ones fit 2-3
+                  large_lora=LaunchConfig("large_lora", 128, 64, 32, 4, 3),
+                  bwd_small=LaunchConfig("bwd_small", 64, 64, 64, 4, 3),
+                  bwd_large=LaunchConfig("bwd_large", 128, 32, 128, 8, 3),
+                  bwd_large_lora=LaunchConfig("bwd_large_lora", 128, 32, 64, 4, 3)),
     "tf32": dict(small=LaunchConfig("small", 64, 64, 32, 4, 3), large=LaunchConfig("large", 128, 64, 32, 8, 3),
-                 bwd=LaunchConfig("bwd", 64, 32, 64, 4, 3)),
+                 bwd_small=LaunchConfig("bwd", 64, 32, 64, 4, 3)),
     "ieee": dict(small=LaunchConfig("small", 32, 64, 16, 4, 2), large=LaunchConfig("large", 64, 64, 16, 8, 2),
-                 bwd=LaunchConfig("bwd", 32, 16, 64, 4, 2)),
+                 bwd_small=LaunchConfig("bwd", 32, 16, 64, 4, 2)),
 }
+LARGE_M = 1024
+
 # Decode GEMV, by block_m = next power of two >= M: block_m * block_n * block_k stays <= 8192.
 _GEMV = {
     1: LaunchConfig("gemv_m1", 1, 32, 64, 4, 3),
@@ -70,12 +76,17 @@ def forward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
     if m <= GEMV_MAX_M:
         return _cap_block_k(_GEMV[triton.next_power_of_2(max(m, 1))], blocksize)
     family = _GEMM[_gemm_family(dtype)]
-    label = "small" if m < 1024 else ("large_lora" if has_lora and "large_lora" in family else "large")
-    return _cap_block_k(family[label], blocksize)
+    label = "large_lora" if has_lora and "large_lora" in family else "large"
+    return family["small" if m < LARGE_M else label]
 
 
-def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16) -> LaunchConfig:
-    return _cap_block_k(_GEMM[_gemm_family(dtype)]["bwd"], blocksize)
+def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
+                    has_lora: bool = False) -> LaunchConfig:
+    family = _GEMM[_gemm_family(dtype)]
+    if m < LARGE_M:
+        return family["bwd_small"]
+    label = "bwd_large_lora" if has_lora and "bwd_large_lora" in family else "bwd_large"
+    return family.get(label, family["bwd_small"])
 
 
 # Rank chunk of the LoRA term: 16 is the smallest tensor-core K, and every r loops over it.
@@ -87,6 +98,8 @@ def _check_layout(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     # The op layer validates user input; these guard direct launcher calls.
     if k % blocksize or blocksize % 2:
         raise ValueError(f"in_features={k} must be a multiple of blocksize={blocksize}")
+    if blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize={blocksize} must be a power of two")
     if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or not packed.is_contiguous():
         raise ValueError(f"packed must be contiguous uint8 with {n * k // 2} bytes for a [{n}, {k}] weight")
     if absmax.dtype != torch.float32 or absmax.numel() != n * k // blocksize or not absmax.is_contiguous():
@@ -158,7 +171,8 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
                                **cfg.launch_options())
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _nf4_matmul_kernel[grid](*common, **flags, DOT_PRECISION=dot_precision(x2d.dtype),
+        gemm_args = common[:14] + (k // 2,) + common[14:]  # + stride_pn: bytes per packed row
+        _nf4_matmul_kernel[grid](*gemm_args, **flags, DOT_PRECISION=dot_precision(x2d.dtype),
                                  UPCAST=interpreter_upcast(x2d.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                  BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **cfg.launch_options())
     return y
@@ -183,21 +197,22 @@ def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torc
     dx = _output(out, (m, k), dy2d, "out")
     if m == 0:
         return dx
-    cfg = config or backward_config(m, blocksize, dy2d.dtype)
     has_lora = lora_dh is not None
+    cfg = config or backward_config(m, blocksize, dy2d.dtype, has_lora)
     r = lora_dh.shape[1] if has_lora else 0
     dh = lora_dh if has_lora else dx
     la = lora_A if has_lora else dx
     dropout = has_lora and dropout_p > 0.0
     seed_lo, seed_hi = split_seed(seed) if dropout else (0, 0)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(k, cfg.block_k))
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_k),)
     _nf4_matmul_t_kernel[grid](dy2d, packed, absmax, code, dh, la, dx, m, n, k, r,
-                               dy2d.stride(0), dy2d.stride(1), dx.stride(0), dx.stride(1),
+                               dy2d.stride(0), dy2d.stride(1), k // 2, dx.stride(0), dx.stride(1),
                                dh.stride(0), dh.stride(1), la.stride(0), la.stride(1),
                                float(lora_scale), float(dropout_p), seed_lo, seed_hi,
                                BLOCKSIZE=blocksize, HAS_LORA=has_lora, BLOCK_R=LORA_RANK_BLOCK, DROPOUT=dropout,
                                DOT_PRECISION=dot_precision(dy2d.dtype), UPCAST=interpreter_upcast(dy2d.dtype),
                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               GROUP_M=cfg.group_m,
                                **cfg.launch_options())
     return dx
 

@@ -114,6 +114,7 @@ CONFIGS = {
     "dot_small": K.LaunchConfig("test", 32, 16, 32, group_m=2),
     "dot_bk128": K.LaunchConfig("test", 16, 32, 128, group_m=3),  # K=192: ragged K/BK
     "dot_bm64": K.LaunchConfig("test", 64, 64, 64),
+    "dot_bk256": K.LaunchConfig("test", 32, 16, 256, group_m=1),  # two absmax blocks per row, K/BK = 0.75
 }
 
 
@@ -179,6 +180,42 @@ def test_matmul_transposed_ragged_k_tiles():
     assert_close_to_ref(dx, dy.double() @ w32.double(), dy @ w32, tiny=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_large_default_configs(dtype, with_lora):
+    """The M >= 1024 tiles (grouped order over several row tiles; without LoRA the dX tile is 128 columns wide,
+    two quantization blocks), every size ragged against them; with LoRA both terms and the dX dropout mask."""
+    from fastpeft.kernels.lora import dropout_mask
+
+    m, n, k, bs, r, p, seed = 1030, 130, 192, 64, 5, 0.2, 77
+    fwd_cfg, bwd_cfg = K.forward_config(m, bs, dtype, with_lora), K.backward_config(m, bs, dtype, with_lora)
+    assert fwd_cfg.name == ("large_lora" if with_lora else "large") and fwd_cfg.block_m == 128
+    assert bwd_cfg.name == ("bwd_large_lora" if with_lora else "bwd_large") and bwd_cfg.block_m == 128
+    assert with_lora or bwd_cfg.block_k > bs
+    packed, absmax, code, state = quantize(n, k, bs, double_quant=True)
+    w32 = bnb_dequant(packed, state, torch.float32)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    ref, peer = _reference(x, w32, bias), _torch_same_dtype(x, w32, bias)
+    dx_ref, dx_peer = dy.double() @ w32.double(), dy @ w32.to(dtype)
+    lora = {}
+    if with_lora:
+        h, dh = torch.randn(m, r), torch.randn(m, r)
+        lora_A, lora_B = torch.randn(r, k).to(dtype), torch.randn(n, r).to(dtype)
+        lora = dict(lora_h=h, lora_B=lora_B, lora_scale=0.5)
+        ref = ref + 0.5 * (h.to(dtype).double() @ lora_B.double().T)
+        peer = peer + 0.5 * (h.to(dtype) @ lora_B.T)
+        keep = dropout_mask((m, k), p, seed, "cpu")
+        dx_lora = dict(lora_dh=dh, lora_A=lora_A, lora_scale=2.0 / (1 - p), dropout_p=p, seed=seed)
+        dx_ref = dx_ref + (dh.to(dtype).double() @ lora_A.double()) * keep * (2.0 / (1 - p))
+        dx_peer = dx_peer + (dh.to(dtype) @ lora_A) * keep * (2.0 / (1 - p))
+    y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, bias=bias, out=poisoned((m, n), dtype), **lora)
+    assert_close_to_ref(y, ref, peer)
+    dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, out=poisoned((m, k), dtype),
+                                 **(dx_lora if with_lora else {}))
+    assert_close_to_ref(dx, dx_ref, dx_peer)
+
+
 def test_empty_batch():
     packed, absmax, code, _ = quantize(8, 64)
     y = K.nf4_matmul(torch.randn(0, 64), packed, absmax, code, 8, 64, 64)
@@ -190,6 +227,8 @@ def test_launcher_guards():
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="multiple of blocksize"):
         K.nf4_matmul(x, packed, absmax, code, 8, 128, 96)
+    with pytest.raises(ValueError, match="power of two"):
+        K.nf4_matmul(torch.randn(2, 96), packed[:384], absmax[:16], code, 8, 96, 48)
     with pytest.raises(ValueError, match="packed"):
         K.nf4_matmul(x, packed.to(torch.int16), absmax, code, 8, 128, 64)
     with pytest.raises(ValueError, match="absmax"):
