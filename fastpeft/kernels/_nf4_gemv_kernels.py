@@ -20,10 +20,13 @@ How the work is laid out (SASS facts and counts: ``fastpeft.kernels.nf4_gemv``):
   that meet it, read as one int32 (fp16/bf16) or int64 (fp32) each;
 - the absmax is read once per chunk when a chunk lies in one quantization
   block (``BLOCKSIZE % 32 == 0``), per byte otherwise;
-- the 16 code values live in registers and are looked up with one
-  ``tl.gather`` per trip (Triton stages the 16-entry table in shared memory:
-  one LDS per weight, two barriers per trip), not re-read from global memory
-  per element;
+- a whole byte is decoded at once: a 256-entry table of int64 words holds
+  both code values of each byte value (``_nf4_byte_table``, built per trip
+  from the 16 codes: two L1-resident loads per thread), looked up with one
+  ``tl.gather`` (Triton stages the 2 KB table in shared memory: one 64-bit
+  LDS per byte, two barriers per trip) - no nibble arithmetic, no global
+  gather per element. A 16-entry fp32 table (conflict-free, but one LDS and
+  ~3 integer instructions per weight more) cost 30-50 % more instructions;
 - products accumulate per element in registers shaped like the byte tile and
   are summed over K once, after the loop (no shuffles inside it).
 """
@@ -36,14 +39,29 @@ from ._common import TOKEN_ARGS
 
 
 @triton.jit
-def _nf4_pair_lookup(codes, packed):
-    """(code[high nibble], code[low nibble]) of an int32 byte tile, from the 16 fp32 ``codes`` in registers.
+def _nf4_byte_table(code_ptr):
+    """The 256 int64 words ``bits(code[b >> 4]) | bits(code[b & 15]) << 32``: both code values of byte ``b``.
 
-    One ``tl.gather`` for both nibbles: the gather stages its table in shared memory once per call.
+    Read from the 16 codes (64 bytes, L1-resident) where it is used: a table kept in registers across the
+    loop made ptxas spill.
     """
-    pairs = tl.join(packed >> 4, packed & 0xF)
-    flat = tl.reshape(pairs, (pairs.numel,))
-    return tl.split(tl.reshape(tl.gather(codes, flat, 0), pairs.shape))
+    byte = tl.arange(0, 256)
+    high = tl.load(code_ptr + (byte >> 4)).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    low = tl.load(code_ptr + (byte & 0xF)).to(tl.int32, bitcast=True).to(tl.int64)
+    return high | (low << 32)
+
+
+@triton.jit
+def _nf4_pair_lookup(table, packed):
+    """(code[high nibble], code[low nibble]) of an int32 byte tile: one ``tl.gather`` of ``_nf4_byte_table``.
+
+    Triton stages the gathered table in shared memory once per call: one 64-bit LDS per byte.
+    """
+    flat = tl.reshape(packed, (packed.numel,))
+    words = tl.reshape(tl.gather(table, flat, 0), packed.shape)
+    high = (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    low = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return high, low
 
 
 @triton.jit
@@ -94,7 +112,7 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
                      BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_KB: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr):
-    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4)
+    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2)
     # Program ids: the token groups of one row tile are neighbours, so they share its bytes in L2.
     pid = tl.program_id(0)
     m_groups = tl.cdiv(M, BLOCK_M)
@@ -107,7 +125,6 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
     dtype = y_ptr.dtype.element_ty
-    codes = tl.load(code_ptr + tl.arange(0, 16))
     # Index space [1, chunk row r = (weight row, 16-byte chunk), byte v]: a thread owns one chunk of a row.
     CHUNKS: tl.constexpr = BLOCK_KB // VEC
     offs_r = tl.arange(0, BLOCK_N * CHUNKS)
@@ -122,29 +139,25 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     # loaded in the layout of the weight bytes, so no tile changes layout inside the loop.
     acc0 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
     acc1 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
-    acc2 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
-    acc3 = tl.zeros((1, BLOCK_N * CHUNKS, VEC), dtype=tl.float32)
     for b0 in range(0, row_bytes, BLOCK_KB):
         chunk = b0 + c3
-        # EVEN_K: an always-true mask, which Triton folds away
-        w_mask = (chunk < row_bytes) | EVEN_K
         byte = chunk + v3
+        # EVEN_K: an always-true mask, which Triton folds away; otherwise per byte (any K / 2, even < 16)
+        w_mask = (byte < row_bytes) | EVEN_K
         packed = tl.load(packed_ptr + n3 * row_bytes + byte, mask=w_mask, other=0).to(tl.int32)
         if BLOCKSIZE % (2 * VEC) == 0:
             # a chunk lies in one quantization block: one scale per thread and trip
-            scale = tl.load(absmax_ptr + n3 * blocks_per_row + chunk // (BLOCKSIZE // 2), mask=w_mask, other=0.0)
+            in_k = (chunk < row_bytes) | EVEN_K
+            scale = tl.load(absmax_ptr + n3 * blocks_per_row + chunk // (BLOCKSIZE // 2), mask=in_k, other=0.0)
         else:
             scale = tl.load(absmax_ptr + n3 * blocks_per_row + byte // (BLOCKSIZE // 2), mask=w_mask, other=0.0)
-        code_even, code_odd = _nf4_pair_lookup(codes, packed)
+        code_even, code_odd = _nf4_pair_lookup(_nf4_byte_table(code_ptr), packed)
         # bitsandbytes' dequantization: fp32(code * absmax), rounded to x's dtype before the product
         w_even = (code_even * scale).to(dtype).to(tl.float32)
         w_odd = (code_odd * scale).to(dtype).to(tl.float32)
         acc0 = _token_fma(acc0, xp_ptr, tl.minimum(m0, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
         if BLOCK_M > 1:
             acc1 = _token_fma(acc1, xp_ptr, tl.minimum(m0 + 1, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
-        if BLOCK_M > 2:
-            acc2 = _token_fma(acc2, xp_ptr, tl.minimum(m0 + 2, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
-            acc3 = _token_fma(acc3, xp_ptr, tl.minimum(m0 + 3, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
     # LoRA and bias as one [BLOCK_M, BLOCK_N] term, added to each token row when it is stored.
     extra = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
@@ -165,8 +178,3 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     if BLOCK_M > 1:
         _store_token(y_ptr, m0 + 1, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc1, BLOCK_N, CHUNKS),
                      extra, 1, BLOCK_M)
-    if BLOCK_M > 2:
-        _store_token(y_ptr, m0 + 2, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc2, BLOCK_N, CHUNKS),
-                     extra, 2, BLOCK_M)
-        _store_token(y_ptr, m0 + 3, M, stride_ym, rows, stride_yn, n_mask, _token_row(acc3, BLOCK_N, CHUNKS),
-                     extra, 3, BLOCK_M)

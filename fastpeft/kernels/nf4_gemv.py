@@ -14,12 +14,17 @@ on 132 SMs without splitting K, so no second pass. M > 2 token rows run as
 program ids: the re-reads hit L2), each dequantizing again.
 
 Static facts (sm_90 SASS, N = K = 4096, blocksize 64; count with
-``fastpeft.tools.sass_loops``): the main loop has LDG.E.128 weight loads, one
-LDS per weight for the code table, two barriers per trip (the gather's
-table), no shuffles; instructions per weight per program 7.6 / 9.7 / 10.2
-(fp32 / fp16 / bf16, one token row) and 9.3 / 12.3 / 12.6 (two token rows),
-against 33-35 (one row) to 203-208 (16 rows, per weight of the whole M) in
-the former ``_nf4_gemv_kernel``; <= 114 registers, no spills, >= 4 CTAs/SM.
+``fastpeft.tools.sass_loops``): the main loop has LDG.E.128 weight loads,
+one 64-bit LDS per weight byte (the byte table), two barriers per trip (the
+gather stages its table), no shuffles; instructions per weight per program
+4.5 / 6.7 / 7.3 (fp32 / fp16 / bf16, one token row) and 6.1 / 9.1 / 9.4 (two
+token rows), against 33-35 (one row) to 203-208 (16 rows) in the former
+``_nf4_gemv_kernel``; <= 110 registers, no spills, >= 4 CTAs/SM (report).
+A 16-entry fp32 code table (one LDS per weight, conflict-free) took 6.8 /
+9.2 / 9.7 at one row; four token rows per program needed 130-140 registers.
+Estimated (issue rate 132 SMs x 4 x 32 lanes x 1.755 GHz vs 3.35 TB/s) at
+4096 x 4096, M = 1: 2.8 us (HBM-bound) fp32, 3.8-4.2 us fp16/bf16; the byte
+table's bank conflicts (random 8-byte entries) are not in these numbers.
 """
 from __future__ import annotations
 
@@ -39,28 +44,29 @@ GEMV_MAX_M = 16
 LORA_RANK_BLOCK = 16
 
 # block_m: token rows per program; block_n: weight rows per program (one warp each); block_k: BYTES per row
-# per trip (16 per thread). Four token rows need 128 registers (sm_90, fp32 and bf16: 4 CTAs per SM); fp16
-# needs 168 there (its x words take one conversion per element), so fp16 stops at two, and so does a ragged
-# K (K / 2 not a multiple of block_k: the masked loads cost registers; bf16 spilled on sm_80).
+# per trip (16 per thread). Four token rows per program needed 130-140 registers on sm_90 (3 CTAs per SM).
 _CONFIGS = {
     1: LaunchConfig("gemv_m1", 1, 4, 512, 4, 1),
     2: LaunchConfig("gemv_m2", 2, 4, 512, 4, 1),
-    4: LaunchConfig("gemv_m4", 4, 4, 512, 4, 1),
 }
-_MAX_BLOCK_M = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 2}
 
 
 def gemv_config(m: int, dtype: torch.dtype, k: int) -> LaunchConfig:
-    """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``) of ``dtype`` and ``k`` input features."""
+    """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``) of ``dtype``, ``k`` input features.
+
+    bf16 with a ragged K (``even_k`` false: masked loads) takes one token row per program: two spilled 4 B
+    on sm_80 and sm_90.
+    """
     if not 1 <= m <= GEMV_MAX_M:
         raise ValueError(f"nf4_gemv takes 1 to {GEMV_MAX_M} token rows, got {m}")
-    largest = _MAX_BLOCK_M[dtype] if _even_k(k, _CONFIGS[4]) else 2
-    return _CONFIGS[min(triton.next_power_of_2(m), largest)]
+    if dtype == torch.bfloat16 and not even_k(k):
+        return _CONFIGS[1]
+    return _CONFIGS[min(m, 2)]
 
 
-def _even_k(k: int, cfg: LaunchConfig) -> bool:
-    """Whether every trip reads whole ``block_k``-byte steps of a row (no masked loads)."""
-    return (k // 2) % cfg.block_k == 0
+def even_k(k: int) -> bool:
+    """Whether a row is a whole number of ``block_k``-byte steps (the kernel's loads need no mask)."""
+    return (k // 2) % _CONFIGS[1].block_k == 0
 
 
 def _check_layout(x2d, packed, absmax, code, n: int, k: int, blocksize: int) -> None:
@@ -131,7 +137,7 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                            BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
                            BLOCK_R=LORA_RANK_BLOCK, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_KB=cfg.block_k, VEC=16,
-                           EVEN_K=_even_k(k, cfg), **cfg.launch_options())
+                           EVEN_K=even_k(k), **cfg.launch_options())
     return out
 
 

@@ -10,7 +10,8 @@ is ``fp32(code[nibble] * absmax)`` rounded to x's dtype, multiplied in fp32
 - against a float64 reference within a few times torch's own error in the
   same dtype (``tests/numerics.py``), with bias and the LoRA term;
 - shapes that are multiples of nothing: odd N, K a multiple of the blocksize
-  but not of the kernel's 1024-element step, blocksizes 48 to 4096, every M
+  but not of the kernel's 1024-element step, rows shorter than one 16-byte
+  chunk or not a whole number of chunks, blocksizes 8 to 4096, every M
   from 1 to 16, non-contiguous x and out, NaN-poisoned out.
 """
 import pytest
@@ -80,7 +81,7 @@ def poisoned(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48)])
+@pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48), (6, 40, 20), (3, 24, 8)])
 def test_dequantized_weight_is_bit_exact(dtype, n, k, blocksize):
     gen = torch.Generator().manual_seed(n * k + blocksize)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
@@ -204,6 +205,7 @@ def test_every_token_count_has_a_config_and_enough_programs(dtype):
     for m in range(1, G.GEMV_MAX_M + 1):
         for k in (4096, 4160):  # whole 512-byte steps; a ragged last step
             cfg = G.gemv_config(m, dtype, k)
-            assert 1 <= cfg.block_m <= 4 and cfg.block_m < 2 * m
+            ragged_bf16 = dtype == torch.bfloat16 and k == 4160
+            assert cfg.block_m == (1 if ragged_bf16 else min(m, 2))
             # N = 4096: at least 4 programs per SM on 132 SMs
             assert (4096 // cfg.block_n) * -(-m // cfg.block_m) >= 4 * 132

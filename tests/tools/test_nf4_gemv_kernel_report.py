@@ -22,17 +22,16 @@ def gemv_rows(report_rows):
 
 def test_every_gemv_variant_is_compiled_for_every_arch(gemv_rows):
     names = {r.name for r in gemv_rows}
-    # 8 (dtype, token-row config) pairs x (plain and bias + LoRA at blocksize 64, plain at 128), and the 6
-    # configs a ragged K uses (at most two token rows)
-    assert len(names) == 30, sorted(names)
+    # 3 dtypes x 2 token-row configs x (plain and bias + LoRA at blocksize 64, plain at 128 and at a ragged
+    # K), less bf16's two-row config at a ragged K (one row per program there)
+    assert len(names) == 23, sorted(names)
     assert sorted((r.name, r.arch) for r in gemv_rows) == sorted((n, a) for n in names for a in ARCHES)
-    configs = {("fp32", "m1"), ("fp32", "m2"), ("fp32", "m4"), ("fp16", "m1"), ("fp16", "m2"),
-               ("bf16", "m1"), ("bf16", "m2"), ("bf16", "m4")}
-    for dtype, m in configs:
-        for tail in (",n4096,k4096,b64]", ",n4096,k4096,b64,bias,lora]", ",n4096,k4096,b128]"):
-            assert f"nf4_gemv[{dtype},{m}{tail}" in names, (dtype, m, tail)
-        if m != "m4":
-            assert f"nf4_gemv[{dtype},{m},n4096,k4160,b64]" in names, (dtype, m)
+    for dtype in ("fp32", "fp16", "bf16"):
+        for m in ("m1", "m2"):
+            for tail in (",n4096,k4096,b64]", ",n4096,k4096,b64,bias,lora]", ",n4096,k4096,b128]",
+                         ",n4096,k4160,b64]"):
+                if not (dtype == "bf16" and m == "m2" and "k4160" in tail):
+                    assert f"nf4_gemv[{dtype},{m}{tail}" in names, (dtype, m, tail)
 
 
 def test_gemv_loads_weight_bytes_128_bits_wide_and_fits_4_ctas_per_sm(gemv_rows):
