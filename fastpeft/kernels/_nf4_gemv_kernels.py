@@ -117,7 +117,7 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
     pid = tl.program_id(0)
     m_groups = tl.cdiv(M, BLOCK_M)
     pid_n = pid // m_groups
-    pid_m = pid - pid_n * m_groups
+    pid_m = pid % m_groups
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
