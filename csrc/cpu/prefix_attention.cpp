@@ -245,7 +245,26 @@ inline void accumulate<float>(const float* w, const float* base, int64_t stride,
 inline void scores_packed4(const float* const x[4], const float* kt, int64_t n, int64_t d, float scale, float* s,
                            int64_t ld) {
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < n; j += 32) {
+  int64_t j = 0;
+  for (; j + 32 < n; j += 64) {  // more than 32 keys left: 64 at a time (half the broadcasts per FMA)
+    __mmask16 m[4];
+    for (int q = 0; q < 4; ++q) m[q] = tail_mask(n - j - 16 * q);
+    __m512 a[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) a[r][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; ++i) {
+      const float* col = kt + i * n + j;
+      __m512 c[4];
+      for (int q = 0; q < 4; ++q) c[q] = _mm512_maskz_loadu_ps(m[q], col + 16 * q);
+      for (int r = 0; r < 4; ++r) {
+        const __m512 xi = _mm512_set1_ps(x[r][i]);
+        for (int q = 0; q < 4; ++q) a[r][q] = _mm512_fmadd_ps(xi, c[q], a[r][q]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(s + r * ld + j + 16 * q, m[q], _mm512_mul_ps(a[r][q], vscale));
+  }
+  for (; j < n; j += 32) {
     const __mmask16 m0 = tail_mask(n - j), m1 = tail_mask(n - j - 16);
     __m512 a[4][2];
     for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
@@ -288,20 +307,30 @@ inline void accumulate4(const float* w, int64_t ld, const float* base, int64_t s
   }
 }
 // dst row j += sum_i w[i * ld + j] * x[i] for the n rows of dst (the prefix gradients of four query rows).
+// 64 columns at a time with the four x chunks held in registers: one load and one store of dst per
+// four FMAs.
 inline void outer4(const float* w, int64_t ld, const float* const x[4], int64_t n, int64_t d, float* dst,
                    int64_t dst_stride) {
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 w0 = _mm512_set1_ps(w[j]), w1 = _mm512_set1_ps(w[ld + j]), w2 = _mm512_set1_ps(w[2 * ld + j]),
-                 w3 = _mm512_set1_ps(w[3 * ld + j]);
-    float* row = dst + j * dst_stride;
-    for (int64_t c = 0; c < d; c += 16) {
-      const __mmask16 m = tail_mask(d - c);
-      __m512 acc = _mm512_maskz_loadu_ps(m, row + c);
-      acc = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x[0] + c), acc);
-      acc = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m, x[1] + c), acc);
-      acc = _mm512_fmadd_ps(w2, _mm512_maskz_loadu_ps(m, x[2] + c), acc);
-      acc = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(m, x[3] + c), acc);
-      _mm512_mask_storeu_ps(row + c, m, acc);
+  for (int64_t c = 0; c < d; c += 64) {
+    __mmask16 m[4];
+    __m512 xr[4][4];
+    for (int q = 0; q < 4; ++q) {
+      m[q] = tail_mask(d - c - 16 * q);
+      for (int i = 0; i < 4; ++i) xr[i][q] = _mm512_maskz_loadu_ps(m[q], x[i] + c + 16 * q);
+    }
+    const int chunks = static_cast<int>(std::min<int64_t>(4, (d - c + 15) / 16));
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 w0 = _mm512_set1_ps(w[j]), w1 = _mm512_set1_ps(w[ld + j]), w2 = _mm512_set1_ps(w[2 * ld + j]),
+                   w3 = _mm512_set1_ps(w[3 * ld + j]);
+      float* row = dst + j * dst_stride + c;
+      for (int q = 0; q < chunks; ++q) {
+        __m512 acc = _mm512_maskz_loadu_ps(m[q], row + 16 * q);
+        acc = _mm512_fmadd_ps(w0, xr[0][q], acc);
+        acc = _mm512_fmadd_ps(w1, xr[1][q], acc);
+        acc = _mm512_fmadd_ps(w2, xr[2][q], acc);
+        acc = _mm512_fmadd_ps(w3, xr[3][q], acc);
+        _mm512_mask_storeu_ps(row + 16 * q, m[q], acc);
+      }
     }
   }
 }
