@@ -16,15 +16,18 @@ the GEMMs' accumulators, ``scaled_mm``); frozen
 tensors get no gradient. ``lora_backward_with_base`` is the same around any
 frozen base (QLoRA's NF4 base in ``fastpeft.ops.qlora_cpu``).
 
-Few rows of fp16/bf16 on the CPU (``M <= FP32_BRANCH_MAX_ROWS``): the LoRA
-branch's GEMMs (everything but the base's) run in fp32 on upcast copies of the
-operands (``branch_dtype``). A bf16/fp16 GEMM on the CPU goes through oneDNN,
-which costs about 25 µs per call whatever its size, more than the whole fp32
-branch at one token (the upcast copies of A and B are ``r·(K+N)`` elements).
-Only the rounding of the results (``y``, ``h``, ``dx``, ``dA``, ``dB``) to x's
-dtype remains, so the branch is more accurate than torch's own bf16 LoRA.
-From a few dozen rows on the fp32 GEMMs cost more than oneDNN's, which then
-runs the branch in x's dtype with fp32 accumulation.
+Few rows of fp16/bf16 on the CPU: the LoRA branch's GEMMs (everything but the
+base's) run in fp32 on upcast copies of the operands while ``M·(K+N)`` is at
+most ``FP32_BRANCH_MAX_FORWARD`` / ``_BACKWARD`` (``branch_dtype``). A
+bf16/fp16 GEMM on the CPU goes through oneDNN, which costs about 25 µs per
+call whatever its size: more than the whole fp32 branch at one token, where
+the upcast copies of A and B (``r·(K+N)`` elements) cost most. The fp32 GEMMs
+grow with ``M·(K+N)``; the limits are the crossovers measured at r=16 on an
+AVX512-BF16/AMX Xeon (one thread): forward M=16 at K=N=1024 and M=2 at
+K=N=4096; backward M=32 and M=8. Above them oneDNN runs the branch in x's
+dtype with fp32 accumulation. Only the rounding of the results (``y``, ``h``,
+``dx``, ``dA``, ``dB``) to x's dtype remains, so the fp32 branch is more
+accurate than torch's own bf16 LoRA.
 
 Dropout mask: not stored. It is regenerated in backward from the integer seed
 with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
@@ -45,16 +48,17 @@ def lora_h_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return x_dtype
 
 
-# Up to this many rows of fp16/bf16 input the LoRA branch runs in fp32 (module docstring).
-FP32_BRANCH_MAX_ROWS = 16
+# The LoRA branch of fp16/bf16 input runs in fp32 while M·(K+N) is at most this (module docstring).
+FP32_BRANCH_MAX_FORWARD = 1 << 15
+FP32_BRANCH_MAX_BACKWARD = 1 << 16
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def branch_dtype(rows: torch.Tensor) -> torch.dtype:
-    """dtype the LoRA branch's GEMMs run in for an input or output gradient of ``rows`` rows."""
-    if rows.dtype in _REDUCED_DTYPES and rows.shape[0] <= FP32_BRANCH_MAX_ROWS and rows.device.type == "cpu":
+def branch_dtype(x2d: torch.Tensor, n: int, limit: int) -> torch.dtype:
+    """dtype the LoRA branch's GEMMs run in for the input ``x2d [M, K]`` of a layer with ``n`` outputs."""
+    if x2d.dtype in _REDUCED_DTYPES and x2d.shape[0] * (x2d.shape[1] + n) <= limit and x2d.device.type == "cpu":
         return torch.float32
-    return rows.dtype
+    return x2d.dtype
 
 
 def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,7 +103,7 @@ def base_output(x2d, weight, bias):
 
 def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
-    work = branch_dtype(x2d)
+    work = branch_dtype(x2d, y.shape[1], FP32_BRANCH_MAX_FORWARD)
     x_work = in_dtype(x2d, work)
     h = F.linear(x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed), in_dtype(lora_A, work))
     if work is y.dtype:
@@ -132,10 +136,10 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
     """LoRA backward around any frozen base: ``base_input_grad(dy)`` gives the base's ``dy W``.
 
     Returns ``(dx, dA, dB)``; an entry not asked for is ``None``. The LoRA
-    GEMMs run in ``branch_dtype(dy)``; each gradient comes back in its
-    input's dtype.
+    GEMMs run in ``branch_dtype``; each gradient comes back in its input's
+    dtype.
     """
-    work = branch_dtype(dy)
+    work = branch_dtype(x2d, dy.shape[1], FP32_BRANCH_MAX_BACKWARD)
     dy_work = in_dtype(dy, work)
     like = dy_work.new_empty(())  # only scaled_mm's dtype: beta=0 ignores it, and () broadcasts to any shape
     dx = dA = dB = None

@@ -1,7 +1,8 @@
 """The CPU LoRA path's shape- and dtype-dependent variants, each against float64.
 
 ``fastpeft.ops.lora_cpu`` runs the LoRA branch in fp32 for few rows of
-fp16/bf16 (``branch_dtype``, ``FP32_BRANCH_MAX_ROWS``) and one bf16 row's base
+fp16/bf16 (``branch_dtype``: ``M·(K+N)`` up to ``FP32_BRANCH_MAX_FORWARD`` /
+``FP32_BRANCH_MAX_BACKWARD``) and one bf16 row's base
 product as ``torch.mv`` (``base_output``). On both sides of each switch the
 output and every gradient must be within the numerics policy (error vs float64
 at most 4x plain torch's in the same dtype, ``numerics.assert_close_to_ref``),
@@ -17,10 +18,11 @@ from numerics import assert_close_to_ref
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 
-MAX_ROWS = lora_cpu.FP32_BRANCH_MAX_ROWS
-# Rows on both sides of the fp32-branch switch; 1 is also base_output's torch.mv row.
-ROWS = [1, 2, MAX_ROWS, MAX_ROWS + 1]
 K, N, R = 67, 45, 5
+FORWARD_ROWS = lora_cpu.FP32_BRANCH_MAX_FORWARD // (K + N)  # the most rows with an fp32 forward branch
+BACKWARD_ROWS = lora_cpu.FP32_BRANCH_MAX_BACKWARD // (K + N)
+# Rows on both sides of each switch; 1 is also base_output's torch.mv row.
+ROWS = [1, 2, FORWARD_ROWS, FORWARD_ROWS + 1, BACKWARD_ROWS, BACKWARD_ROWS + 1]
 
 
 @pytest.fixture
@@ -43,12 +45,14 @@ def _lora_math(x, w, b, a, bb, s, keep=None, p=0.0):
     return F.linear(x, w, b) + s * F.linear(F.linear(xd, a), bb)
 
 
-def test_branch_dtype_switches_at_the_documented_row_count():
-    for dtype in (torch.bfloat16, torch.float16):
-        assert lora_cpu.branch_dtype(torch.empty(MAX_ROWS, 3, dtype=dtype)) is torch.float32
-        assert lora_cpu.branch_dtype(torch.empty(MAX_ROWS + 1, 3, dtype=dtype)) is dtype
-    for dtype in (torch.float32, torch.float64):
-        assert lora_cpu.branch_dtype(torch.empty(1, 3, dtype=dtype)) is dtype
+def test_branch_dtype_switches_where_the_tests_expect():
+    for limit, rows in ((lora_cpu.FP32_BRANCH_MAX_FORWARD, FORWARD_ROWS),
+                        (lora_cpu.FP32_BRANCH_MAX_BACKWARD, BACKWARD_ROWS)):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert lora_cpu.branch_dtype(torch.empty(rows, K, dtype=dtype), N, limit) is torch.float32
+            assert lora_cpu.branch_dtype(torch.empty(rows + 1, K, dtype=dtype), N, limit) is dtype
+        for dtype in (torch.float32, torch.float64):
+            assert lora_cpu.branch_dtype(torch.empty(1, K, dtype=dtype), N, limit) is dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -76,7 +80,7 @@ def test_op_values_and_grads_match_float64(dtype, m, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, MAX_ROWS + 1])
+@pytest.mark.parametrize("m", [1, FORWARD_ROWS + 1, BACKWARD_ROWS + 1])
 def test_dropout_forward_and_backward_use_one_mask(dtype, m):
     x, w, b, a, bb = _tensors(m, dtype, bias=True)
     s, p, seed = 0.8, 0.3, 1234
@@ -102,7 +106,7 @@ def test_dropout_forward_and_backward_use_one_mask(dtype, m):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, MAX_ROWS + 1])
+@pytest.mark.parametrize("m", [1, BACKWARD_ROWS + 1])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_each_gradient_alone_equals_all_together(dtype, m, dropout_p):
     x, w, _, a, bb = _tensors(m, dtype, bias=False)
