@@ -23,9 +23,11 @@ RANK_BLOCKS = (16, 64)
 # and half the CTAs per SM on sm_90. 16-wide chunks keep the prologue's shared memory at one 16-wide tile
 # pair for every r (one 64-wide dot at r = 64 needed 24 KB more: 1 CTA/SM instead of 2).
 GEMM_RANK_BLOCK = 16
-# How many of those chunks are unrolled at most; larger ranks loop over the rest. Unrolling all eight chunks of
-# r = 128 took the fp32 "ieee" (FMA) kernel to 255 registers and 2 CTAs/SM on sm_80 and sm_90.
-GEMM_UNROLLED_RANK_STEPS = 4
+# How many of those chunks are unrolled at most (r <= 32); larger ranks loop over the rest. Unrolling all eight
+# chunks of r = 128 took the fp32 "ieee" (FMA) kernel to 255 registers and 2 CTAs/SM on sm_80 and sm_90; four
+# unrolled chunks spilled 16 B in its sm_90 dx variant; two give 0 spills and fp32 r = 64/128 dx 5 CTAs/SM on
+# sm_90 (4 before), with the same CTAs/SM as four for fp16/bf16.
+GEMM_UNROLLED_RANK_STEPS = 2
 
 # Programs a launch should have to fill the largest GPU we target (H100 SXM: 132 SMs; A100 has 108). The
 # kernel report's grid gate checks every launch at a benchmark headline shape against it.
@@ -73,7 +75,7 @@ _SHRINK_FP32 = (
 # Reduce over M: out[cols, r] = src[:, cols]ᵀ @ hmat; block_m cols, block_k = loop step over M. The 16-column
 # tile serves short M (nothing to split) with few columns: 64-wide tiles of 4096 columns are 64 programs.
 _REDUCE_HALF = (LaunchConfig("reduce", 64, 0, 64, 4, 3),  # 8 warps spill on sm_80 for r <= 16
-                LaunchConfig("reduce_p16", 16, 0, 64, 4, 3))
+                LaunchConfig("reduce_p16", 16, 0, 64, 4, 2))  # 3 stages: the r = 8 dA variant spilled 36 B on sm_80
 _REDUCE_FP32 = (LaunchConfig("reduce32", 64, 0, 32, 8, 3),
                 LaunchConfig("reduce32_p16", 16, 0, 32, 4, 3))
 # M-split of the reductions: at most this many programs, each split keeping at least this many rows.

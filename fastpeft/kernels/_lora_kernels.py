@@ -137,7 +137,7 @@ def _lora_fused_gemm_kernel(src_ptr, mat_ptr, lhs_ptr, lmat_ptr, bias_ptr, out_p
     # The LoRA term initialises the accumulator (lhs is [M, R], contiguous). The rank is padded with zeros
     # (masked loads) to RANK_STEPS chunks of BLOCK_R. Up to UNROLLED_RANK_STEPS chunks are unrolled (a runtime
     # loop before the main loop cost r = 8 a third more registers); the rest, if any, run in a loop (unrolling
-    # all eight chunks of r = 128 took fp32 "ieee" to 255 registers on sm_90).
+    # all eight chunks of r = 128 took fp32 "ieee" to 255 registers; see _lora_configs).
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in tl.static_range(min(RANK_STEPS, UNROLLED_RANK_STEPS)):
