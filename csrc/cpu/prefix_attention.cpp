@@ -521,7 +521,7 @@ void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Ten
   // Tasks: (b, block of positions), every head of a position in turn (HF's [B, S, H, D] memory order).
   const int64_t rows_per_task = std::max<int64_t>(1, 64 / sh.Hq);
   const int64_t tasks_per_sample = (sh.Sq + rows_per_task - 1) / rows_per_task;
-  bool quads = false;
+  [[maybe_unused]] bool quads = false;
 #ifdef FASTPEFT_PREFIX_QUAD
   quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0 && (!has_init || out.is_same(out_init));
 #endif
@@ -598,7 +598,7 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
   MutView4<T> dqv(need_q ? dq : unused), dkv(need_kv ? dk : unused), dvv(need_kv ? dv : unused);
   MutView4<T> dpkv(need_prefix ? dpk : unused), dpvv(need_prefix ? dpv : unused);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const bool quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0;
+  [[maybe_unused]] const bool quads = std::is_same_v<T, float> && !sh.with_sequence && sh.P > 0;
   at::parallel_for(0, sh.B * sh.Hkv, 1, [&](int64_t begin, int64_t end_task) {
     std::vector<T> p(4 * (sh.P + sh.Skv)), ds(4 * (sh.P + sh.Skv)), dqrow(sh.D);
     for (int64_t task = begin; task < end_task; ++task) {
@@ -649,7 +649,7 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
 #endif
         // Rows one at a time; four heads at a time share the key-gradient updates (one load and store of
         // each dk/dv/dprefix row per four query rows).
-        const int64_t ld = sh.P + sh.Skv;
+        [[maybe_unused]] const int64_t ld = sh.P + sh.Skv;
         auto row_grads = [&](int64_t h, T* pr, T* dsr) -> bool {
           const T row_lse = lv[(b * sh.Hq + h) * sh.Sq + r];
           const int64_t end = sh.seq_end(r);
