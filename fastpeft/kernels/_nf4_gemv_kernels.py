@@ -1,4 +1,4 @@
-"""The @triton.jit decode GEMV behind ``fastpeft.kernels.nf4_gemv`` (the launcher lives there).
+"""``_nf4_decode_gemv_kernel``: the @triton.jit decode GEMV behind ``fastpeft.kernels.nf4_gemv`` (its launcher).
 
 ``y[m, n] = sum_k x[m, k] * w[n, k]`` for ``M <= 16`` token rows, reading the
 packed NF4 weight once, at HBM speed. ``w[n, k]`` is bitsandbytes'
@@ -105,13 +105,13 @@ def _store_token(y_ptr, row, M, stride_ym, rows, stride_yn, n_mask, out, extra, 
 
 
 @triton.jit(do_not_specialize=TOKEN_ARGS)
-def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
-                     M, N, K, R, row_bytes,
-                     stride_xpm, stride_ym, stride_yn, stride_bias,
-                     stride_hm, stride_hr, stride_lbn, stride_lbr, lora_scale,
-                     BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KB: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr):
+def _nf4_decode_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
+                            M, N, K, R, row_bytes,
+                            stride_xpm, stride_ym, stride_yn, stride_bias,
+                            stride_hm, stride_hr, stride_lbn, stride_lbr, lora_scale,
+                            BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_KB: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr):
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2)
     # Program ids: the token groups of one row tile are neighbours, so they share its bytes in L2.
     pid = tl.program_id(0)
@@ -157,7 +157,8 @@ def _nf4_gemv_kernel(xp_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, 
         w_odd = (code_odd * scale).to(dtype).to(tl.float32)
         acc0 = _token_fma(acc0, xp_ptr, tl.minimum(m0, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
         if BLOCK_M > 1:
-            acc1 = _token_fma(acc1, xp_ptr, tl.minimum(m0 + 1, M - 1), stride_xpm, byte, w_mask, w_even, w_odd, dtype)
+            acc1 = _token_fma(acc1, xp_ptr, tl.minimum(m0 + 1, M - 1), stride_xpm, byte, w_mask, w_even, w_odd,
+                              dtype)
     # LoRA and bias as one [BLOCK_M, BLOCK_N] term, added to each token row when it is stored.
     extra = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:

@@ -19,7 +19,8 @@ one 64-bit LDS per weight byte (the byte table), two barriers per trip (the
 gather stages its table), no shuffles; instructions per weight per program
 4.5 / 6.7 / 7.3 (fp32 / fp16 / bf16, one token row) and 6.1 / 9.1 / 9.4 (two
 token rows), against 33-35 (one row) to 203-208 (16 rows) in the former
-``_nf4_gemv_kernel``; <= 110 registers, no spills, >= 4 CTAs/SM (report).
+``_nf4_gemv_kernel`` of ``_nf4_kernels``; <= 110 registers, no spills,
+>= 4 CTAs/SM (kernel report).
 A 16-entry fp32 code table (one LDS per weight, conflict-free) took 6.8 /
 9.2 / 9.7 at one row; four token rows per program needed 130-140 registers.
 Estimated (issue rate 132 SMs x 4 x 32 lanes x 1.755 GHz vs 3.35 TB/s) at
@@ -34,7 +35,7 @@ import torch
 import triton
 
 from ._common import TRITON_DTYPE, LaunchConfig, launcher
-from ._nf4_gemv_kernels import _nf4_gemv_kernel
+from ._nf4_gemv_kernels import _nf4_decode_gemv_kernel
 from .aot_spec import launch_label, module_specs
 
 __all__ = ["GEMV_MAX_M", "gemv_config", "nf4_gemv"]
@@ -131,7 +132,7 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     b = bias if bias is not None else out
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)
     xp = x_pairs(x2d)
-    _nf4_gemv_kernel[grid](xp, packed, absmax, code, b, h, lb, out, m, n, k, r, k // 2,
+    _nf4_decode_gemv_kernel[grid](xp, packed, absmax, code, b, h, lb, out, m, n, k, r, k // 2,
                            xp.stride(0), out.stride(0), out.stride(1), b.stride(0),
                            h.stride(0), h.stride(1), lb.stride(0), lb.stride(1), float(lora_scale),
                            BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=has_lora,

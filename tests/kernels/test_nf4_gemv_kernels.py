@@ -81,7 +81,8 @@ def poisoned(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48), (6, 40, 20), (3, 24, 8)])
+@pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48), (6, 40, 20),
+                                           (3, 24, 8)])
 def test_dequantized_weight_is_bit_exact(dtype, n, k, blocksize):
     gen = torch.Generator().manual_seed(n * k + blocksize)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
