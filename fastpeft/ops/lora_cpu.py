@@ -22,10 +22,10 @@ most ``FP32_BRANCH_MAX_FORWARD`` / ``_BACKWARD`` (``branch_dtype``). A
 bf16/fp16 GEMM on the CPU goes through oneDNN, which costs about 25 µs per
 call whatever its size: more than the whole fp32 branch at one token, where
 the upcast copies of A and B (``r·(K+N)`` elements) cost most. The fp32 GEMMs
-grow with ``M·(K+N)``; the limits are the crossovers measured at r=16 on an
-AVX512-BF16/AMX Xeon (one thread): forward M=16 at K=N=1024 and M=2 at
-K=N=4096; backward M=32 and M=8. Above them oneDNN runs the branch in x's
-dtype with fp32 accumulation. Only the rounding of the results (``y``, ``h``,
+grow with ``M·(K+N)``; the limits (forward: M=16 at K=N=1024, M=4 at
+K=N=4096; backward: M=32 and M=8) are about the crossovers measured at r=16
+on an AVX512-BF16/AMX Xeon, one thread. Above them oneDNN runs the branch in
+x's dtype with fp32 accumulation. Only the rounding of the results (``y``, ``h``,
 ``dx``, ``dA``, ``dB``) to x's dtype remains, so the fp32 branch is more
 accurate than torch's own bf16 LoRA.
 
@@ -141,16 +141,15 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
     """
     work = branch_dtype(x2d, dy.shape[1], FP32_BRANCH_MAX_BACKWARD)
     dy_work = in_dtype(dy, work)
-    like = dy_work.new_empty(())  # only scaled_mm's dtype: beta=0 ignores it, and () broadcasts to any shape
     dx = dA = dB = None
     if need_dB:
-        dB = in_dtype(scaled_mm(dy_work.t(), in_dtype(h, work), scaling, like), lora_B.dtype)
+        dB = in_dtype(scaled_mm(dy_work.t(), in_dtype(h, work), scaling, _like(lora_B, work)), lora_B.dtype)
     if need_dx or need_dA:
         dh = torch.mm(dy_work, in_dtype(lora_B, work))
         if need_dA:
             x_work = in_dtype(x2d, work)
             x_dropped = x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed)
-            dA = in_dtype(scaled_mm(dh.t(), x_dropped, scaling, like), lora_A.dtype)
+            dA = in_dtype(scaled_mm(dh.t(), x_dropped, scaling, _like(lora_A, work)), lora_A.dtype)
         if need_dx:
             dx = base_input_grad(dy)
             a_work = in_dtype(lora_A, work)
@@ -161,3 +160,8 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
             else:  # one rounding of dx + s · dh A, the sum formed in fp32
                 dx.add_(torch.mm(dh, a_work), alpha=scaling)
     return dx, dA, dB
+
+
+def _like(grad_of: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scaled_mm``'s ``like`` for the gradient of ``grad_of`` computed in ``dtype`` (0-dim when it must be made)."""
+    return grad_of if grad_of.dtype is dtype else grad_of.new_empty((), dtype=dtype)
