@@ -588,7 +588,7 @@ template <typename T>
 void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& pk, const Tensor& pv, const Tensor& out, const Tensor& lse, Tensor& dq,
                      Tensor& dk, Tensor& dv, Tensor& dpk, Tensor& dpv, T scale, bool need_q, bool need_kv,
-                     bool need_prefix) {
+                     bool need_prefix, bool add_to_dq) {
   const View4<T> dov(dout), qv(q), kv(k), vv(v), pkv(pk), pvv(pv), ov(out);
   const T* lv = lse.data_ptr<T>();
   const Tensor pk_packed = pk.transpose(2, 3).contiguous(), pv_packed = pv.transpose(2, 3).contiguous();
@@ -637,7 +637,7 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
               exp_sum(pi, sh.P, row_lse[i]);
               const float delta = dot(dor[i], ov.row(b, hkv * sh.G + g + i, r), sh.D);
               for (int64_t j = 0; j < sh.P; ++j) dsi[j] = pi[j] * (dsi[j] - delta) * scale;
-              if (need_q) std::fill(dqr[i], dqr[i] + sh.D, 0.0f);
+              if (need_q && !add_to_dq) std::fill(dqr[i], dqr[i] + sh.D, 0.0f);
             }
             if (need_q) accumulate4(ds.data(), ld, pk_rows, pkv.s2, sh.P, sh.D, dqr);
             if (need_prefix) {
@@ -655,7 +655,7 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
           const int64_t end = sh.seq_end(r);
           const int64_t n = sh.P + end;
           if (row_lse == neg_inf) {  // a row that saw no key has no gradient
-            if (need_q) std::fill(dqv.row(b, h, r), dqv.row(b, h, r) + sh.D, T(0));
+            if (need_q && !add_to_dq) std::fill(dqv.row(b, h, r), dqv.row(b, h, r) + sh.D, T(0));
             std::fill(pr, pr + n, T(0));
             std::fill(dsr, dsr + n, T(0));
             return false;
@@ -669,7 +669,11 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
           scores(dorow, v_rows, vv.s2, end, sh.D, T(1), dsr + sh.P);
           for (int64_t j = 0; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
           if (need_q) {
-            std::fill(dqrow.begin(), dqrow.end(), T(0));
+            if (add_to_dq) {
+              std::copy(dqv.row(b, h, r), dqv.row(b, h, r) + sh.D, dqrow.begin());
+            } else {
+              std::fill(dqrow.begin(), dqrow.end(), T(0));
+            }
             accumulate(dsr, pk_rows, pkv.s2, sh.P, sh.D, dqrow.data());
             accumulate(dsr + sh.P, k_rows, kv.s2, end, sh.D, dqrow.data());
             std::copy(dqrow.begin(), dqrow.end(), dqv.row(b, h, r));
@@ -799,7 +803,8 @@ std::tuple<Tensor, Tensor> prefix_attention_direct_forward(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_direct_backward(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
     const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask, const Tensor& out, const Tensor& lse,
-    bool causal, double scale, bool with_sequence, bool need_q, bool need_kv, bool need_prefix) {
+    bool causal, double scale, bool with_sequence, bool need_q, bool need_kv, bool need_prefix,
+    const std::optional<Tensor>& dq_init) {
   const Shape sh = make_shape(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, with_sequence);
   check_last_stride(dout, "dout");
   check_last_stride(out, "out");
@@ -810,7 +815,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_direct_backw
   TORCH_CHECK_VALUE(lse_c.dim() == 3 && lse_c.size(0) == sh.B && lse_c.size(1) == sh.Hq && lse_c.size(2) == sh.Sq,
                     "lse must be [B, Hq, Sq]");
   need_kv = need_kv && with_sequence;
-  Tensor dq = need_q ? new_like(q) : Tensor();
+  // dq_init (the flash backward's dq in the merged mode) is added to in place: no second dq and no add pass.
+  const bool add_to_dq = need_q && dq_init.has_value();
+  if (add_to_dq) {
+    check_last_stride(*dq_init, "dq_init");
+    TORCH_CHECK_VALUE(dq_init->sizes() == q.sizes() && dq_init->scalar_type() == q.scalar_type(),
+                      "dq_init must have q's shape and dtype");
+  }
+  Tensor dq = add_to_dq ? *dq_init : need_q ? new_like(q) : Tensor();
   Tensor dk = need_kv ? at::zeros_like(k) : Tensor();  // k's strides: the op returns it without a copy
   Tensor dv = need_kv ? at::zeros_like(v) : Tensor();
   // Per-sample prefix gradients; the caller sums them over the batch for a shared prefix.
@@ -819,9 +831,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_direct_backw
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_direct_backward", [&] {
       backward_kernel<scalar_t>(sh, dout, q, k, v, prefix_k, prefix_v, out, lse_c, dq, dk, dv, dpk, dpv,
-                                static_cast<scalar_t>(scale), need_q, need_kv, need_prefix);
+                                static_cast<scalar_t>(scale), need_q, need_kv, need_prefix, add_to_dq);
     });
-  } else if (need_q) {
+  } else if (need_q && !add_to_dq) {
     dq.zero_();
   }
   return {dq, dk, dv, dpk, dpv};
@@ -835,7 +847,7 @@ TORCH_LIBRARY_FRAGMENT(fastpeft_native, m) {
         "Tensor? lse_init) -> (Tensor, Tensor)");
   m.def("prefix_attention_direct_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
         "Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
-        "bool with_sequence, bool need_q, bool need_kv, bool need_prefix) -> "
+        "bool with_sequence, bool need_q, bool need_kv, bool need_prefix, Tensor(a!)? dq_init) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("prefix_attention_poison_outputs(bool on) -> bool", &prefix_attention_poison_outputs);
 }

@@ -128,19 +128,18 @@ def _native_backward(ops, dout, q, k, v, prefix_k, prefix_v, mask, out, lse, cau
     dk = dv = None
     if sq <= DIRECT_MAX_QUERY_ROWS or skv == 0:
         dq, dk, dv, dpk, dpv = ops[1](dout, _rows(q), _rows(k), _rows(v), pk, pv, mask, out, lse, causal, sm_scale,
-                                      True, need_q, need_kv and skv > 0, need_prefix)
+                                      True, need_q, need_kv and skv > 0, need_prefix, None)
     else:
-        no_keys = q.new_empty((b, k.shape[1], 0, d))
-        dq, _, _, dpk, dpv = ops[1](dout, _rows(q), no_keys, no_keys, pk, pv, None, out, lse, causal, sm_scale, False,
-                                    need_q, False, need_prefix)
+        dq = dpk = dpv = None
         if need_q or need_kv:
             plan = _SequencePlan(q, k, mask, causal)
-            gq, gk, gv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out,
+            dq, dk, dv = _flash_backward(dout, _rows(q), _rows(k), _rows(v), out,
                                          lse.masked_fill(lse == -math.inf, 0.0), 0.0,
                                          plan.is_causal, attn_mask=plan.attn_mask, scale=sm_scale)
-            if need_q:
-                dq = gq if dq is None else dq.add_(gq)
-            dk, dv = gk, gv
+        if need_prefix or (need_q and pk.shape[2] > 0):  # the prefix keys' share, added to the flash dq in place
+            no_keys = q.new_empty((b, k.shape[1], 0, d))
+            dq, _, _, dpk, dpv = ops[1](dout, _rows(q), no_keys, no_keys, pk, pv, None, out, lse, causal, sm_scale,
+                                        False, need_q, False, need_prefix, _rows(dq) if need_q else None)
     if need_kv and dk is None:
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     if need_prefix:
