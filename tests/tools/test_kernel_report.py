@@ -44,9 +44,6 @@ KNOWN_SYNCHRONOUS_WGMMA = {
                             "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
     "prefix_attention_dkdv": "same loop shape as the forward (P = QKᵀ feeds dV and dS in the iteration)",
     "prefix_attention_dq": "same loop shape as the forward",
-    "nf4_matmul": "the weight tile is dequantized in registers every k-step and stored for the wgmma; the NF4 "
-                  "GEMM rework (packed loads, dequantize ahead into shared memory) is open",
-    "nf4_matmul_t": "as nf4_matmul",
     "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
                    "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
     "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
