@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_probability, check_same_device, check_same_dtype, check_tensor
-from ._autograd import gradients, needs
+from ._autograd import forward_ad_active, gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 
 OP = "prefix_attention"
@@ -157,8 +157,22 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                          "training=True); pass dropout_p=0.0 or training=False")
     _validate(q, k, v, prefix_k, prefix_v, key_padding_mask)
     scale = _check_scale(scale, q.shape[-1])
-    out, lse = PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale)
+    out, lse = _run(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale)
     return (out, lse) if return_lse else out
+
+
+def _run(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """``PrefixAttentionFunction.apply``, or its forward alone when no gradient can be asked for.
+
+    A decode step under ``no_grad`` would build the Function's node, ``ctx``
+    and saved tensors only to drop them: the forward runs directly, with the
+    same result (as in the LoRA ops). Inside a forward-AD level the Function
+    runs, so dual inputs raise rather than lose their tangents.
+    """
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))) \
+            or forward_ad_active():
+        return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
 def _check_scale(scale, d: int) -> float:

@@ -1,4 +1,4 @@
-"""The per-call fast paths of the LoRA / NF4 / QLoRA ops and modules are the slow paths, only cheaper.
+"""The per-call fast paths of the LoRA / NF4 / QLoRA / prefix-attention ops and modules are the slow paths, only cheaper.
 
 - Each cheap argument predicate (``_arguments_ok``, ``nf4_weight_ok``) says
   True only where the raising checks pass (else a bad call would slip past the
@@ -8,6 +8,8 @@
 - Cached choices (backend, NF4 weight view) still follow changes.
 - Torch's ``once_differentiable`` and our cheaper one agree.
 """
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -165,6 +167,27 @@ def test_forward_without_autograd_equals_the_function(lead, dtype):
         assert not plain.requires_grad
         assert torch.equal(plain, recorded.detach())
         assert recorded.grad_fn is not None
+
+
+@pytest.mark.parametrize("sq", [1, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_attention_without_autograd_equals_the_function(sq, dtype, monkeypatch):
+    op = importlib.import_module("fastpeft.ops.prefix_attention")  # the package exports the function by this name
+    prefix_attention = op.prefix_attention
+
+    q = torch.randn(2, 4, sq, 16, dtype=dtype)
+    k, v = torch.randn(2, 2, 24, 16, dtype=dtype), torch.randn(2, 2, 24, 16, dtype=dtype)
+    pk, pv = torch.randn(1, 2, 5, 16, dtype=dtype), torch.randn(1, 2, 5, 16, dtype=dtype)
+    function_apply = op.PrefixAttentionFunction.apply
+    with monkeypatch.context() as patch:
+        patch.setattr(op.PrefixAttentionFunction, "apply", lambda *a: pytest.fail("built an autograd node"))
+        with torch.no_grad():
+            plain, plain_lse = prefix_attention(q, k, v, pk, pv, causal=True, return_lse=True)
+    assert op.PrefixAttentionFunction.apply == function_apply
+    pk_grad = pk.clone().requires_grad_()
+    recorded, lse = prefix_attention(q, k, v, pk_grad, pv, causal=True, return_lse=True)
+    assert recorded.grad_fn is not None and plain.grad_fn is None
+    assert torch.equal(plain, recorded.detach()) and torch.equal(plain_lse, lse)
 
 
 def test_forward_ad_inputs_raise_instead_of_losing_their_tangent():
