@@ -110,7 +110,7 @@ def _nf4_packed_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, n_mask, k_start, 
                      mask=n_mask[:, None] & (offs_b[None, :] < stride_pn), other=0)
     nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K)).to(tl.int32)
     codes = tl.load(code_ptr + nibbles)
-    blocks_per_row = (2 * stride_pn) // BLOCKSIZE
+    blocks_per_row = stride_pn // (BLOCKSIZE // 2)
     if BLOCK_K <= BLOCKSIZE:
         # BLOCK_K divides BLOCKSIZE: the tile lies in one quantization block per row.
         scale = tl.load(absmax_ptr + offs_n.to(tl.int64) * blocks_per_row + k_start // BLOCKSIZE,
