@@ -12,8 +12,9 @@ so a quantization block never straddles two rows.
 
 - ``_nf4_matmul_kernel``: tiled ``tl.dot`` forward (prefill/training, M > 16).
 - ``_nf4_matmul_t_kernel``: ``dX = dy · W`` for the backward pass.
-- ``_nf4_gemv_kernel``: decode forward for M <= 16, products summed with
-  ``tl.sum`` (no tensor cores; the weight is read exactly once).
+- ``_nf4_dequant_kernel``: the dense weight (what tests compare with bitsandbytes).
+
+The decode GEMV (M <= 16) is ``fastpeft.kernels.nf4_gemv``.
 
 The two GEMMs read the weight through ``_nf4_packed_tile``: a ``[BLOCK_N,
 BLOCK_K / 2]`` byte tile, each row's bytes consecutive (128-bit loads that
@@ -50,18 +51,13 @@ def _nf4_codes(packed_ptr, code_ptr, n, k, K, mask):
 
 @triton.jit
 def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, k_start, N, K,
-                  BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, K_MAJOR: tl.constexpr):
-    """fp32 ``code * absmax`` for rows ``offs_n`` x columns ``offs_k``.
+                  BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``code * absmax`` for rows ``offs_n`` x columns ``offs_k``, shape ``[BLOCK_N, BLOCK_K]``.
 
-    Shape ``[BLOCK_N, BLOCK_K]``, or ``[BLOCK_K, BLOCK_N]`` when ``K_MAJOR``.
     ``offs_k`` must be ``k_start + arange(BLOCK_K)``. Out-of-range elements are 0 (or -0).
     """
-    if K_MAJOR:
-        n = offs_n[None, :]
-        k = offs_k[:, None]
-    else:
-        n = offs_n[:, None]
-        k = offs_k[None, :]
+    n = offs_n[:, None]
+    k = offs_k[None, :]
     mask = (n < N) & (k < K)
     codes = _nf4_codes(packed_ptr, code_ptr, n, k, K, mask)
     blocks_per_row = K // BLOCKSIZE
@@ -69,10 +65,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, k_start, N, 
         # k_start is a multiple of BLOCK_K and BLOCK_K divides BLOCKSIZE: one block per row.
         scale = tl.load(absmax_ptr + offs_n.to(tl.int64) * blocks_per_row + k_start // BLOCKSIZE,
                         mask=offs_n < N, other=0.0)
-        if K_MAJOR:
-            scale2d = scale[None, :]
-        else:
-            scale2d = scale[:, None]
+        scale2d = scale[:, None]
     else:
         scale2d = tl.load(absmax_ptr + n.to(tl.int64) * blocks_per_row + k // BLOCKSIZE, mask=mask, other=0.0)
     return codes * scale2d
@@ -86,7 +79,7 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, pid_k * BLOCK_K, N, K,
-                      BLOCKSIZE, BLOCK_K, False)
+                      BLOCKSIZE, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -163,46 +156,6 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr,
                              BLOCKSIZE, BLOCK_K)
         acc_t = mma(w.to(dtype), tl.trans(x), acc_t, DOT_PRECISION, UPCAST)
     acc = tl.trans(acc_t)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit(do_not_specialize=TOKEN_ARGS)
-def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
-                     M, N, K, R,
-                     stride_xm, stride_xk, stride_ym, stride_yn, stride_bias,
-                     stride_hm, stride_hr, stride_lbn, stride_lbr, lora_scale,
-                     BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                    mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        # Round the weight to x's dtype first, as the tl.dot kernel and torch do.
-        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, k_start, N, K,
-                          BLOCKSIZE, BLOCK_K, False).to(dtype).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            in_r = offs_r < R - r0
-            ranks = (r0 + offs_r).to(tl.int64)
-            h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + ranks[None, :] * stride_hr,
-                        mask=m_mask[:, None] & in_r[None, :], other=0.0).to(dtype).to(tl.float32)
-            b = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + ranks[None, :] * stride_lbr,
-                        mask=n_mask[:, None] & in_r[None, :], other=0.0).to(tl.float32)
-            lora += tl.sum(h[:, None, :] * b[None, :, :], axis=2)
-        acc += lora * lora_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,

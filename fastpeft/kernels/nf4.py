@@ -22,13 +22,13 @@ import triton
 
 from ._common import (TRITON_DTYPE, LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast, launcher,
                       runs_on_tensor_cores, split_seed)
-from ._nf4_kernels import _nf4_dequant_kernel, _nf4_gemv_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
+from ._nf4_kernels import _nf4_dequant_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
+from ._nf4_layout import check_nf4_layout
+from .nf4_gemv import GEMV_MAX_M, LORA_RANK_BLOCK, nf4_gemv
 from .aot_spec import launch_label, module_specs
 
 __all__ = ["check_kernel_dtype", "nf4_dequantize", "nf4_forward", "nf4_input_grad", "nf4_matmul",
            "nf4_matmul_transposed"]
-
-GEMV_MAX_M = 16
 
 # GEMM tiles by dot precision: forward and dX (backward), each for M < 1024 ("small") and M >= 1024
 # ("large"). The kernels compute the transposed tile (the dequantized weight is the register operand of the
@@ -49,32 +49,13 @@ _GEMM = {
 }
 LARGE_M = 1024
 
-# Decode GEMV, by block_m = next power of two >= M: block_m * block_n * block_k stays <= 8192.
-_GEMV = {
-    1: LaunchConfig("gemv_m1", 1, 32, 64, 4, 3),
-    2: LaunchConfig("gemv_m2", 2, 32, 64, 4, 3),
-    4: LaunchConfig("gemv_m4", 4, 32, 64, 4, 3),
-    8: LaunchConfig("gemv_m8", 8, 16, 64, 4, 3),
-    16: LaunchConfig("gemv_m16", 16, 16, 32, 4, 3),
-}
-
-
-def _cap_block_k(config: LaunchConfig, blocksize: int) -> LaunchConfig:
-    """Keep block_k within one quantization block (one absmax load per row per step)."""
-    if config.block_k <= blocksize:
-        return config
-    return LaunchConfig(config.name, config.block_m, config.block_n, max(blocksize, 16), config.num_warps,
-                        config.num_stages, config.group_m)
-
-
 def _gemm_family(dtype: torch.dtype) -> str:
     return "16bit" if dtype != torch.float32 else dot_precision(dtype)
 
 
 def forward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
                    has_lora: bool = False) -> LaunchConfig:
-    if m <= GEMV_MAX_M:
-        return _cap_block_k(_GEMV[triton.next_power_of_2(max(m, 1))], blocksize)
+    """The GEMM tile for ``m > GEMV_MAX_M`` tokens (fewer run ``nf4_gemv``)."""
     family = _GEMM[_gemm_family(dtype)]
     label = "large_lora" if has_lora and "large_lora" in family else "large"
     return family["small" if m < LARGE_M else label]
@@ -89,23 +70,11 @@ def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
     return family.get(label, family["bwd_small"])
 
 
-# Rank chunk of the LoRA term: 16 is the smallest tensor-core K, and every r loops over it.
-LORA_RANK_BLOCK = 16
-
-
 def _check_layout(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
                   blocksize: int) -> None:
-    # The op layer validates user input; these guard direct launcher calls.
-    if k % blocksize or blocksize % 2:
-        raise ValueError(f"in_features={k} must be a multiple of blocksize={blocksize}")
-    if blocksize & (blocksize - 1):
+    check_nf4_layout(packed, absmax, code, n, k, blocksize)
+    if blocksize & (blocksize - 1):  # the GEMMs' tiles hold whole blocks or whole parts of one
         raise ValueError(f"blocksize={blocksize} must be a power of two")
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or not packed.is_contiguous():
-        raise ValueError(f"packed must be contiguous uint8 with {n * k // 2} bytes for a [{n}, {k}] weight")
-    if absmax.dtype != torch.float32 or absmax.numel() != n * k // blocksize or not absmax.is_contiguous():
-        raise ValueError(f"absmax must be contiguous fp32 with {n * k // blocksize} blocks")
-    if code.dtype != torch.float32 or code.numel() != 16 or not code.is_contiguous():
-        raise ValueError("code must be a contiguous fp32 tensor of 16 values")
 
 
 def _output(out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -144,10 +113,9 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     """``x2d [M, k] · dequant(W)ᵀ (+ bias [n]) (+ lora_scale · lora_h [M, r] · lora_B[n, r]ᵀ)`` -> ``[M, n]``.
 
     ``lora_h`` is ``drop(x) Aᵀ / (1-p)``; the scale is applied to the fp32
-    accumulator. Picks the GEMV kernel for M <= 16 and the ``tl.dot`` kernel
-    otherwise (``config`` overrides tiles; a config with ``block_m <= 16`` and
-    ``M <= block_m`` selects the GEMV kernel). ``out``: an ``[M, n]`` tensor of
-    x's dtype to write into.
+    accumulator. M <= 16 runs the decode GEMV (``fastpeft.kernels.nf4_gemv``),
+    more rows the ``tl.dot`` kernel; ``config`` forces the ``tl.dot`` kernel
+    with those tiles. ``out``: an ``[M, n]`` tensor of x's dtype to write into.
     """
     packed = packed.reshape(-1)
     _check_layout(packed, absmax, code, n, k, blocksize)
@@ -155,6 +123,9 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     y = _output(out, (m, n), x2d, "out")
     if m == 0 or n == 0:
         return y
+    if config is None and m <= GEMV_MAX_M:
+        return nf4_gemv(x2d, packed, absmax, code, n, k, blocksize, bias=bias, lora_h=lora_h, lora_B=lora_B,
+                        lora_scale=lora_scale, out=y)
     has_lora = lora_h is not None
     cfg = config or forward_config(m, blocksize, x2d.dtype, has_lora)
     r = lora_h.shape[1] if has_lora else 0
@@ -165,16 +136,11 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
               x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1), b.stride(0),
               h.stride(0), h.stride(1), lb.stride(0), lb.stride(1), float(lora_scale))
     flags = dict(BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=has_lora, BLOCK_R=LORA_RANK_BLOCK)
-    if cfg.block_m <= GEMV_MAX_M and m <= cfg.block_m:
-        grid = (triton.cdiv(n, cfg.block_n),)
-        _nf4_gemv_kernel[grid](*common, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               **cfg.launch_options())
-    else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        gemm_args = common[:14] + (k // 2,) + common[14:]  # + stride_pn: bytes per packed row
-        _nf4_matmul_kernel[grid](*gemm_args, **flags, DOT_PRECISION=dot_precision(x2d.dtype),
-                                 UPCAST=interpreter_upcast(x2d.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **cfg.launch_options())
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    gemm_args = common[:14] + (k // 2,) + common[14:]  # + stride_pn: bytes per packed row
+    _nf4_matmul_kernel[grid](*gemm_args, **flags, DOT_PRECISION=dot_precision(x2d.dtype),
+                             UPCAST=interpreter_upcast(x2d.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **cfg.launch_options())
     return y
 
 
@@ -229,7 +195,8 @@ def nf4_input_grad(dy2d, packed, absmax, code, n: int, k: int, blocksize: int) -
 
 # --------------------------------------------------------------------------- AOT report
 # Blocksize 64 (bitsandbytes' default), K = N = 4096, one token count M per launch config (M is never
-# specialised): the GEMV configs (1, 2, 4, 8, 16 rows), the small and the large GEMM.
+# specialised): 1-16 rows run the decode GEMV (its own module reports its shapes too; a variant launched by
+# both is reported once), then the small and the large GEMM.
 AOT_BLOCKSIZE = 64
 AOT_FEATURES = 4096
 AOT_TOKENS = (1, 2, 4, 8, 16, 256, 2048)

@@ -36,6 +36,7 @@ import triton
 
 from ._common import TRITON_DTYPE, LaunchConfig, launcher
 from ._nf4_gemv_kernels import _nf4_decode_gemv_kernel
+from ._nf4_layout import check_nf4_layout
 from .aot_spec import launch_label, module_specs
 
 __all__ = ["GEMV_MAX_M", "gemv_config", "nf4_gemv"]
@@ -76,14 +77,7 @@ def _check_layout(x2d, packed, absmax, code, n: int, k: int, blocksize: int) -> 
         raise ValueError(f"x2d must be [M, {k}], got {tuple(x2d.shape)}")
     if x2d.dtype not in TRITON_DTYPE:
         raise TypeError(f"x2d must be float32, float16 or bfloat16, not {x2d.dtype}")
-    if blocksize <= 0 or blocksize % 2 or k % blocksize:
-        raise ValueError(f"in_features={k} must be a multiple of blocksize={blocksize} (an even number)")
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or not packed.is_contiguous():
-        raise ValueError(f"packed must be contiguous uint8 with {n * k // 2} bytes for a [{n}, {k}] weight")
-    if absmax.dtype != torch.float32 or absmax.numel() != n * k // blocksize or not absmax.is_contiguous():
-        raise ValueError(f"absmax must be contiguous fp32 with {n * k // blocksize} blocks")
-    if code.dtype != torch.float32 or code.numel() != 16 or not code.is_contiguous():
-        raise ValueError("code must be a contiguous fp32 tensor of 16 values")
+    check_nf4_layout(packed, absmax, code, n, k, blocksize)
 
 
 # x's elements 2j and 2j + 1 meet byte j of the weight: the kernel reads them as one word.
@@ -154,22 +148,25 @@ def _aot_weight(n: int, k: int, blocksize: int):
 
 
 def aot_launches() -> None:
-    """Every dtype and token-row config; bias + LoRA at blocksize 64; blocksize 128 and a ragged K plain."""
-    launches = [(n, k, 64, flags) for n, k in AOT_SHAPES for flags in (False, True)]
-    launches += [(n, k, 128, False) for n, k in AOT_SHAPES] + [(4096, AOT_RAGGED_K, 64, False)]
-    for n, k, blocksize, flags in launches:
+    """Every dtype and token-row config, with and without bias and LoRA (r = 8 and 16: a rank that is not a multiple
+    of 16 drops the strides' divisibility hints), at blocksize 64 and 128 and a ragged K."""
+    weights = [(n, k, 64) for n, k in AOT_SHAPES] + [(n, k, 128) for n, k in AOT_SHAPES[:1]]
+    weights += [(4096, AOT_RAGGED_K, 64)]
+    for n, k, blocksize in weights:
         weight = _aot_weight(n, k, blocksize)
         for dtype, t in TRITON_DTYPE.items():
-            extra = {}
-            if flags:
-                extra = dict(bias=torch.empty(n, dtype=dtype), lora_B=torch.empty((n, 16), dtype=dtype),
-                             lora_scale=2.0)
-            for m in AOT_TOKENS:
-                if flags:
-                    extra["lora_h"] = torch.empty((m, 16), dtype=dtype)
-                label = f"{t},m{m},n{n},k{k},b{blocksize}" + (",bias,lora" if flags else "")
-                with launch_label(label, False, headline=n == k == 4096):
-                    nf4_gemv(torch.empty((m, k), dtype=dtype), *weight, n, k, blocksize, **extra)
+            for has_bias, rank in ((False, 0), (True, 0), (False, 8), (True, 8), (False, 16), (True, 16)):
+                extra = {}
+                if has_bias:
+                    extra["bias"] = torch.empty(n, dtype=dtype)
+                if rank:
+                    extra.update(lora_B=torch.empty((n, rank), dtype=dtype), lora_scale=2.0)
+                for m in AOT_TOKENS:
+                    if rank:
+                        extra["lora_h"] = torch.empty((m, rank), dtype=dtype)
+                    label = f"{t},m{m},n{n},k{k},b{blocksize}" + ",bias" * has_bias + f",r{rank}" * bool(rank)
+                    with launch_label(label, False, headline=n == k == 4096 and blocksize == 64):
+                        nf4_gemv(torch.empty((m, k), dtype=dtype), *weight, n, k, blocksize, **extra)
 
 
 def aot_specs():

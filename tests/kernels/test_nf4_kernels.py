@@ -108,9 +108,6 @@ def test_matmul_default_configs(dtype, m, with_bias):
 
 
 CONFIGS = {
-    "gemv_bm1": K.LaunchConfig("test", 1, 16, 64),
-    "gemv_bm4_bk128": K.LaunchConfig("test", 4, 8, 128),   # BK > blocksize: per-element absmax
-    "gemv_bm16": K.LaunchConfig("test", 16, 16, 32),
     "dot_small": K.LaunchConfig("test", 32, 16, 32, group_m=2),
     "dot_bk128": K.LaunchConfig("test", 16, 32, 128, group_m=3),  # K=192: ragged K/BK
     "dot_bm64": K.LaunchConfig("test", 64, 64, 64),
@@ -123,7 +120,7 @@ CONFIGS = {
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_matmul_every_config(name, dtype, double_quant):
     cfg = CONFIGS[name]
-    m = 3 if cfg.block_m <= K.GEMV_MAX_M else 37
+    m = 37
     n, k, bs = 45, 192, 64
     packed, absmax, code, state = quantize(n, k, bs, double_quant)
     w32 = bnb_dequant(packed, state, torch.float32)

@@ -18,7 +18,7 @@ import pytest
 
 _CHILD = textwrap.dedent('''
     import json, sys, torch
-    from fastpeft.kernels import adapter, lora, nf4, prefix_attention, qlora
+    from fastpeft.kernels import adapter, lora, nf4, nf4_gemv, prefix_attention, qlora
     from fastpeft.kernels.aot_spec import all_spec_keys, kernel_modules, module_specs, recording, spec_of_launch
 
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,6 +46,17 @@ _CHILD = textwrap.dedent('''
                 nf4.nf4_forward(x, *weight, n, k, 64, torch.empty(n, dtype=dtype))
                 nf4.nf4_input_grad(dy, *weight, n, k, 64)
             nf4.nf4_dequantize(*weight, n, k, 64, dtype)
+
+    def nf4_gemv_calls():
+        for k, n, bs in ((256, 192, 64), (1024, 96, 128), (4096, 64, 64)):
+            weight = nf4.aot_weight(n, k, bs)
+            for dtype in DTYPES:
+                for m in (1, 2, 3, 7, 16):
+                    x, bias = torch.empty(m, k, dtype=dtype), torch.empty(n, dtype=dtype)
+                    nf4_gemv.nf4_gemv(x, *weight, n, k, bs)
+                    for r in (8, 20):
+                        h, b = torch.empty(m, r, dtype=dtype), torch.empty(n, r, dtype=dtype)
+                        nf4_gemv.nf4_gemv(x, *weight, n, k, bs, bias=bias, lora_h=h, lora_B=b, lora_scale=2.0)
 
     def qlora_calls():
         k, n = 256, 192
@@ -86,6 +97,7 @@ _CHILD = textwrap.dedent('''
                                                                    out, lse, causal, None, True, True, True)
 
     MODULE_CALLS = {"fastpeft.kernels.lora": lora_calls, "fastpeft.kernels.nf4": nf4_calls,
+                    "fastpeft.kernels.nf4_gemv": nf4_gemv_calls,
                     "fastpeft.kernels.qlora": qlora_calls, "fastpeft.kernels.adapter": adapter_calls,
                     "fastpeft.kernels.prefix_attention": prefix_attention_calls}
     keys = all_spec_keys()
@@ -117,7 +129,7 @@ def test_every_kernel_module_is_exercised(coverage):
     assert coverage["modules"] == coverage["kernel_modules"]
 
 
-@pytest.mark.parametrize("module", ["lora", "nf4", "qlora", "adapter", "prefix_attention"])
+@pytest.mark.parametrize("module", ["lora", "nf4", "nf4_gemv", "qlora", "adapter", "prefix_attention"])
 def test_every_launch_has_a_spec(coverage, module):
     result = coverage["per_module"][f"fastpeft.kernels.{module}"]
     assert result["launches"] > 10
@@ -127,7 +139,8 @@ def test_every_launch_has_a_spec(coverage, module):
 def test_every_lora_and_nf4_kernel_was_launched(coverage):
     kernels = {k for m in ("lora", "nf4") for k in coverage["per_module"][f"fastpeft.kernels.{m}"]["kernels"]}
     assert kernels == {"_dropout_keep_kernel", "_lora_fused_gemm_kernel", "_lora_reduce_kernel", "_lora_shrink_kernel",
-                       "_lora_split_sum_kernel", "_nf4_dequant_kernel", "_nf4_gemv_kernel", "_nf4_matmul_kernel", "_nf4_matmul_t_kernel"}
+                       "_lora_split_sum_kernel", "_nf4_dequant_kernel", "_nf4_decode_gemv_kernel", "_nf4_matmul_kernel",
+                       "_nf4_matmul_t_kernel"}
 
 
 def test_spec_names_are_unique(coverage):
