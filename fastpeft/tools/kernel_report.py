@@ -27,6 +27,10 @@ a cubin. From them:
   gsb0`` waits leaves a count above 0) rather than waiting for every wgmma;
 - ``ctas_per_sm``: resident CTAs per SM from registers (allocated per warp in
   units of 256), shared memory (plus 1 KB reserved per CTA) and threads;
+- the main loop (``fastpeft.tools.sass_loops``: the largest innermost loop
+  of the SASS): ``loop_instructions``, its instruction count, and
+  ``loop_byte_loads``, its 8-bit global loads (what a weight stream must not
+  be made of: the NF4 kernels' tests require 0);
 - ``grid_ctas`` and ``waves``: the first recorded launch's grid and how many
   waves of ``ctas_per_sm x SMs`` it takes (``SM_COUNT``: A100 108, H100 132);
 - the grid gate: every launch of the variant marked as a benchmark headline
@@ -52,6 +56,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import sass_loops
 
 # Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -92,6 +98,8 @@ class KernelReportRow:
     grid_ctas: int = 0
     headline_ctas: int = 0
     headline_label: str = ""
+    loop_instructions: int = 0
+    loop_byte_loads: int = 0
 
     @property
     def spills(self) -> int:
@@ -183,36 +191,38 @@ def _load_widths(sass: str) -> tuple[int, int]:
     return (max(widths) if widths else 0), asynchronous
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
-
-
 def _wgmma_async(sass: str) -> bool:
     """Whether the main wgmma loop keeps a wgmma group in flight (True when no loop issues wgmma).
 
-    Loops are the backward branches of the SASS (``BRA`` to a lower address);
-    the main wgmma loop is the one with the most ``HGMMA`` instructions. It is
-    asynchronous when one of its ``WARPGROUP.DEPBAR.LE gsb0`` waits leaves a
-    group in flight (a count above 0); a kernel whose wgmmas run outside any
-    loop (one product per program) has nothing to overlap.
+    The main wgmma loop is the loop (``sass_loops.loops``) with the most
+    ``HGMMA`` instructions. It is asynchronous when one of its
+    ``WARPGROUP.DEPBAR.LE gsb0`` waits leaves a group in flight (a count above
+    0); a kernel whose wgmmas run outside any loop (one product per program)
+    has nothing to overlap.
     """
-    lines = [(int(address, 16), text) for address, text in _SASS_LINE.findall(sass)]
-    loops = [(int(target, 16), address) for address, text in lines
-             for target in re.findall(r"\bBRA\s+(0x[0-9a-f]+)", text) if int(target, 16) < address]
     best, best_count = None, 0
-    for start, end in loops:
-        body = [text for address, text in lines if start <= address <= end]
-        count = sum(text.startswith("HGMMA") for text in body)
+    for loop in sass_loops.loops(sass):
+        count = loop.opcodes()["HGMMA"]
         if count and count >= best_count:
-            best, best_count = body, count
+            best, best_count = loop.body, count
     if best is None:
         return True
     waits = [int(n, 16) for text in best for n in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", text)]
     return any(n > 0 for n in waits)
 
 
+def _main_loop(sass: str) -> tuple[int, int]:
+    """(instructions, 8-bit global loads) of the largest innermost loop; (0, 0) without a loop."""
+    loop = sass_loops.main_loop(sass)
+    if loop is None:
+        return 0, 0
+    byte_loads = sum(1 for text in loop.body for m in _LOAD.finditer(text) if _load_bits(m.group(1)) == 8)
+    return loop.instructions, byte_loads
+
+
 def _cubin_usage(cubin: bytes) -> tuple:
     """(registers, stack bytes, static shared bytes, HMMA count, HGMMA count, load bits, async copies,
-    wgmma kept in flight)."""
+    wgmma kept in flight, main-loop instructions, main-loop byte loads)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -221,7 +231,7 @@ def _cubin_usage(cubin: bytes) -> tuple:
     fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
     return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]),
             len(re.findall(r"\bHMMA\.", text)), len(re.findall(r"\bHGMMA\.", text)), *_load_widths(text),
-            _wgmma_async(text))
+            _wgmma_async(text), *_main_loop(text))
 
 
 def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
@@ -234,15 +244,16 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
     source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    registers, stack, static_shared, hmma, hgmma, load_bits, async_copies, wgmma_async = _cubin_usage(
-        kernel.asm["cubin"])
+    (registers, stack, static_shared, hmma, hgmma, load_bits, async_copies, wgmma_async, loop_instructions,
+     loop_byte_loads) = _cubin_usage(kernel.asm["cubin"])
     # Spills live in the stack frame: without one there is nothing to count.
     spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion) if stack else (0, 0)
     headline_label, headline_ctas = min(getattr(spec, "headline_grids", ()) or [("", 0)], key=lambda h: h[1])
     return KernelReportRow(module, spec.name, arch, spec.num_warps, spec.num_stages, spec.is_gemm, registers,
                            spill_st, spill_ld, stack, kernel.metadata.shared + static_shared, hmma, hgmma,
                            load_bits, async_copies, wgmma_async, round(time.perf_counter() - start, 3),
-                           getattr(spec, "grid_ctas", 0), headline_ctas, headline_label)
+                           getattr(spec, "grid_ctas", 0), headline_ctas, headline_label, loop_instructions,
+                           loop_byte_loads)
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
@@ -308,7 +319,7 @@ def row_from_json(row: dict) -> KernelReportRow:
 
 def format_table(rows: list[KernelReportRow]) -> str:
     header = ("kernel", "arch", "warps", "stages", "regs", "spill B", "shared B", "CTAs/SM", "grid (waves)",
-              "tensor core", "loads", "compile s", "gate")
+              "tensor core", "loads", "main loop", "compile s", "gate")
     lines = [header]
     for r in rows:
         grid = f"{r.grid_ctas} ({r.waves:.2f})" + ("*" if r.headline_ctas else "") if r.grid_ctas else "-"
@@ -316,6 +327,7 @@ def format_table(rows: list[KernelReportRow]) -> str:
                       str(r.shared_bytes), str(r.ctas_per_sm), grid,
                       f"{r.tensor_core} ({r.hgmma or r.hmma}{', async' if r.wgmma_async else ''})"
                       if r.tensor_core != "none" else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
+                      f"{r.loop_instructions}" + (f" ({r.loop_byte_loads} byte loads)" if r.loop_byte_loads else ""),
                       f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -229,6 +229,22 @@ def test_load_widths_are_read_from_sass():
         == (64, 1)
 
 
+def test_main_loop_instructions_and_byte_loads_are_read_from_the_largest_innermost_loop():
+    from fastpeft.tools.kernel_report import _main_loop, row_from_json
+
+    byte, wide = "LDG.E.U8 R9, desc[UR6][R4.64]", "LDG.E.128 R4, desc[UR6][R2.64]"
+    # an outer loop around a small inner loop, then the main loop: 3 byte loads + FFMA + branch, NOP not counted
+    sass = _sass("NOP", "IADD3 R1, R1, 0x1, RZ", "@P0 BRA 0x0010", byte, "@P1 BRA 0x0000",
+                 byte, byte, byte, "NOP", "FFMA R1, R2, R3, R1", "@P2 BRA 0x0050", wide, "EXIT")
+    assert _main_loop(sass) == (5, 3)
+    assert _main_loop(_sass(wide, "EXIT")) == (0, 0)
+    old = {f: 1 for f in ("registers", "spill_store_bytes", "spill_load_bytes", "stack_bytes", "shared_bytes",
+                          "hmma", "hgmma", "load_bits", "async_copies", "compile_s")}
+    row = row_from_json({**old, "module": "m", "name": "k", "arch": 90, "num_warps": 4, "num_stages": 2,
+                         "is_gemm": False, "wgmma_async": True})  # a report written before the loop columns
+    assert (row.loop_instructions, row.loop_byte_loads) == (0, 0)
+
+
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="arches"):
         compile_report((75,))
