@@ -56,12 +56,12 @@ _CONFIGS = {
 def gemv_config(m: int, dtype: torch.dtype, k: int) -> LaunchConfig:
     """The launch config for ``m`` token rows (``1 <= m <= GEMV_MAX_M``) of ``dtype``, ``k`` input features.
 
-    bf16 with a ragged K (``even_k`` false: masked loads) takes one token row per program: two spilled 4 B
-    on sm_80 and sm_90.
+    bf16 and fp32 with a ragged K (``even_k`` false: masked loads) take one token row per program: two
+    spilled on sm_80 (bf16 4 B; fp32 with the LoRA term 28 B), fp16 does not.
     """
     if not 1 <= m <= GEMV_MAX_M:
         raise ValueError(f"nf4_gemv takes 1 to {GEMV_MAX_M} token rows, got {m}")
-    if dtype == torch.bfloat16 and not even_k(k):
+    if dtype != torch.float16 and not even_k(k):
         return _CONFIGS[1]
     return _CONFIGS[min(m, 2)]
 

@@ -39,3 +39,11 @@ def test_dx_has_a_tile_for_each_token_class(nf4_gemm_rows):
     small = next(r for r in nf4_gemm_rows if r.name == "nf4_matmul_t[bf16,m1,dx]" and r.arch == 90)
     large = next(r for r in nf4_gemm_rows if r.name == "nf4_matmul_t[bf16,m2048,dx]" and r.arch == 90)
     assert (small.num_warps, large.num_warps) == (4, 8)
+
+
+def test_no_nf4_gemm_main_loop_reads_single_bytes(nf4_gemm_rows):
+    """The packed weight arrives in wide loads: no 8-bit global load in any NF4 GEMM's main loop (the GEMMs read
+    the weight with 32 byte loads per thread per k-step before the rework)."""
+    assert nf4_gemm_rows
+    for r in nf4_gemm_rows:
+        assert r.loop_instructions > 0 and r.loop_byte_loads == 0, (r.name, r.arch, r.loop_byte_loads)
