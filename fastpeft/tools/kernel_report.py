@@ -72,6 +72,31 @@ SM_COUNT = {80: 108, 90: 132}
 
 
 GRID_BELOW_SMS = "headline grid below one CTA per SM"
+SYNCHRONOUS_WGMMA = "wgmma main loop waits for every wgmma"
+
+# Kernels whose main wgmma loop triton 3.8 does not keep asynchronous on sm_90, and why. The gate holds for
+# every other kernel; the list may only shrink (a listed kernel whose loops all overlap fails the ratchet test
+# in tests/tools/test_kernel_report.py).
+KNOWN_SYNCHRONOUS_WGMMA = {
+    "prefix_attention_fwd": "FlashAttention-2 loop: each wgmma result feeds the same iteration's softmax; "
+                            "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
+    "prefix_attention_dkdv": "same loop shape as the forward (P = QKᵀ feeds dV and dS in the iteration)",
+    "prefix_attention_dq": "same loop shape as the forward",
+    "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
+                   "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
+    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
+                   "divisibility hint on R) the dA and dB reductions wait too",
+    "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
+    "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
+    "adapter_reduce": "the recomputed activation is an operand built in registers every step",
+}
+
+
+# Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
+# GPU has SMs, and why. Empty: LoRA and the NF4 decode GEMV mark their benchmark shapes and fill the GPU at every
+# one; the nf4 GEMM, qlora, adapter and prefix_attention modules mark no headline launch yet. The list may only
+# shrink (a listed kernel that fills the GPU everywhere fails the ratchet test in tests/tools/test_kernel_report.py).
+KNOWN_SMALL_GRID: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,16 @@ class KernelReportRow:
         resident = self.ctas_per_sm * self.sm_count
         return self.grid_ctas / resident if resident and self.grid_ctas else 0.0
 
+    def gate_problems(self) -> list[str]:
+        """``problems()`` less those the known-exemption lists above allow for this kernel (what ``--check`` fails)."""
+        kernel = self.name.split("[", 1)[0]
+        out = self.problems()
+        if kernel in KNOWN_SYNCHRONOUS_WGMMA:
+            out = [p for p in out if p != SYNCHRONOUS_WGMMA]
+        if kernel in KNOWN_SMALL_GRID:
+            out = [p for p in out if not p.startswith(GRID_BELOW_SMS)]
+        return out
+
     def problems(self) -> list[str]:
         """What fails the gate: spills, > 255 registers, too much shared memory, a GEMM without tensor cores,
         a headline launch whose grid leaves SMs idle."""
@@ -146,7 +181,7 @@ class KernelReportRow:
         if self.is_gemm and self.tensor_core == "none":
             out.append("no tensor-core instructions")
         if self.hgmma and not self.wgmma_async:
-            out.append("wgmma main loop waits for every wgmma")
+            out.append(SYNCHRONOUS_WGMMA)
         if self.ctas_per_sm < 1:
             out.append("does not fit on an SM")
         if self.headline_ctas and self.headline_ctas < self.sm_count:
@@ -328,16 +363,21 @@ def format_table(rows: list[KernelReportRow]) -> str:
                       f"{r.tensor_core} ({r.hgmma or r.hmma}{', async' if r.wgmma_async else ''})"
                       if r.tensor_core != "none" else "none", f"{r.load_bits}b" + (f" async {r.async_copies}" if r.async_copies else ""),
                       f"{r.loop_instructions}" + (f" ({r.loop_byte_loads} byte loads)" if r.loop_byte_loads else ""),
-                      f"{r.compile_s:.2f}", "; ".join(r.problems()) or "ok"))
+                      f"{r.compile_s:.2f}", _gate_cell(r)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _gate_cell(row: KernelReportRow) -> str:
+    known = [p for p in row.problems() if p not in row.gate_problems()]
+    return "; ".join(row.gate_problems() + [f"{p} (known)" for p in known]) or "ok"
 
 
 def summary(rows: list[KernelReportRow]) -> str:
     """One line: compiles, rows failing the gate, headline launches checked by the grid gate and those below it."""
     headline = [r for r in rows if r.headline_ctas]
     small = [r for r in headline if GRID_BELOW_SMS in "; ".join(r.problems())]
-    failed = [r for r in rows if r.problems()]
+    failed = [r for r in rows if r.gate_problems()]
     return (f"{len(rows)} compiles, {len(failed)} failing the gate; grid gate: {len(headline)} headline rows, "
             f"{len(small)} with fewer CTAs than SMs")
 
@@ -364,7 +404,7 @@ def main(argv=None) -> int:
         print(format_table(rows))
         print(f"\n{len(rows)} compiles in {wall:.1f} s wall")
         print(summary(rows))
-    failed = [r for r in rows if r.problems()]
+    failed = [r for r in rows if r.gate_problems()]
     return 1 if (args.check and failed) else 0
 
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from fastpeft.kernels.aot_spec import kernel_modules
-from fastpeft.tools.kernel_report import (GRID_BELOW_SMS, SHARED_LIMIT, SM_COUNT, KernelReportRow, _load_widths,
-                                         compile_report, summary)
+from fastpeft.tools.kernel_report import (GRID_BELOW_SMS, KNOWN_SMALL_GRID, KNOWN_SYNCHRONOUS_WGMMA, SHARED_LIMIT,
+                                         SM_COUNT, KernelReportRow, _load_widths, compile_report, summary)
 
 pytestmark = pytest.mark.slow
 
@@ -36,47 +36,14 @@ def test_every_kernel_module_is_reported_for_every_arch(report_rows):
             assert sorted(r.name for r in report_rows if r.module == module and r.arch == arch) == sorted(names)
 
 
-SYNCHRONOUS_WGMMA = "wgmma main loop waits for every wgmma"
-# Kernels whose main wgmma loop triton 3.8 does not keep asynchronous on sm_90, and why. The gate holds for
-# every other kernel; the list may only shrink (a listed kernel whose loops all overlap fails the ratchet test).
-KNOWN_SYNCHRONOUS_WGMMA = {
-    "prefix_attention_fwd": "FlashAttention-2 loop: each wgmma result feeds the same iteration's softmax; "
-                            "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
-    "prefix_attention_dkdv": "same loop shape as the forward (P = QKᵀ feeds dV and dS in the iteration)",
-    "prefix_attention_dq": "same loop shape as the forward",
-    "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
-                   "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
-    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
-                   "divisibility hint on R) the dA and dB reductions wait too",
-    "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
-    "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
-    "adapter_reduce": "the recomputed activation is an operand built in registers every step",
-}
-
-
-# Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
-# GPU has SMs, and why. Empty: LoRA marks its benchmark shapes and fills the GPU at every one; the nf4, qlora,
-# adapter and prefix_attention modules mark no headline launch yet, so the grid gate checks none of theirs.
-# The list may only shrink (a listed kernel that fills the GPU everywhere fails the ratchet test).
-KNOWN_SMALL_GRID: dict[str, str] = {}
-
-
 def _kernel(row) -> str:
     return row.name.split("[", 1)[0]
-
-
-def _exempt(row, problems):
-    if _kernel(row) in KNOWN_SYNCHRONOUS_WGMMA:
-        problems = [p for p in problems if p != SYNCHRONOUS_WGMMA]
-    if _kernel(row) in KNOWN_SMALL_GRID:
-        problems = [p for p in problems if not p.startswith(GRID_BELOW_SMS)]
-    return problems
 
 
 def test_every_variant_passes_the_gate(report_rows):
     bad = []
     for r in report_rows:
-        problems = _exempt(r, r.problems())
+        problems = r.gate_problems()
         if problems:
             bad.append(f"{r.name} sm_{r.arch}: {', '.join(problems)}")
     assert not bad, "\n".join(bad)
@@ -164,6 +131,26 @@ def test_gate_flags_each_problem():
     assert _row(hgmma=4, hmma=0, arch=90, wgmma_async=False).problems() == ["wgmma main loop waits for every wgmma"]
     assert _row(hgmma=4, hmma=0, arch=90, wgmma_async=True).problems() == []
     assert _row(arch=90, shared_bytes=230 * 1024).problems()[-1] == "does not fit on an SM"
+
+
+def test_check_applies_the_known_exemptions_to_the_listed_kernels_only(monkeypatch):
+    from fastpeft.tools import kernel_report
+
+    waits = dict(hgmma=4, hmma=0, arch=90, wgmma_async=False)
+    listed = _row(name="lora_shrink[fp16,r8,m1,fwd]", **waits)
+    assert listed.problems() == ["wgmma main loop waits for every wgmma"] and listed.gate_problems() == []
+    assert kernel_report._gate_cell(listed) == "wgmma main loop waits for every wgmma (known)"
+    other = _row(name="lora_fused_gemm[fp16,r8,m1,fwd]", **waits)
+    assert other.gate_problems() == other.problems() != []
+    spilling = _row(name="lora_shrink[fp16,r8,m1,fwd]", spill_store_bytes=8, **waits)
+    assert spilling.gate_problems()[0].startswith("spills")  # an exemption covers one problem, not the row
+    small = _row(name="k[x]", grid_ctas=64, headline_ctas=64, headline_label="bf16,m1,fwd", arch=90)
+    monkeypatch.setitem(kernel_report.KNOWN_SMALL_GRID, "k", "test")
+    assert small.problems() and small.gate_problems() == []
+    monkeypatch.setattr(kernel_report, "compile_report", lambda *a, **k: [listed])
+    assert kernel_report.main(["--check"]) == 0
+    monkeypatch.setattr(kernel_report, "compile_report", lambda *a, **k: [other])
+    assert kernel_report.main(["--check"]) == 1
 
 
 def test_grid_gate_fails_a_headline_launch_below_one_cta_per_sm():
