@@ -200,6 +200,10 @@ def nf4_input_grad(dy2d, packed, absmax, code, n: int, k: int, blocksize: int) -
 AOT_BLOCKSIZE = 64
 AOT_FEATURES = 4096
 AOT_TOKENS = (1, 2, 4, 8, 16, 256, 2048)
+# The GPU benchmark's shapes (benchmarks/ops/nf4.py and qlora.py: bf16, K = N = 4096): launched again as headline
+# launches, whose grids the kernel report's grid gate checks.
+HEADLINE_TOKENS = (1, 16, 512, 4096)
+HEADLINE_DTYPE = torch.bfloat16
 
 
 def aot_weight(n: int, k: int, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,6 +228,10 @@ def aot_launches() -> None:
                 nf4_input_grad(dy, *weight, n, k, AOT_BLOCKSIZE)
         with launch_label(f"{t},dequant", False):
             nf4_dequantize(*weight, n, k, AOT_BLOCKSIZE, dtype)
+    bias = torch.empty(n, dtype=HEADLINE_DTYPE)
+    for m in HEADLINE_TOKENS:  # the NF4 benchmark is forward only
+        with launch_label(f"bf16,m{m},fwd", m > GEMV_MAX_M, headline=True):
+            nf4_forward(torch.empty((m, k), dtype=HEADLINE_DTYPE), *weight, n, k, AOT_BLOCKSIZE, bias)
 
 
 def aot_specs():

@@ -17,7 +17,8 @@ from ._common import TRITON_DTYPE, check_kernel_dtype, dot_precision, launcher, 
 from .aot_spec import launch_label, module_specs
 from .lora import lora_backward_with_base, lora_forward_with_base
 from . import nf4
-from .nf4 import AOT_BLOCKSIZE, AOT_FEATURES, GEMV_MAX_M, aot_weight, nf4_matmul, nf4_matmul_transposed
+from .nf4 import (AOT_BLOCKSIZE, AOT_FEATURES, GEMV_MAX_M, HEADLINE_DTYPE, HEADLINE_TOKENS, aot_weight, nf4_matmul,
+                  nf4_matmul_transposed)
 
 __all__ = ["check_kernel_dtype", "qlora_backward", "qlora_forward"]
 
@@ -71,6 +72,14 @@ def aot_launches() -> None:
                     with launch_label(f"{t},r{r},m{m},{tag}", gemm):
                         qlora_backward(dy, x, *weight, n, k, AOT_BLOCKSIZE, lora_A, lora_B, h, 2.0, p, 1,
                                        True, False, False)
+    dtype, r = HEADLINE_DTYPE, 16  # the GPU benchmark's shapes (benchmarks/ops/qlora.py): r = 16, no dropout
+    lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
+    for m in HEADLINE_TOKENS:
+        x, dy, h = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype), torch.empty((m, r), dtype=dtype)
+        with launch_label(f"bf16,r{r},m{m},fwd", m > GEMV_MAX_M, headline=True):
+            qlora_forward(x, *weight, n, k, AOT_BLOCKSIZE, None, lora_A, lora_B, 2.0, 0.0, 1)
+        with launch_label(f"bf16,r{r},m{m},bwd", True, headline=True):
+            qlora_backward(dy, x, *weight, n, k, AOT_BLOCKSIZE, lora_A, lora_B, h, 2.0, 0.0, 1, True, True, True)
 
 
 def aot_specs():
