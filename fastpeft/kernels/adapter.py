@@ -294,6 +294,26 @@ def aot_launches() -> None:
                 "relu6"):
         with launch_label(f"fp16,{act}", is_gemm=True):
             _aot_layer(AOT_HIDDEN[0], 64, torch.float16, act, every_variant=False)
+    _aot_headline_launches()
+
+
+# The GPU benchmark's shapes (benchmarks/ops/adapter.py: bf16, Pfeiffer with reduction 16, a training step):
+# launched again as headline launches, whose grids the kernel report's grid gate checks.
+HEADLINE_HIDDEN = (768, 4096)
+HEADLINE_TOKENS = (1, 512, 4096)
+
+
+def _aot_headline_launches() -> None:
+    dtype = torch.bfloat16
+    for h in HEADLINE_HIDDEN:
+        b = h // 16
+        down_w, up_w, down_b, up_b = (torch.empty(shape, dtype=dtype) for shape in ((b, h), (h, b), (b,), (h,)))
+        for m in HEADLINE_TOKENS:
+            x, dy = torch.empty((m, h), dtype=dtype), torch.empty((m, h), dtype=dtype)
+            with launch_label(f"bf16,H{h},m{m},{configs(b, dtype)[0].name}", is_gemm=True, headline=True):
+                _, pre = adapter_forward(x, down_w, up_w, down_b, up_b, x, 1.0, None, "relu", 0.0, 0, True)
+                adapter_backward(dy, x, down_w, up_w, up_b, pre, 1.0, torch.empty((), dtype=dtype), "relu", 0.0, 0,
+                                 *[True] * 6)
 
 
 def _aot_layer(h: int, b: int, dtype: torch.dtype, act: str, every_variant: bool = True) -> None:

@@ -279,6 +279,24 @@ def aot_launches() -> None:
                     with launch_label(f"{t},d{d},{tag},{dkdv_cfg.name}+{dq_cfg.name}", is_gemm=is_gemm):
                         prefix_attention_backward(dout, q, k, v, *prefix, mask, out, lse, causal, None,
                                                   True, True, True)
+    _aot_headline_launches()
+
+
+def _aot_headline_launches() -> None:
+    """The GPU benchmark's shapes (benchmarks/ops/prefix_attention.py: bf16, Hq = 32, Hkv = 8, 4096 keys, one
+    decode step or 4096 / 16384 tokens in 4096-token sequences, causal) as headline launches: the kernel
+    report's grid gate checks their grids."""
+    dtype, hq, hkv, seq = torch.bfloat16, 32, 8, 4096
+    for d in (64, 128):
+        for p in (10, 30, 128):
+            for batch, sq in ((1, 1), (1, seq), (4, seq)):
+                q = torch.zeros(batch, sq, hq, d, dtype=dtype).transpose(1, 2)
+                k = torch.zeros(batch, seq, hkv, d, dtype=dtype).transpose(1, 2)
+                pk = torch.zeros(1, hkv, p, d, dtype=dtype)
+                with launch_label(f"bf16,d{d},p{p},b{batch},s{sq}", is_gemm=True, headline=True):
+                    out, lse = prefix_attention_forward(q, k, k, pk, pk, None, True, None)
+                    prefix_attention_backward(torch.empty_like(out), q, k, k, pk, pk, None, out, lse, True, None,
+                                              True, True, True)
 
 
 def aot_specs():

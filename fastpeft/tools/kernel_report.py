@@ -93,13 +93,53 @@ KNOWN_SYNCHRONOUS_WGMMA = {
 
 
 # Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
-# GPU has SMs, and why. LoRA, NF4 and QLoRA mark their benchmark shapes; the adapter and prefix_attention modules
-# mark no headline launch yet. The list may only shrink (a listed kernel that fills the GPU everywhere fails the
-# ratchet test in tests/tools/test_kernel_report.py).
+# GPU has SMs, and why. Every kernel module marks the GPU benchmark's shapes. The list may only shrink (a listed
+# kernel that fills the GPU everywhere fails the ratchet test in tests/tools/test_kernel_report.py).
 KNOWN_SMALL_GRID: dict[str, str] = {
     "nf4_matmul_t": "QLoRA's dX at decode sizes (M = 1, 16): one 64-token tile of rows times K / 64 = 64 column "
                     "tiles at K = 4096, under one CTA per SM; the fix is a split over N with a deterministic "
                     "partial sum, as the LoRA shrink does",
+    "adapter_down": "the inference down-projection before the fused forward: 3-128 programs at the benchmark "
+                    "shapes (3 at H = 768 and one token); needs a split over H like the LoRA shrink",
+    "adapter_forward": "12-128 programs at the benchmark shapes (12 at H = 768 and one token, 128 at H = 4096): "
+                       "tiles sized for many tokens; smaller tiles or a split over H wanted",
+    "adapter_backward_rows": "one program per row tile, 1 at one token and 8-128 above: the bottleneck stays on "
+                             "chip per row tile; small M needs a split over H",
+    "adapter_reduce": "one program per weight tile, 12 at H = 768 and 128 at H = 4096; the M-split the LoRA "
+                      "reductions use is not there yet",
+    "prefix_attention_fwd": "FlashAttention-2 loop: each wgmma result feeds the same iteration's softmax; "
+                            "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
+    "prefix_attention_dkdv": "same loop shape as the forward (P = QKᵀ feeds dV and dS in the iteration)",
+    "prefix_attention_dq": "same loop shape as the forward",
+    "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
+                   "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
+    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
+                   "divisibility hint on R) the dA and dB reductions wait too",
+    "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
+    "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
+    "adapter_reduce": "the recomputed activation is an operand built in registers every step",
+}
+
+
+# Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
+# GPU has SMs, and why. Every kernel module marks the GPU benchmark's shapes. The list may only shrink (a listed
+# kernel that fills the GPU everywhere fails the ratchet test in tests/tools/test_kernel_report.py).
+KNOWN_SMALL_GRID: dict[str, str] = {
+    "nf4_matmul_t": "QLoRA's dX at decode sizes (M = 1, 16): one 64-token tile of rows times K / 64 = 64 column "
+                    "tiles at K = 4096, under one CTA per SM; the fix is a split over N with a deterministic "
+                    "partial sum, as the LoRA shrink does",
+    "adapter_down": "the one-token / 512-token down-projection: one program per 64-row tile and bottleneck tile "
+                    "(3 at H = 768, one token); needs a split over H like the LoRA shrink",
+    "adapter_forward": "one program per row tile and 64-wide hidden tile: H / 64 = 12 (H = 768) or 64 (H = 4096) "
+                       "column tiles, 128 programs even at 4096 tokens and H = 4096; smaller tiles or a split wanted",
+    "adapter_backward_rows": "one program per row tile (one at one token): the bottleneck stays on chip per row "
+                             "tile; small M needs a split over H",
+    "adapter_reduce": "one program per hidden tile and bottleneck tile (12 at H = 768); the M-split the LoRA "
+                      "reductions use is not there yet",
+    "prefix_attention_fwd": "a decode step (one query, batch 1): one program per query head, 32; needs the "
+                            "keys split across programs with an LSE merge (flash-decoding)",
+    "prefix_attention_dq": "as the forward: one program per query head at one query",
+    "prefix_attention_delta": "rowsum(dO * O) at one query: one program per head (a trivial kernel)",
 }
 
 
