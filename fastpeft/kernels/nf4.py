@@ -24,7 +24,7 @@ from ._common import (TRITON_DTYPE, LaunchConfig, check_kernel_dtype, dot_precis
                       runs_on_tensor_cores, split_seed)
 from ._nf4_kernels import _nf4_dequant_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
 from ._nf4_layout import check_nf4_layout
-from .nf4_gemv import GEMV_MAX_M, LORA_RANK_BLOCK, nf4_gemv
+from .nf4_gemv import GEMV_MAX_M, LORA_RANK_BLOCK, launch_gemv
 from .aot_spec import launch_label, module_specs
 
 __all__ = ["check_kernel_dtype", "nf4_dequantize", "nf4_forward", "nf4_input_grad", "nf4_matmul",
@@ -124,8 +124,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     if m == 0 or n == 0:
         return y
     if config is None and m <= GEMV_MAX_M:
-        return nf4_gemv(x2d, packed, absmax, code, n, k, blocksize, bias=bias, lora_h=lora_h, lora_B=lora_B,
-                        lora_scale=lora_scale, out=y)
+        return launch_gemv(x2d, packed, absmax, code, n, k, blocksize, bias, lora_h, lora_B, lora_scale, y)
     has_lora = lora_h is not None
     cfg = config or forward_config(m, blocksize, x2d.dtype, has_lora)
     r = lora_h.shape[1] if has_lora else 0

@@ -39,7 +39,7 @@ from ._nf4_gemv_kernels import _nf4_decode_gemv_kernel
 from ._nf4_layout import check_nf4_layout
 from .aot_spec import launch_label, module_specs
 
-__all__ = ["GEMV_MAX_M", "gemv_config", "nf4_gemv"]
+__all__ = ["GEMV_MAX_M", "gemv_config", "launch_gemv", "nf4_gemv"]
 
 GEMV_MAX_M = 16
 # Rank chunk of the LoRA term (as fastpeft.kernels.nf4).
@@ -106,7 +106,7 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     packed = packed.reshape(-1)
     _check_layout(x2d, packed, absmax, code, n, k, blocksize)
     m = x2d.shape[0]
-    cfg = gemv_config(m, x2d.dtype, k)
+    gemv_config(m, x2d.dtype, k)  # raises for a token count the kernel does not take
     if out is None:
         out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     elif tuple(out.shape) != (m, n) or out.dtype != x2d.dtype or out.device != x2d.device:
@@ -120,6 +120,19 @@ def nf4_gemv(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         raise ValueError(f"lora_h must be [{m}, r] and lora_B [{n}, r]")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    return launch_gemv(x2d, packed, absmax, code, n, k, blocksize, bias, lora_h, lora_B, lora_scale, out)
+
+
+def launch_gemv(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias, lora_h, lora_B, lora_scale: float,
+                out: torch.Tensor) -> torch.Tensor:
+    """``nf4_gemv`` after its checks, for a caller that made them (``nf4_matmul``: a decode step checks once).
+
+    ``packed`` flat, ``1 <= M <= GEMV_MAX_M``, ``n > 0``, ``out`` an ``[M, n]`` tensor of x's dtype; run inside
+    the tensors' device (``@launcher``).
+    """
+    m = x2d.shape[0]
+    cfg = gemv_config(m, x2d.dtype, k)
+    has_lora = lora_h is not None
     r = lora_h.shape[1] if has_lora else 0
     h = lora_h if has_lora else out
     lb = lora_B if has_lora else out
