@@ -21,7 +21,7 @@ from adapter_reference import adapter_module_math, adapter_up_output
 from fastpeft.nn.adapter import BottleneckAdapter, bottleneck_size_for
 from fastpeft.nn.base import PEFT_LAYER_KINDS
 from fastpeft.ops.adapter import adapter_dropout_mask
-from numerics import assert_close_to_ref
+from numerics import assert_close_to_ref, reduction_floor
 
 
 @pytest.fixture(autouse=True)
@@ -93,19 +93,44 @@ def compare_with_reference(module, residual=True, lead=(2, 5), dtype=torch.float
     want = torch.autograd.grad(ref, refs, dy.double(), allow_unused=True)
     peer_grads = torch.autograd.grad(peer, peers, dy, allow_unused=True)
     # LayerNorm(s · v) does not depend on a scalar s: with adapter_norm_after right after the scaled output,
-    # d scaling is zero up to rounding, and a relative error would measure noise. There it is checked in
-    # absolute terms against the size of the sum it comes from (Cauchy-Schwarz bound ‖dy‖·‖s·up‖).
-    scale_invariant = (module.scaling_mode == "learned" and module.ln_after
-                       and (module.is_parallel or not residual or not module.adapter_residual_before_ln))
+    # d scaling (learned) and the gate's gradients (the gate is one scalar per sequence) are zero up to rounding
+    # and LayerNorm's eps, and a relative error would measure noise. There they are checked in absolute terms
+    # against the size of the sum they come from (Cauchy-Schwarz bound ‖dy‖·‖s·up‖, times ‖x‖ for the gate's
+    # weight: the sigmoid's slope is at most 1/4).
+    invariant = module.ln_after and (module.is_parallel or not residual or not module.adapter_residual_before_ln)
     for label, g, g_ref, g_peer in zip(labels, got, want, peer_grads):
+        noise_only = invariant and ((label == "scaling" and module.scaling_mode == "learned")
+                                    or label.startswith("gate."))
         if g_ref is None:  # e.g. the residual of a parallel adapter
             assert g is None or torch.count_nonzero(g) == 0, label
-        elif label == "scaling" and scale_invariant:
+        elif noise_only:
             bound = float(dy.double().norm() * module.adapter_output(x).detach().double().norm())
-            assert float(g_ref.abs().max()) < 1e-3 * bound, "the reference is not scale-invariant here"
-            assert float((g.double() - g_ref).abs().max()) < 1e-5 * bound, f"d scaling {g} vs {g_ref}"
+            if label == "gate.weight":
+                bound *= float(x.detach().double().norm())
+            assert float(g_ref.abs().max()) < 1e-3 * bound, f"the reference is not scale-invariant here ({label})"
+            assert float((g.double() - g_ref).abs().max()) < 1e-5 * bound, f"d {label} {g} vs {g_ref}"
+        elif label == "scaling":  # a sum over every row (and channel, when learned) of dy-side terms times up
+            floor = reduction_floor(scaling_terms(module, x, r if residual else None, dy, keep), g_ref, dtype)
+            assert_close_to_ref(g, g_ref, g_peer, tiny=max(1e-7, floor), what="d scaling")
         else:
             assert_close_to_ref(g, g_ref, g_peer, tiny=1e-7, what=f"d {label}")
+
+
+def scaling_terms(module, x, r, dy, keep) -> torch.Tensor:
+    """The float64 terms ``g ∘ u`` that d scaling sums, ``[rows (· channels), *scaling.shape]``.
+
+    The reference runs with the scale broadcast to one leaf per element of
+    the output, so its gradient is each term; the terms are then laid out by
+    the scaling element they sum into.
+    """
+    params = {k: v.detach().double() for k, v in module.state_dict().items()}
+    per_element = params["scaling"].expand(x.shape).clone().requires_grad_()
+    params["scaling"] = per_element
+    out = adapter_module_math(params, reference_cfg(module), x.detach().double(),
+                              None if module.is_parallel or r is None else r.detach().double(), keep)
+    terms, = torch.autograd.grad(out, per_element, dy.double())
+    terms = terms.abs().reshape(-1, x.shape[-1])
+    return terms.reshape(-1, 1) if module.scaling.numel() == 1 else terms
 
 
 CONFIGS = [dict(ln_before=a, ln_after=b, adapter_residual_before_ln=c, use_gating=d, scaling=s)
