@@ -3,7 +3,7 @@
 The placement formulas are checked at one location against float64 formulas
 written out here (docs/architecture.md, "Bottleneck adapters"); the swapped
 blocks are checked to reproduce the original model exactly when the adapter
-adds nothing; AdapterHub parity itself is in tests/adapterhub.
+adds nothing; AdapterHub parity itself is in tests/integrations/adapterhub.
 """
 from __future__ import annotations
 

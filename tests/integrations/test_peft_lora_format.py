@@ -183,7 +183,7 @@ def _edit_config(directory, **changes):
     ({"use_dora": True}, "use_dora"),
     ({"bias": "all"}, "bias"),
     ({"lora_bias": True}, "lora_bias"),
-    # PEFT's targeting conventions are honoured (tests/test_targets.py); here they disagree with the file:
+    # PEFT's targeting conventions are honoured (tests/injection/test_targets.py); here they disagree with the file:
     ({"modules_to_save": ["lm_head"]}, "modules_to_save 'lm_head' needs tensors"),
     ({"layers_to_transform": [0]}, "does not select"),
     ({"exclude_modules": ["q_proj"]}, "does not select"),
