@@ -3,7 +3,8 @@
 Two extensions, both registering torch custom ops in the ``fastpeft_native``
 namespace (``torch.ops.fastpeft_native.<op>``):
 
-- ``cpu``: the C++ NF4 kernels (OpenMP, AVX2 when the build machine has it)
+- ``cpu``: the C++ NF4 kernels (OpenMP; AVX2 / AVX-512 / AMX when the build machine has them:
+  ``FASTPEFT_CPU_ISA`` forces a lower level, see ``cpu_isa``)
   and every op schema. Built on first use of an op.
 - ``cuda``: CUDA kernels for the same schemas (NF4 dequantize, M=1 decode
   GEMV). Built only when CUDA is available or when asked for explicitly
@@ -12,9 +13,9 @@ namespace (``torch.ops.fastpeft_native.<op>``):
 
 A build prints one line to stderr when it starts (the first use of an NF4
 op compiles for a while). Builds use ``torch.utils.cpp_extension.load`` (ninja) with ``-O3
--march=native -fopenmp`` and are cached in ``$FASTPEFT_BUILD_DIR`` (default
+-march=native -fopenmp`` (or a forced level's ``-march``) and are cached in ``$FASTPEFT_BUILD_DIR`` (default
 ``~/.cache/fastpeft/native``), one folder per extension, torch version,
-machine and CPU feature set; torch rebuilds when a source changes. The sources are found next to
+machine, CPU feature set and forced level; torch rebuilds when a source changes. The sources are found next to
 the package (``<repo>/csrc``), so the native extension needs a source checkout
 installed in editable mode (``pip install -e .``).
 
@@ -36,6 +37,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from . import cpu_isa
 
 ENV_BUILD_DIR = "FASTPEFT_BUILD_DIR"
 ENV_PREBUILT = "FASTPEFT_NATIVE_PREBUILT"
@@ -67,7 +70,10 @@ def _cpu_tag() -> str:
 
 
 def build_dir(kind: str) -> Path:
+    level = cpu_isa.selected_level().name
     tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-{platform.machine()}-{_cpu_tag()}"
+    if level != "native":
+        tag += f"-{level}"
     path = build_root() / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -145,7 +151,7 @@ def _load(kind: str, verbose: bool) -> None:
         cpp_extension.load(
             name="fastpeft_native_cpu",
             sources=cpu_sources(),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={cpu_isa.selected_level().march}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             **common,
         )
