@@ -2,9 +2,9 @@
 
 ``python -m benchmarks`` runs it on this machine (``--help`` for options);
 ``pytest benchmarks --benchmark-only`` runs the same cases under pytest-benchmark.
-Layout: ``spec`` (what an op declares), ``ops/`` (one file per op),
-``harness`` (timing), ``memory``, ``ceilings``, ``precision`` (error against
-float64, effective compute dtype), ``runner`` (rows, equal-precision ratios,
-flags), ``tables``, ``outputs`` (CSV/JSON/summary), ``plots``, ``readme``
-(``--update-readme``), ``kernel_report``, ``machine``, ``cli``.
+Layout, by job: ``suite/`` (the machinery: ``spec`` what an op declares, ``harness``
+timing, ``memory``, ``ceilings``, ``precision``, ``runner``, ``kernel_report``,
+``machine``, ``cli``), ``report/`` (``tables``, ``outputs``, ``plots``,
+``readme``), ``ops/`` (one spec per op) and ``standalone/`` (programs run on their
+own: ``python -m benchmarks.standalone.<name>``).
 """

@@ -1,4 +1,4 @@
 """Entry point of ``python -m benchmarks``."""
-from .cli import main
+from .suite.cli import main
 
 raise SystemExit(main())

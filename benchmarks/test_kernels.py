@@ -10,9 +10,9 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.machine import choose_device, default_dtype
+from benchmarks.suite.machine import choose_device, default_dtype
 from benchmarks.ops import load_ops
-from benchmarks.runner import dtypes_for, make_steps, shapes_for
+from benchmarks.suite.runner import dtypes_for, make_steps, shapes_for
 
 ROUNDS = {"quick": 5, "default": 20, "full": 50}
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider
+from ..suite.spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider
 from .common import case_tensors, compiled, missing_import, rotating_inputs, trainable, upstream_grad
 
 REDUCTION = 16

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..spec import FORWARD, FORWARD_BACKWARD, Case, requires_grad_in
+from ..suite.spec import FORWARD, FORWARD_BACKWARD, Case, requires_grad_in
 
 N_ROTATE = 4  # input buffers the harness cycles through
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import FORWARD, Built, Case, OpBench, Provider
+from ..suite.spec import FORWARD, Built, Case, OpBench, Provider
 from .common import (both_precisions_on_cpu, case_tensors, compiled, lora_layer_work, missing_import,
                      rotating_inputs, trainable, upstream_grad)
 

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider, requires_grad_in
+from ..suite.spec import FORWARD, FORWARD_BACKWARD, Built, Case, OpBench, Provider, requires_grad_in
 from .common import N_ROTATE, case_tensors, compiled, missing_import
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import FORWARD, Built, Case, OpBench, Provider
+from ..suite.spec import FORWARD, Built, Case, OpBench, Provider
 from .common import (both_precisions_on_cpu, case_tensors, lora_layer_work, missing_import, rotating_inputs,
                      trainable, upstream_grad)
 from .nf4 import BLOCKSIZE, bnb_kernel_note, bnb_linear4bit, nf4_weight

@@ -18,11 +18,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import cli  # noqa: E402
-from benchmarks.harness import summarize  # noqa: E402
+from benchmarks.suite import cli  # noqa: E402
+from benchmarks.suite.harness import summarize  # noqa: E402
 from benchmarks.ops import OP_MODULES, load_ops  # noqa: E402
-from benchmarks.runner import ERROR, NOT_AVAILABLE, OK, dtypes_for, selected_providers, shapes_for  # noqa: E402
-from benchmarks.spec import Provider  # noqa: E402
+from benchmarks.suite.runner import (ERROR, NOT_AVAILABLE, OK, dtypes_for, selected_providers,  # noqa: E402
+                                     shapes_for)
+from benchmarks.suite.spec import Provider  # noqa: E402
 
 FAST = ["--quick", "--device", "cpu", "--threads", "1", "--no-progress", "--no-kernel-report"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -149,7 +150,7 @@ def test_summarize_median_and_quartiles():
 
 
 def test_kernel_report_is_reused_while_kernel_sources_are_unchanged(tmp_path):
-    from benchmarks import kernel_report as kr
+    from benchmarks.suite import kernel_report as kr
 
     key = kr.fingerprint()
     row = dict(module="fastpeft.kernels.lora", name="k", arch=90, problems=[])
@@ -162,7 +163,7 @@ def test_kernel_report_is_reused_while_kernel_sources_are_unchanged(tmp_path):
 
 
 def test_compute_dtype_is_read_off_the_error_against_float64():
-    from benchmarks.precision import compute_dtype
+    from benchmarks.suite.precision import compute_dtype
 
     assert compute_dtype(2.8e-7, "float32") == "float32"
     assert compute_dtype(1.4e-3, "float32") == "bfloat16"  # bitsandbytes' CPU forward on AVX512-BF16
@@ -180,7 +181,7 @@ def _row(provider, role, dtype, compute, ms, mode="forward", shape="tokens=1", i
 
 
 def test_peers_are_compared_with_fastpeft_at_the_precision_they_compute_in():
-    from benchmarks.runner import add_speedups
+    from benchmarks.suite.runner import add_speedups
 
     op = load_ops(["qlora"])[0]
     rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0),
@@ -195,16 +196,16 @@ def test_peers_are_compared_with_fastpeft_at_the_precision_they_compute_in():
     assert rows[5]["speedup_vs"] == "no fastpeft row at bfloat16"
     assert rows[2]["speedup_same_inputs"] == 0.2 and "speedup_same_inputs" not in rows[5]
 
-    from benchmarks.tables import _speedup_cell, _time_cell
+    from benchmarks.report.tables import _speedup_cell, _time_cell
 
     assert _time_cell(rows[2]) == "2.00 ±1% [bf16]" and _speedup_cell(rows[2]) == "0.50x [vs bf16]"
     assert _speedup_cell(rows[3]) == "2.00x" and _speedup_cell(rows[5]) == "n/a [bf16]"
 
 
 def test_noisy_rows_and_rows_above_a_ceiling_are_flagged_and_reported():
-    from benchmarks.outputs import flag_lines
-    from benchmarks.runner import add_flags, flagged, headline_rows
-    from benchmarks.tables import _time_cell
+    from benchmarks.report.outputs import flag_lines
+    from benchmarks.suite.runner import add_flags, flagged, headline_rows
+    from benchmarks.report.tables import _time_cell
 
     op = load_ops(["qlora"])[0]
     rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0, iqr=25.0),
@@ -220,8 +221,8 @@ def test_noisy_rows_and_rows_above_a_ceiling_are_flagged_and_reported():
 
 
 def test_a_row_that_fits_in_the_last_level_cache_is_held_to_the_cache_read_ceiling():
-    from benchmarks.ceilings import Ceilings
-    from benchmarks.outputs import ceilings_line
+    from benchmarks.suite.ceilings import Ceilings
+    from benchmarks.report.outputs import ceilings_line
 
     ceilings = Ceilings(copy_gbps=20.0, read_gbps=24.0, matmul_gflops={"float32": 190.0}, copy_bytes=2**28,
                         matmul_size=2048, cache_read_gbps=90.0, cache_bytes=300 * 2**20)
@@ -236,7 +237,7 @@ def test_a_row_that_fits_in_the_last_level_cache_is_held_to_the_cache_read_ceili
 
 
 def test_last_level_cache_size_is_read_from_sysfs(tmp_path, monkeypatch):
-    from benchmarks import ceilings
+    from benchmarks.suite import ceilings
 
     for index, size in enumerate(("48K", "2048K", "300M")):
         (tmp_path / f"index{index}").mkdir()
@@ -247,7 +248,7 @@ def test_last_level_cache_size_is_read_from_sysfs(tmp_path, monkeypatch):
 
 
 def test_update_readme_rewrites_only_the_marked_block_from_a_committed_set(tmp_path, monkeypatch):
-    from benchmarks import readme
+    from benchmarks.report import readme
 
     results = tmp_path / "benchmarks" / "results"
     text = "intro\n<!-- benchmark-results:cpu:start -->\nold\n<!-- benchmark-results:cpu:end -->\noutro\n"
@@ -284,13 +285,13 @@ def test_update_readme_rewrites_only_the_marked_block_from_a_committed_set(tmp_p
 
 
 def test_speedup_plot_has_log_ratio_axes_error_bars_and_a_panel_per_mode_and_precision(tmp_path):
-    from benchmarks.plots import plot_op, speedup_series
+    from benchmarks.report.plots import plot_op, speedup_series
 
     rows = [_row("fastpeft", "fastpeft", "float32", "float32", 10.0),
             _row("torch", "peer", "float32", "float32", 20.0),
             _row("fastpeft", "fastpeft", "bfloat16", "bfloat16", 4.0),
             _row("peft+bnb", "peer", "float32", "bfloat16", 2.0)]
-    from benchmarks.runner import add_speedups
+    from benchmarks.suite.runner import add_speedups
 
     add_speedups(load_ops(["qlora"])[0], rows)
     series = speedup_series(rows, "qlora", "forward")
@@ -306,9 +307,9 @@ def test_speedup_plot_has_log_ratio_axes_error_bars_and_a_panel_per_mode_and_pre
 def test_a_reference_that_cannot_run_in_float64_leaves_the_error_out_and_says_why(monkeypatch):
     import dataclasses
 
-    from benchmarks.ceilings import measure_ceilings
-    from benchmarks.harness import POLICIES
-    from benchmarks.runner import Task, run_task
+    from benchmarks.suite.ceilings import measure_ceilings
+    from benchmarks.suite.harness import POLICIES
+    from benchmarks.suite.runner import Task, run_task
 
     op = load_ops(["lora"])[0]
     torch_ref = op.provider("torch")
@@ -331,7 +332,7 @@ def test_a_reference_that_cannot_run_in_float64_leaves_the_error_out_and_says_wh
 
 
 def test_kernel_report_is_one_line_and_skipped_by_default_without_a_gpu(tmp_path):
-    from benchmarks.tables import kernel_report_line
+    from benchmarks.report.tables import kernel_report_line
 
     assert "without a GPU" in cli._kernel_report(None, torch.device("cpu"), tmp_path)["unavailable"]
     assert "--no-kernel-report" in cli._kernel_report(False, torch.device("cuda"), tmp_path)["unavailable"]
@@ -345,7 +346,7 @@ def test_kernel_report_is_one_line_and_skipped_by_default_without_a_gpu(tmp_path
 
 def test_cuda_timing_uses_the_measured_device_and_its_stream(monkeypatch):
     """With ``--device cuda:1`` the events go on cuda:1's stream inside a cuda:1 device context (mocked CUDA)."""
-    from benchmarks import harness
+    from benchmarks.suite import harness
 
     entered, recorded = [], []
 
@@ -390,7 +391,7 @@ def test_interpreter_is_refused_on_a_gpu(monkeypatch):
 
 def test_l2_flush_reads_and_does_not_write():
     """The flush reads its buffer (clean lines), it does not fill it (dirty lines to write back later)."""
-    from benchmarks.harness import L2Flusher
+    from benchmarks.suite.harness import L2Flusher
 
     flusher = L2Flusher(torch.device("cpu"))
     assert flusher.buffer is None

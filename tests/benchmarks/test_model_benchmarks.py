@@ -1,9 +1,9 @@
 """The two stand-alone measuring scripts run end to end at tiny sizes (their figures are not checked here).
 
-- ``python -m benchmarks.prefix_tuning_step``: a prefix-tuning training step, fastpeft vs PEFT; the
+- ``python -m benchmarks.standalone.prefix_tuning_step``: a prefix-tuning training step, fastpeft vs PEFT; the
   variants compute the same first loss (the script's own consistency column), PEFT with gradient
   checkpointing is reported as the error PEFT raises;
-- ``python -m benchmarks.overhead``: the fixed per-call cost of the LoRA/QLoRA layers vs PEFT.
+- ``python -m benchmarks.standalone.overhead``: the fixed per-call cost of the LoRA/QLoRA layers vs PEFT.
 """
 import json
 import sys
@@ -14,7 +14,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import overhead, prefix_tuning_step  # noqa: E402
+from benchmarks.standalone import overhead, prefix_tuning_step  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .machine import REPO_ROOT
+from ..suite.machine import REPO_ROOT
 from .outputs import ceilings_line, machine_line
 
 README = REPO_ROOT / "README.md"

@@ -9,7 +9,7 @@ fastpeft q25); every point has a marker, so a single-token series shows too.
 A peer that computes at another precision than its inputs is plotted in that
 precision's panel, against fastpeft at the same precision
 (``runner.add_speedups``), and its label names its input dtype. Can also be run
-on a saved results.json: ``python -m benchmarks.plots benchmarks/results/<tag>/results.json``.
+on a saved results.json: ``python -m benchmarks.report.plots benchmarks/results/<tag>/results.json``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from .precision import BANDS, short  # noqa: E402
+from ..suite.precision import BANDS, short  # noqa: E402
 
 _ORDER = {name: i for i, (_, name) in enumerate(BANDS)} | {"float16": 2}
 
@@ -128,7 +128,7 @@ def ops_in(rows: list) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.plots RESULTS_JSON", file=sys.stderr)
+        print("usage: python -m benchmarks.report.plots RESULTS_JSON", file=sys.stderr)
         return 2
     path = Path(argv[0])
     data = json.loads(path.read_text())

@@ -1,8 +1,8 @@
 """Timing script (not a test): the fp32 NF4 decode GEMV (M <= 8) vs dense fp32 ``F.linear``, interleaved.
 
 Run (issue 13, item 3; the 2-thread wall-clock rows, then the 1-thread CPU-time rows for a loaded machine):
-    python tests/native/nf4_cpu_speed.py --shapes 4096x4096 4096x14336 14336x4096 --m 1 2 4 8 --threads 2
-    python tests/native/nf4_cpu_speed.py --shapes 4096x4096 --m 1 --threads 1 --clock thread-cpu
+    python -m benchmarks.standalone.nf4_cpu_speed --shapes 4096x4096 4096x14336 14336x4096 --m 1 2 4 8 --threads 2
+    python -m benchmarks.standalone.nf4_cpu_speed --shapes 4096x4096 --m 1 --threads 1 --clock thread-cpu
 
 Shapes are ``NxK`` (W is [N, K], blocksize 64; ``--double-quant`` decodes the
 nested absmax once, as ``NF4Weight.absmax_float`` caches it). Per row, in one
@@ -11,7 +11,7 @@ round after warm-up, so load on the shared machine hits all alike):
 - ``dense``: ``F.linear(x, W)`` on the fp32 dequantized W (streams 4·N·K bytes);
 - ``native``: the native op ``nf4_matmul`` on the packed bytes and fp32 absmax
   (streams N·K/2 + 4·N·K/blocksize bytes);
-- ``wrapper``: ``fastpeft.quant.nf4_cpu.nf4_matmul`` (checks + reshape around it).
+- ``wrapper``: ``fastpeft.cpu.nf4_native.nf4_matmul`` (checks + reshape around it).
 x is fp32 or bf16 (``--dtypes``); bf16 x is converted to fp32 for the decode GEMV.
 Printed: medians (ms), the median of the per-round ratios NF4 / dense (< 1: NF4
 faster; the issue's goal is <= 0.25 at M = 1) with its interquartile range, the
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft import _native
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 
 BLOCKSIZE = 64
@@ -105,7 +105,7 @@ def main():
                 fns = {
                     "dense": lambda: F.linear(x32, wd),
                     "native": lambda: native(x, q.packed, absmax, n, k, BLOCKSIZE, None),
-                    "wrapper": lambda: nf4_cpu.nf4_matmul(x, q),
+                    "wrapper": lambda: nf4_native.nf4_matmul(x, q),
                 }
                 t = interleaved(fns, args.rounds, clock, args.inner)
                 ratio = [a / b for a, b in zip(t["native"], t["dense"])]

@@ -17,9 +17,9 @@ over 10% of the median), ``^`` a time faster than a measured ceiling.
 """
 from __future__ import annotations
 
-from .precision import same_precision, short
-from .runner import ABOVE_CEILING, ERROR, NOISY, NOT_AVAILABLE, OK, WRONG
-from .spec import FORWARD_BACKWARD
+from ..suite.precision import same_precision, short
+from ..suite.runner import ABOVE_CEILING, ERROR, NOISY, NOT_AVAILABLE, OK, WRONG
+from ..suite.spec import FORWARD_BACKWARD
 
 LEGEND = ("`[bf16]` after a time: the dtype the provider effectively computed in (read off its error against "
           "float64), when it differs from its input dtype. `peer/fastpeft` compares fastpeft and the peer at equal "

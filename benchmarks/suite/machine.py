@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def choose_device(requested: Optional[str]) -> torch.device:

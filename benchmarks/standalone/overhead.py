@@ -1,6 +1,6 @@
 """The fixed per-call cost of fastpeft's LoRA and QLoRA layers at few tokens, against PEFT and the bare base.
 
-``python -m benchmarks.overhead`` times one layer call (eval-mode forward, or
+``python -m benchmarks.standalone.overhead`` times one layer call (eval-mode forward, or
 train-mode forward+backward) of:
 
 - ``base``: the bare frozen base: ``F.linear`` on the dense weight (LoRA), the
@@ -73,7 +73,7 @@ def _lora_layer(provider: str, weight, lora_A, lora_B, train: bool) -> Callable:
         layer = LoRALinear(base, r=r, lora_alpha=SCALING * r, init_lora_weights=False)
         _load_pair(layer.lora_A.weight, layer.lora_B.weight, lora_A, lora_B)
         return layer.train(train)
-    from .ops.lora import peft_lora_layer
+    from ..ops.lora import peft_lora_layer
 
     layer, _ = peft_lora_layer(weight, lora_A.clone().requires_grad_(train), lora_B.clone().requires_grad_(train),
                                SCALING, "forward_backward" if train else "forward")
@@ -85,14 +85,14 @@ class _NativeNF4Base(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, n, k):
-        from fastpeft.ops.nf4_cpu import _native_cpu
+        from fastpeft.cpu.nf4 import _native_cpu
 
         ctx.state = (packed, absmax, n, k)
         return _native_cpu().nf4_matmul_packed(x, packed, absmax, n, k, BLOCKSIZE, None)
 
     @staticmethod
     def backward(ctx, dy):
-        from fastpeft.ops.nf4_cpu import _native_cpu
+        from fastpeft.cpu.nf4 import _native_cpu
 
         packed, absmax, n, k = ctx.state
         return (_native_cpu().nf4_matmul_transposed_packed(dy, packed, absmax, n, k, BLOCKSIZE),
@@ -119,7 +119,7 @@ def _qlora_layer(provider: str, weight, lora_A, lora_B, train: bool) -> Callable
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-    from .ops.nf4 import bnb_linear4bit
+    from ..ops.nf4 import bnb_linear4bit
 
     alpha = SCALING * r
     layer = PeftLinear4bit(bnb_linear4bit(weight, weight.dtype, "cpu"), "default",
@@ -220,7 +220,7 @@ def _stub_native_nf4_kernels() -> None:
     """
     import types
 
-    from fastpeft.ops import nf4_cpu as cpu_path
+    from fastpeft.cpu import nf4 as cpu_path
     from fastpeft.quant.nf4 import dequantize_nf4_reference
 
     dense = {}
@@ -282,7 +282,7 @@ def count_instructions(args) -> dict:
             continue
         out = os.path.join(folder, f"callgrind.{i}.out")
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-               sys.executable, "-m", "benchmarks.overhead", "--_count", "--toggle-lib", lib,
+               sys.executable, "-m", "benchmarks.standalone.overhead", "--_count", "--toggle-lib", lib,
                "--op", *ops, "--dtype", *args.dtype, "--mode", *args.mode, "--providers", *providers,
                "--tokens", *map(str, args.tokens), "--k", str(args.k), "--n", str(args.n), "--r", str(args.r),
                "--calls", str(args.calls)]
@@ -315,7 +315,7 @@ def read_counts(folder: str, calls: int) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.standalone.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--op", nargs="+", choices=("lora", "qlora"), default=["lora", "qlora"])
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))

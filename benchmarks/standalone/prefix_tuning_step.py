@@ -1,6 +1,6 @@
 """One prefix-tuning training step of a Llama-style model: fastpeft vs HF PEFT.
 
-    python -m benchmarks.prefix_tuning_step [--device cpu|cuda] [--dtypes fp32,bf16] [--batch 2] [--seq 512]
+    python -m benchmarks.standalone.prefix_tuning_step [--device cpu|cuda] [--dtypes fp32,bf16] [--batch 2] [--seq 512]
                                             [--prefix 20] [--reps 7] [--out results.json]
 
 The model is built from a config (no download): 4 layers, hidden 512, 8 query
@@ -20,7 +20,7 @@ once, in a rotating order, so load drifts hit all of them alike):
 
 Reported per variant: median step time (and quartiles), the step time over
 PEFT's, and memory: ``saved MB`` is what autograd keeps between forward and
-backward (``benchmarks/memory.py``; gradient checkpointing's recompute inputs
+backward (``benchmarks/suite/memory.py``; gradient checkpointing's recompute inputs
 are not autograd-saved tensors, so it is a lower bound there); on CPU ``peak
 MB`` is the process's resident-set peak during one step above its size before
 the step (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), on CUDA
@@ -38,9 +38,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .harness import summarize
-from .machine import choose_device, metadata
-from .memory import cuda_peak_bytes, saved_bytes
+from ..suite.harness import summarize
+from ..suite.machine import choose_device, metadata
+from ..suite.memory import cuda_peak_bytes, saved_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MB = 2 ** 20
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     for name in dtype_names:
         if name not in DTYPES:
             parser.error(f"--dtypes: unknown dtype {name!r}; choose from {sorted(DTYPES)}")
-    meta = metadata(device, dtype_names, " ".join(["python -m benchmarks.prefix_tuning_step", *sys.argv[1:]]))
+    meta = metadata(device, dtype_names, " ".join(["python -m benchmarks.standalone.prefix_tuning_step", *sys.argv[1:]]))
     rows = []
     for name in dtype_names:
         rows += run(name, device, args.batch, args.seq, args.prefix, args.reps)

@@ -4,7 +4,7 @@ For each (op, dtype, shape, mode) the inputs are made once and shared by all
 providers. Each provider is built, called once untimed (compiles, caches,
 lazy init; the time is kept as ``first_call_s``), its forward output compared
 with a float64 run of the op's reference provider (``rel_err``, and from it the
-``compute_dtype`` it effectively used: ``benchmarks/precision.py``), then timed
+``compute_dtype`` it effectively used: ``benchmarks/suite/precision.py``), then timed
 by the harness, and its memory measured. The overhead over the baseline and the
 fractions of the measured ceilings are added per case; fastpeft's speedup over
 each peer is added once all dtypes of an op have run, against the fastpeft row

@@ -1,8 +1,8 @@
 """Timing script (not a test): fastpeft's CPU NF4 / QLoRA layers vs bitsandbytes and PEFT, bf16 and fp32.
 
 Run (2 threads, the issue-13 rows; on a loaded machine add --threads 1 --clock thread-cpu):
-    python tests/native/nf4_cpu_bf16_speed.py --m 1 64 256 --rounds 40
-    python tests/native/nf4_cpu_bf16_speed.py --sweep 1 2 4 8 9 12 16 --rounds 40   # the bf16 row thresholds
+    python -m benchmarks.standalone.nf4_cpu_bf16_speed --m 1 64 256 --rounds 40
+    python -m benchmarks.standalone.nf4_cpu_bf16_speed --sweep 1 2 4 8 9 12 16 --rounds 40   # the bf16 row thresholds
 
 Rows: an NF4 base (blocksize 64, double quant: QLoRA's default) of ``--n x --k``, and
 QLoRA = that base + LoRA rank ``--r`` (scaling 2). Providers, one layer each:
@@ -20,7 +20,7 @@ torch's error in the same dtype (F.linear on the dequantized weight).
 
 ``--sweep`` times the native kernels alone on bf16 rows (fp32 fused GEMV/GEMM,
 bf16 dequantize + torch GEMM, fused AMX), the measurement behind the
-``BF16_*_MIN_ROWS`` thresholds of ``fastpeft.quant.nf4_cpu``.
+``BF16_*_MIN_ROWS`` thresholds of ``fastpeft.cpu.nf4_native``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from fastpeft.ops.nf4 import nf4_linear
 from fastpeft.ops.qlora import qlora_linear
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 
 SCALING = 2.0
@@ -188,11 +188,11 @@ def run_sweep(args, q):
         dy = torch.randn(m, n).bfloat16()
         fwd = {"fp32 fused": lambda: native.nf4_matmul(x, q.packed, absmax, n, k, BLOCKSIZE, None),
                "dequant+mm": lambda: native.nf4_matmul_bf16(x, q.packed, absmax, n, k, BLOCKSIZE, None)}
-        if nf4_cpu.amx_available():
+        if nf4_native.amx_available():
             fwd["amx"] = lambda: native.nf4_matmul_bf16_amx(x, q.packed, absmax, n, k, BLOCKSIZE, None)
         bwd = {"fp32 fused": lambda: native.nf4_matmul_transposed(dy, q.packed, absmax, n, k, BLOCKSIZE),
                "dequant+mm": lambda: native.nf4_matmul_transposed_bf16(dy, q.packed, absmax, n, k, BLOCKSIZE)}
-        if nf4_cpu.amx_available():
+        if nf4_native.amx_available():
             bwd["amx"] = lambda: native.nf4_matmul_transposed_bf16_amx(dy, q.packed, absmax, n, k, BLOCKSIZE)
         for what, fns in (("forward", fwd), ("input grad", bwd)):
             t = interleaved(list(fns.values()), args.rounds)

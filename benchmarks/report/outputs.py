@@ -14,8 +14,8 @@ import csv
 import json
 from pathlib import Path
 
-from .ceilings import matmul_text
-from .runner import ABOVE_CEILING, NOISY
+from ..suite.ceilings import matmul_text
+from ..suite.runner import ABOVE_CEILING, NOISY
 from .tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, kernel_report_table,
                      op_mode_table, render_markdown)
 

@@ -20,21 +20,23 @@ from pathlib import Path
 
 import torch
 
-from . import machine, readme
+from ..ops import OP_MODULES, load_ops
+from ..report import readme
+from ..report.outputs import (flag_lines, headline_sections, summary_markdown, write_csv, write_json,
+                              write_kernel_report_csv)
+from ..report.plots import plot_all
+from ..report.tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, op_mode_table,
+                             render_text)
+from . import machine
 from .ceilings import matmul_text, measure_ceilings
 from .harness import POLICIES
 from .kernel_report import kernel_report, previous_results
-from .ops import OP_MODULES, load_ops
-from .outputs import (flag_lines, headline_sections, summary_markdown, write_csv, write_json,
-                      write_kernel_report_csv)
-from .plots import plot_all
 from .runner import (DTYPES, add_flags, add_speedups, failures_in, flagged, headline_rows, plan, run_task,
                      selected_providers)
 from .spec import MODES
-from .tables import LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, op_mode_table, render_text
 
 RESULTS_ENV = "FASTPEFT_BENCH_RESULTS"  # folder that new run folders go in (default benchmarks/results)
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results"
 
 
 def results_root() -> Path:
