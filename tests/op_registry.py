@@ -12,7 +12,7 @@ def op_names() -> list[str]:
     """The ops: modules of ``fastpeft.ops`` that define an autograd Function."""
     names = []
     for info in pkgutil.iter_modules(ops.__path__):
-        if info.name.startswith("_") or info.name.endswith("_cpu"):
+        if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"fastpeft.ops.{info.name}")
         if any(inspect.isclass(v) and issubclass(v, torch.autograd.Function) and v.__module__ == module.__name__

@@ -40,14 +40,14 @@ def dispatched_functions(op: str) -> set[str]:
 
 @pytest.mark.parametrize("op", op_names())
 def test_every_op_has_both_implementations_with_the_same_functions(op):
-    """The dispatch contract: kernels.<op> and ops.<op>_cpu have every function the op dispatches to."""
-    cpu = importlib.import_module(f"fastpeft.ops.{op}_cpu")
+    """The dispatch contract: kernels.<op> and cpu.<op> have every function the op dispatches to."""
+    cpu = importlib.import_module(f"fastpeft.cpu.{op}")
     triton_module = importlib.import_module(f"fastpeft.kernels.{op}")
     assert callable(triton_module.check_kernel_dtype) and callable(triton_module.aot_launches)
     op_functions = dispatched_functions(op)
     assert op_functions, f"fastpeft.ops.{op} dispatches nothing through implementation()"
     for name in op_functions:
-        assert callable(getattr(cpu, name, None)), f"fastpeft.ops.{op}_cpu lacks {name}"
+        assert callable(getattr(cpu, name, None)), f"fastpeft.cpu.{op} lacks {name}"
         assert callable(getattr(triton_module, name, None)), f"fastpeft.kernels.{op} lacks {name}"
         cpu_params = list(inspect.signature(getattr(cpu, name)).parameters)
         triton_signature = inspect.signature(getattr(triton_module, name)).parameters

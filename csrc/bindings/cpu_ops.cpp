@@ -4,7 +4,7 @@
 // them) and registers the CPU implementations. Arguments are validated here
 // with TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (ValueError / TypeError in Python)
 // so that a bad call never reaches a kernel; the Python wrappers in
-// fastpeft/quant/nf4_cpu.py check first and give the friendlier message.
+// fastpeft/cpu/nf4_native.py check first and give the friendlier message.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 

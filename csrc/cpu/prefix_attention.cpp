@@ -1,6 +1,6 @@
 // Prefix attention on the CPU (fp32 and fp64): softmax over [prefix; sequence] without building it.
 //
-// Called by fastpeft/ops/prefix_attention_cpu.py (its docstring has the two modes and why). Semantics
+// Called by fastpeft/cpu/prefix_attention.py (its docstring has the two modes and why). Semantics
 // (the op fastpeft.ops.prefix_attention):
 //   - every query row sees every prefix key, and the sequence keys j <= r + (Skv - Sq) when causal,
 //     and only keys whose key_padding_mask entry is true;

@@ -24,7 +24,7 @@
   applies the scalar factors and sums the split partials in a fixed order.
   ``dW_u = (s∘g)ᵀ act(pre)`` and ``dW_d = daᵀ x``.
 
-The activation is the constexpr ``ACT`` (ids of ``fastpeft.ops.activations``),
+The activation is the constexpr ``ACT`` (ids of ``fastpeft.activations``),
 computed in fp32 by ``activate`` / ``activate_grad``. Every dot goes through
 ``_common.mma``; the dropout mask of element ``(m, n)`` of the ``[M, H]``
 output is ``_common.keep_mask_per_element`` with row length ``H``, in every kernel (``keep_mask``'s
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._common import SEED_ARGS, TOKEN_ARGS, keep_mask_per_element, mma
 
-# --- activations (ids: fastpeft.ops.activations) -----------------------------------------------------------
+# --- activations (ids: fastpeft.activations) -----------------------------------------------------------
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Triton bottleneck-adapter kernels: plain launchers (no autograd) and their AOT launches.
 
 ``fastpeft.ops.adapter`` validates inputs and calls ``adapter_forward`` /
-``adapter_backward`` / ``dropout_mask``; ``fastpeft.ops.adapter_cpu``
+``adapter_backward`` / ``dropout_mask``; ``fastpeft.cpu.adapter``
 implements the same contract with torch ops. The kernels are described in
 ``_adapter_kernels``.
 
@@ -39,7 +39,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..ops.activations import activation_id
+from ..activations import activation_id
 from . import _common
 from ._adapter_kernels import (_adapter_backward_rows_kernel, _adapter_down_kernel, _adapter_forward_kernel,
                                _adapter_keep_kernel, _adapter_reduce_kernel)

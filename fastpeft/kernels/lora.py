@@ -2,7 +2,7 @@
 
 Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.lora`` validates
 inputs and calls ``lora_forward`` / ``lora_backward`` / ``dropout_mask`` here
-or in ``fastpeft.ops.lora_cpu``, which has the same functions.
+or in ``fastpeft.cpu.lora``, which has the same functions.
 
 Forward (two launches, after LoRAFusion; three when the shrink is split):
   1. shrink: ``h = (keep ∘ x) Aᵀ / (1-p)`` ``[M, r]`` in x's dtype (fp32 accumulate; saved for backward).

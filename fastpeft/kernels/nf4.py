@@ -1,7 +1,7 @@
 """Triton NF4 (bitsandbytes 4-bit NormalFloat) linear: plain launchers and what the AOT report compiles.
 
 Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.nf4`` calls
-``nf4_forward`` / ``nf4_input_grad`` here or in ``fastpeft.ops.nf4_cpu``,
+``nf4_forward`` / ``nf4_input_grad`` here or in ``fastpeft.cpu.nf4``,
 which has the same functions. ``nf4_matmul`` / ``nf4_matmul_transposed`` are
 the general launchers (optional LoRA term in the accumulator, used by
 ``fastpeft.kernels.qlora``); ``nf4_dequantize`` runs the same dequantization
@@ -183,12 +183,12 @@ def nf4_matmul_transposed(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torc
 
 
 def nf4_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias=None) -> torch.Tensor:
-    """``x2d · dequant(W)ᵀ (+ bias)`` (dispatch contract; see ``fastpeft.ops.nf4_cpu``)."""
+    """``x2d · dequant(W)ᵀ (+ bias)`` (dispatch contract; see ``fastpeft.cpu.nf4``)."""
     return nf4_matmul(x2d, packed, absmax, code, n, k, blocksize, bias=bias)
 
 
 def nf4_input_grad(dy2d, packed, absmax, code, n: int, k: int, blocksize: int) -> torch.Tensor:
-    """``dy2d · dequant(W)`` (dispatch contract; see ``fastpeft.ops.nf4_cpu``)."""
+    """``dy2d · dequant(W)`` (dispatch contract; see ``fastpeft.cpu.nf4``)."""
     return nf4_matmul_transposed(dy2d, packed, absmax, code, n, k, blocksize)
 
 

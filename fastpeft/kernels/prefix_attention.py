@@ -2,7 +2,7 @@
 
 ``fastpeft.ops.prefix_attention`` validates inputs and calls
 ``prefix_attention_forward`` / ``prefix_attention_backward``;
-``fastpeft.ops.prefix_attention_cpu`` implements the same contract with torch.
+``fastpeft.cpu.prefix_attention`` implements the same contract with torch.
 
 Math: ``softmax(scale · q [pk; k]ᵀ) [pv; v]`` with the prefix ``pk, pv``
 read from its own buffer (the concatenation is never built: no tensor spans

@@ -1,7 +1,7 @@
 """Triton QLoRA linear: LoRA's orchestration (``fastpeft.kernels.lora``) around the NF4 kernels.
 
 Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.qlora`` calls
-``qlora_forward`` / ``qlora_backward`` here or in ``fastpeft.ops.qlora_cpu``,
+``qlora_forward`` / ``qlora_backward`` here or in ``fastpeft.cpu.qlora``,
 which has the same functions.
 
 Forward: the LoRA shrink makes ``h = drop(x) Aᵀ / (1-p)`` (fp32, saved), then

@@ -35,7 +35,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.activations import activation as lookup_activation
+from ..activations import activation as lookup_activation
 from ..ops.adapter import bottleneck_adapter
 from .base import PeftLayer
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Union
 
-from ..ops.activations import activation as lookup_activation
+from ..activations import activation as lookup_activation
 
 INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby")
 SCALING_MODES = ("learned", "channel")

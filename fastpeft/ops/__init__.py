@@ -1,8 +1,8 @@
 """Functional ops and their autograd Functions (see ``docs/architecture.md``, "Ops").
 
-One file per op (``<op>.py``: validation, autograd, custom ops) and one CPU
-implementation per op (``<op>_cpu.py``), with the Triton implementation in
-``fastpeft.kernels.<op>``.
+One file per op (``<op>.py``: validation, autograd, custom ops, the functional
+API) and the dispatch shared by all of them; the implementations live on the
+floor below: Triton in ``fastpeft.kernels.<op>``, CPU in ``fastpeft.cpu.<op>``.
 """
 from .adapter import BottleneckAdapterFunction, adapter_dropout_mask, bottleneck_adapter
 from .lora import LoRALinearFunction, lora_dropout_mask, lora_linear

@@ -2,7 +2,7 @@
 
 Dispatch contract (``docs/architecture.md``, "Ops"): an op ``<op>`` has a
 Triton module ``fastpeft.kernels.<op>`` and a CPU module
-``fastpeft.ops.<op>_cpu`` that export the same plain functions (e.g.
+``fastpeft.cpu.<op>`` that export the same plain functions (e.g.
 ``<op>_forward`` / ``<op>_backward``) with the same arguments and results.
 ``implementation(op, device, dtype)`` returns the module the backend rule of
 ``fastpeft._backend`` picks for tensors on ``device``; the op calls the
@@ -44,7 +44,7 @@ def _backend_environment() -> tuple:
 
 
 def implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """``fastpeft.kernels.<op>`` or ``fastpeft.ops.<op>_cpu``, by the backend rule for ``device``.
+    """``fastpeft.kernels.<op>`` or ``fastpeft.cpu.<op>``, by the backend rule for ``device``.
 
     Raises TypeError when the Triton backend is selected for a dtype its kernels do not take.
     The choice is cached per (op, device, dtype) and the backend environment variables, which are
@@ -66,7 +66,7 @@ def _choose(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
         kernels = _module(f"fastpeft.kernels.{op}")
         kernels.check_kernel_dtype(op, dtype)
         return kernels
-    return _module(f"fastpeft.ops.{op}_cpu")
+    return _module(f"fastpeft.cpu.{op}")
 
 
 def custom_op_with_eager_path(name: str, implementation, eager=None):

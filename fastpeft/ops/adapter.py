@@ -5,7 +5,7 @@ validates) -> ``BottleneckAdapterFunction`` (autograd) -> the
 ``fastpeft::bottleneck_adapter_forward`` / ``..._backward`` custom ops (fake
 implementations, so ``torch.compile(fullgraph=True)`` traces them; eager
 calls skip the dispatcher) -> ``fastpeft.kernels.adapter`` (Triton) or
-``fastpeft.ops.adapter_cpu``, by the backend rule.
+``fastpeft.cpu.adapter``, by the backend rule.
 
 The math is AdapterHub's ``Adapter.forward`` without its LayerNorms and gate
 (``fastpeft.nn.BottleneckAdapter`` composes those around this op): dropout
@@ -34,11 +34,11 @@ from torch import Tensor
 
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
-from . import adapter_cpu
+from ..cpu import adapter as adapter_cpu
 from ._autograd import gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
-from .activations import activation as lookup_activation
+from ..activations import activation as lookup_activation
 
 _SIX_TENSORS = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # custom ops need a fixed arity
 
@@ -148,7 +148,7 @@ def bottleneck_adapter(x: Tensor, down_weight: Tensor, up_weight: Tensor, down_b
     ``[H]`` (it gets a gradient when it requires one). All tensors on one
     device and of one floating dtype (fp32, fp16, bf16; fp64 on the CPU path).
     ``activation``: a transformers ``ACT2FN`` name (see
-    ``fastpeft.ops.activations.ACTIVATIONS``). Dropout is applied only when
+    ``fastpeft.activations.ACTIVATIONS``). Dropout is applied only when
     ``training`` is true. Returns x's shape and dtype.
     """
     hidden = _validate(x, down_weight, up_weight, down_bias, up_bias, residual)

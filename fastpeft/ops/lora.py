@@ -4,7 +4,7 @@ Layers (``docs/architecture.md``): ``lora_linear`` (functional API, validates) -
 ``LoRALinearFunction`` (autograd) -> the ``fastpeft::lora_linear_forward`` /
 ``fastpeft::lora_linear_backward`` custom ops (with fake implementations, so
 ``torch.compile(fullgraph=True)`` traces them) -> ``fastpeft.kernels.lora``
-(Triton) or ``fastpeft.ops.lora_cpu``, picked by ``_dispatch.implementation``.
+(Triton) or ``fastpeft.cpu.lora``, picked by ``_dispatch.implementation``.
 
 Gradients are computed only for inputs that need them: no ``dW`` for a frozen
 weight, no ``dx`` when x needs none. A trainable weight or bias (full
@@ -26,7 +26,7 @@ from torch import Tensor
 from .._backend import Backend, select_backend
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
                            check_scaling, check_tensor, lora_adapter_ok)
-from . import lora_cpu
+from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed

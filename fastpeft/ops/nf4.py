@@ -5,7 +5,7 @@ Layers (``docs/architecture.md``): ``nf4_linear`` (functional API, validates) ->
 weight) -> the ``fastpeft::nf4_linear_forward`` / ``fastpeft::nf4_linear_input_grad``
 custom ops (fake implementations for ``torch.compile``) ->
 ``fastpeft.kernels.nf4`` (Triton fused dequant-matmul) or
-``fastpeft.ops.nf4_cpu`` (native C++ kernels, or dequantize-then-matmul),
+``fastpeft.cpu.nf4`` (native C++ kernels, or dequantize-then-matmul),
 picked by ``_dispatch.implementation``; never reached by falling back from a
 failing kernel.
 
@@ -25,7 +25,7 @@ from ..quant.nf4 import NF4Weight
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation
-from .nf4_cpu import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
+from ..cpu.nf4 import cpu_path_uses_native  # noqa: F401  (re-exported: which CPU form runs)
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -3,7 +3,7 @@
 Prefix tuning and P-tuning v2 prepend ``P`` trainable key/value vectors to
 every attention layer. This op reads them from their own buffers: the Triton
 kernels (``fastpeft.kernels.prefix_attention``) never allocate a tensor that
-spans ``P + Skv`` keys, the CPU path (``fastpeft.ops.prefix_attention_cpu``)
+spans ``P + Skv`` keys, the CPU path (``fastpeft.cpu.prefix_attention``)
 merges two partial attentions by their log-sum-exps.
 
 Layers (``docs/architecture.md``): ``prefix_attention`` (validates) ->

@@ -4,8 +4,8 @@ Layers (``docs/architecture.md``): ``qlora_linear`` (validates) ->
 ``QLoRALinearFunction`` -> the ``fastpeft::qlora_linear_forward`` /
 ``fastpeft::qlora_linear_backward`` custom ops (fake implementations for
 ``torch.compile``) -> ``fastpeft.kernels.qlora`` (Triton) or
-``fastpeft.ops.qlora_cpu``, picked by ``_dispatch.implementation``. Both run
-LoRA's own orchestration (``kernels.lora`` / ``ops.lora_cpu``) around the NF4
+``fastpeft.cpu.qlora``, picked by ``_dispatch.implementation``. Both run
+LoRA's own orchestration (``kernels.lora`` / ``cpu.lora``) around the NF4
 kernels of their backend.
 
 Dropout and seeds follow ``fastpeft.ops.lora`` exactly: mask on x before A
@@ -23,7 +23,7 @@ from torch import Tensor
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_scaling,
                            check_tensor, lora_adapter_ok)
 from ..quant.nf4 import NF4Weight
-from . import lora_cpu
+from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed

@@ -35,15 +35,15 @@ def test_cmake_cpu_build_loads_and_matches_reference(tmp_path):
 
     code = textwrap.dedent("""
         import torch
-        from fastpeft.quant import nf4_cpu
+        from fastpeft.cpu import nf4_native
         from fastpeft.quant.nf4 import NF4Weight
         torch.manual_seed(0)
         w = NF4Weight.from_float(torch.randn(33, 256))
         x = torch.randn(3, 256)
         ref = x.double() @ w.dequantize(torch.float64).T
-        err = float((nf4_cpu.nf4_matmul(x, w).double() - ref).norm() / ref.norm())
+        err = float((nf4_native.nf4_matmul(x, w).double() - ref).norm() / ref.norm())
         assert err < 1e-6, err
-        assert nf4_cpu.quantize(torch.randn(8, 64)).packed.shape == (256, 1)
+        assert nf4_native.quantize(torch.randn(8, 64)).packed.shape == (256, 1)
         print("OK")
     """)
     env = {**os.environ, "FASTPEFT_NATIVE_PREBUILT": str(build), "FASTPEFT_BUILD_DIR": str(tmp_path / "unused")}

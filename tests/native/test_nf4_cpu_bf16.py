@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft import _native
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
@@ -96,7 +96,7 @@ def test_matmuls_bit_equal_to_torch_on_one_tile(m, with_bias):
 def test_matmuls_over_several_tiles():
     """W above one 16 MiB bf16 tile: the forward splits N into row tiles, the input gradient K into column tiles."""
     n, k = 4160, 2112  # 8.8 M elements: two tiles either way, the last one partial
-    w = nf4_cpu.quantize(torch.randn(n, k) * 0.05, 64)
+    w = nf4_native.quantize(torch.randn(n, k) * 0.05, 64)
     x, dy, bias = torch.randn(11, k).bfloat16(), torch.randn(11, n).bfloat16(), torch.randn(n).bfloat16()
     dense64 = w.dequantize(torch.float64)
     dense = w.dequantize(torch.bfloat16)
@@ -143,7 +143,7 @@ def test_matmul_rejects_bad_input(bad):
             ops().nf4_matmul_transposed_bf16(dy, w.packed, w.absmax_float(), n, k, 64)
 
 
-needs_amx = pytest.mark.skipif(not nf4_cpu.amx_available(), reason="no AMX-BF16 on this CPU/OS/build")
+needs_amx = pytest.mark.skipif(not nf4_native.amx_available(), reason="no AMX-BF16 on this CPU/OS/build")
 
 
 @needs_amx
@@ -203,36 +203,36 @@ def test_amx_input_grad_views_empty_and_bad_input():
 
 
 def test_kernel_choice_by_rows():
-    assert nf4_cpu.bf16_forward_kernel(torch.zeros(100, 64)) is None  # fp32: the fp32 kernels
-    assert nf4_cpu.bf16_forward_kernel(torch.zeros(1, 64).bfloat16()) is None
-    big = nf4_cpu.bf16_forward_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS, 64).bfloat16())
-    assert big == ("nf4_matmul_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_bf16")
-    assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(1, 64).bfloat16()) is None
-    grad = nf4_cpu.bf16_input_grad_kernel(torch.zeros(nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED, 64).bfloat16())
-    assert grad == ("nf4_matmul_transposed_bf16_amx" if nf4_cpu.amx_available() else "nf4_matmul_transposed_bf16")
-    above = torch.zeros(nf4_cpu.BF16_AMX_MAX_ROWS + 1, 64).bfloat16()
-    assert nf4_cpu.bf16_forward_kernel(above) == "nf4_matmul_bf16"
-    assert nf4_cpu.bf16_input_grad_kernel(above) == "nf4_matmul_transposed_bf16"
+    assert nf4_native.bf16_forward_kernel(torch.zeros(100, 64)) is None  # fp32: the fp32 kernels
+    assert nf4_native.bf16_forward_kernel(torch.zeros(1, 64).bfloat16()) is None
+    big = nf4_native.bf16_forward_kernel(torch.zeros(nf4_native.BF16_GEMM_MIN_ROWS, 64).bfloat16())
+    assert big == ("nf4_matmul_bf16_amx" if nf4_native.amx_available() else "nf4_matmul_bf16")
+    assert nf4_native.bf16_input_grad_kernel(torch.zeros(1, 64).bfloat16()) is None
+    grad = nf4_native.bf16_input_grad_kernel(torch.zeros(nf4_native.BF16_GEMM_MIN_ROWS_TRANSPOSED, 64).bfloat16())
+    assert grad == ("nf4_matmul_transposed_bf16_amx" if nf4_native.amx_available() else "nf4_matmul_transposed_bf16")
+    above = torch.zeros(nf4_native.BF16_AMX_MAX_ROWS + 1, 64).bfloat16()
+    assert nf4_native.bf16_forward_kernel(above) == "nf4_matmul_bf16"
+    assert nf4_native.bf16_input_grad_kernel(above) == "nf4_matmul_transposed_bf16"
 
 
 @pytest.mark.parametrize("m", [1, 4, 6, 8, 9, 12, 40])
 def test_python_entry_points_route_bf16(m, monkeypatch):
-    """nf4_cpu.nf4_matmul / nf4_matmul_transposed in bf16 (leading dims) run the chosen op, within budget."""
+    """nf4_native.nf4_matmul / nf4_matmul_transposed in bf16 (leading dims) run the chosen op, within budget."""
     n, k = 72, 384
     w = _weight(n, k, double_quant=True)
     dense, dense64 = w.dequantize(torch.bfloat16), w.dequantize(torch.float64)
     called = []
     real_op = _native.op
-    monkeypatch.setattr(nf4_cpu._native, "op", lambda name, *a: called.append(name) or real_op(name, *a))
+    monkeypatch.setattr(nf4_native._native, "op", lambda name, *a: called.append(name) or real_op(name, *a))
     x = torch.randn(1, m, k).bfloat16()
-    y = nf4_cpu.nf4_matmul(x, w)
-    assert called == [nf4_cpu.forward_kernel(x.view(m, k))]
+    y = nf4_native.nf4_matmul(x, w)
+    assert called == [nf4_native.forward_kernel(x.view(m, k))]
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
     assert_close_to_ref(y, F.linear(x.double(), dense64), F.linear(x, dense), what="y")
     called.clear()
     dy = torch.randn(1, m, n).bfloat16()
-    dx = nf4_cpu.nf4_matmul_transposed(dy, w)
-    assert called == [nf4_cpu.bf16_input_grad_kernel(dy.view(m, n)) or "nf4_matmul_transposed"]
+    dx = nf4_native.nf4_matmul_transposed(dy, w)
+    assert called == [nf4_native.bf16_input_grad_kernel(dy.view(m, n)) or "nf4_matmul_transposed"]
     assert dx.shape == (1, m, k) and dx.dtype == torch.bfloat16
     assert_close_to_ref(dx, dy.double() @ dense64, dy @ dense, what="dx")
     if called == ["nf4_matmul_transposed_bf16"]:
@@ -241,11 +241,11 @@ def test_python_entry_points_route_bf16(m, monkeypatch):
 
 def test_kernel_choice_without_amx(monkeypatch):
     monkeypatch.setattr(nf4_cpu, "amx_available", lambda: False)
-    rows = nf4_cpu.BF16_GEMM_MIN_ROWS
-    assert nf4_cpu.bf16_forward_kernel(torch.zeros(rows - 1, 64).bfloat16()) is None
-    assert nf4_cpu.bf16_forward_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_bf16"
-    rows = nf4_cpu.BF16_GEMM_MIN_ROWS_TRANSPOSED
-    assert nf4_cpu.bf16_input_grad_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_transposed_bf16"
+    rows = nf4_native.BF16_GEMM_MIN_ROWS
+    assert nf4_native.bf16_forward_kernel(torch.zeros(rows - 1, 64).bfloat16()) is None
+    assert nf4_native.bf16_forward_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_bf16"
+    rows = nf4_native.BF16_GEMM_MIN_ROWS_TRANSPOSED
+    assert nf4_native.bf16_input_grad_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_transposed_bf16"
 
 
 @pytest.mark.parametrize("m", [16, 40])
@@ -259,9 +259,9 @@ def test_f32_dequantized_matmuls(m):
     assert torch.equal(y, F.linear(x, dense, bias))
     dx = ops().nf4_matmul_transposed_f32_dequantized(dy, w.packed, w.absmax_float(), n, k, 64)
     assert torch.equal(dx, dy @ dense)
-    assert nf4_cpu.forward_kernel(x) == ("nf4_matmul_f32_dequantized" if m >= nf4_cpu.F32_DEQUANT_MIN_ROWS
+    assert nf4_native.forward_kernel(x) == ("nf4_matmul_f32_dequantized" if m >= nf4_native.F32_DEQUANT_MIN_ROWS
                                          else "nf4_matmul")
-    assert torch.equal(nf4_cpu.nf4_matmul(x, w, bias), y)
+    assert torch.equal(nf4_native.nf4_matmul(x, w, bias), y)
     with pytest.raises(TypeError):
         ops().nf4_matmul_f32_dequantized(x.bfloat16(), w.packed, w.absmax_float(), n, k, 64, None)
     with pytest.raises(TypeError):
@@ -270,7 +270,7 @@ def test_f32_dequantized_matmuls(m):
 
 def test_f32_dequantized_over_several_tiles():
     n, k = 2100, 2048  # above 16 MiB of fp32: two row tiles / two column tiles, the last partial
-    w = nf4_cpu.quantize(torch.randn(n, k) * 0.05, 64)
+    w = nf4_native.quantize(torch.randn(n, k) * 0.05, 64)
     dense = w.dequantize(torch.float32)
     x, dy = torch.randn(17, k), torch.randn(17, n)
     y = ops().nf4_matmul_f32_dequantized(x, w.packed, w.absmax_float(), n, k, 64, None)

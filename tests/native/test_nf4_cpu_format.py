@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import VALID_BLOCKSIZES, NF4Weight, signed_dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,12 +29,12 @@ def _assert_same_weight(a: NF4Weight, b: NF4Weight):
 def test_quantize_equals_reference(dtype, blocksize, double_quant):
     torch.manual_seed(blocksize)
     w = (torch.randn(70, 4096 + 3 * blocksize) * 3).to(dtype)
-    ours = nf4_cpu.quantize(w, blocksize, double_quant)
+    ours = nf4_native.quantize(w, blocksize, double_quant)
     _assert_same_weight(ours, NF4Weight.from_float(w, blocksize, double_quant))
     for out_dtype in DTYPES:
-        assert torch.equal(nf4_cpu.dequantize(ours, out_dtype), ours.dequantize(out_dtype))
+        assert torch.equal(nf4_native.dequantize(ours, out_dtype), ours.dequantize(out_dtype))
     if double_quant:
-        assert torch.equal(nf4_cpu.nested_scales(ours), ours.absmax_float())
+        assert torch.equal(nf4_native.nested_scales(ours), ours.absmax_float())
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 9), (3, 1000), (129, 257), (1, 64)])
@@ -43,9 +43,9 @@ def test_odd_sizes_and_partial_blocks(shape):
     for dtype in DTYPES:
         w = torch.randn(shape).to(dtype)
         for dq in (False, True):
-            ours = nf4_cpu.quantize(w, 64, dq)
+            ours = nf4_native.quantize(w, 64, dq)
             _assert_same_weight(ours, NF4Weight.from_float(w, 64, dq))
-            assert torch.equal(nf4_cpu.dequantize(ours), ours.dequantize())
+            assert torch.equal(nf4_native.dequantize(ours), ours.dequantize())
 
 
 def test_zero_blocks_and_wide_range():
@@ -53,9 +53,9 @@ def test_zero_blocks_and_wide_range():
     w[3] = 0.0
     w[-1, -5:] = 0.0
     for dq in (False, True):
-        _assert_same_weight(nf4_cpu.quantize(w, 64, dq), NF4Weight.from_float(w, 64, dq))
+        _assert_same_weight(nf4_native.quantize(w, 64, dq), NF4Weight.from_float(w, 64, dq))
     tail = torch.zeros(100)  # a trailing partial block of zeros stores the floored scale
-    _assert_same_weight(nf4_cpu.quantize(tail, 64), NF4Weight.from_float(tail, 64))
+    _assert_same_weight(nf4_native.quantize(tail, 64), NF4Weight.from_float(tail, 64))
 
 
 def test_nan_and_inf_weights_match_reference():
@@ -64,7 +64,7 @@ def test_nan_and_inf_weights_match_reference():
     w[2, 70] = float("inf")
     w[3, 5] = -float("inf")
     for dtype in DTYPES:
-        ours = nf4_cpu.quantize(w.to(dtype), 64)
+        ours = nf4_native.quantize(w.to(dtype), 64)
         ref = NF4Weight.from_float(w.to(dtype), 64)
         assert torch.equal(ours.packed, ref.packed)
         assert torch.equal(ours.absmax.isnan(), ref.absmax.isnan())
@@ -73,7 +73,7 @@ def test_nan_and_inf_weights_match_reference():
 
 def test_non_contiguous_weight():
     w = torch.randn(256, 130)[:, :128]
-    _assert_same_weight(nf4_cpu.quantize(w, 64), NF4Weight.from_float(w.contiguous(), 64))
+    _assert_same_weight(nf4_native.quantize(w, 64), NF4Weight.from_float(w.contiguous(), 64))
 
 
 def test_equals_bitsandbytes():
@@ -85,9 +85,9 @@ def test_equals_bitsandbytes():
         w = torch.randn(96, 1088).to(dtype)
         for dq in (False, True):
             packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
-            ours = nf4_cpu.quantize(w, 64, dq)
+            ours = nf4_native.quantize(w, 64, dq)
             assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
-            assert torch.equal(nf4_cpu.dequantize(ours), bf.dequantize_4bit(packed, state))
+            assert torch.equal(nf4_native.dequantize(ours), bf.dequantize_4bit(packed, state))
 
 
 def test_dynamic_quantize_matches_reference_near_grid_edges():
@@ -102,14 +102,14 @@ def test_dynamic_quantize_matches_reference_near_grid_edges():
 
 
 @pytest.mark.parametrize("call, exc, name", [
-    (lambda: nf4_cpu.quantize(torch.randn(4, 64).double()), TypeError, "weight"),
-    (lambda: nf4_cpu.quantize([1.0]), TypeError, "weight"),
-    (lambda: nf4_cpu.quantize(torch.randn(4, 64), 100), ValueError, "blocksize"),
-    (lambda: nf4_cpu.quantize(torch.randn(0, 64)), ValueError, "weight"),
-    (lambda: nf4_cpu.quantize(torch.randn(4, 64, device="meta")), ValueError, "weight"),
-    (lambda: nf4_cpu.dequantize(torch.randn(4, 64)), TypeError, "w"),
-    (lambda: nf4_cpu.dequantize(NF4Weight.from_float(torch.randn(4, 64)), torch.int8), TypeError, "dtype"),
-    (lambda: nf4_cpu.nested_scales(NF4Weight.from_float(torch.randn(4, 64))), ValueError, "double-quantized"),
+    (lambda: nf4_native.quantize(torch.randn(4, 64).double()), TypeError, "weight"),
+    (lambda: nf4_native.quantize([1.0]), TypeError, "weight"),
+    (lambda: nf4_native.quantize(torch.randn(4, 64), 100), ValueError, "blocksize"),
+    (lambda: nf4_native.quantize(torch.randn(0, 64)), ValueError, "weight"),
+    (lambda: nf4_native.quantize(torch.randn(4, 64, device="meta")), ValueError, "weight"),
+    (lambda: nf4_native.dequantize(torch.randn(4, 64)), TypeError, "w"),
+    (lambda: nf4_native.dequantize(NF4Weight.from_float(torch.randn(4, 64)), torch.int8), TypeError, "dtype"),
+    (lambda: nf4_native.nested_scales(NF4Weight.from_float(torch.randn(4, 64))), ValueError, "double-quantized"),
 ])
 def test_bad_input(call, exc, name):
     with pytest.raises(exc, match=name):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
@@ -34,7 +34,7 @@ def _reference(x, w, bias=None):
 
 
 def _check(x, w, bias=None):
-    y = nf4_cpu.nf4_matmul(x, w, bias)
+    y = nf4_native.nf4_matmul(x, w, bias)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     torch_out = F.linear(x, w.dequantize(x.dtype), bias)
     assert_close_to_ref(y, _reference(x, w, bias), torch_out, tiny=ERROR_FLOOR,
@@ -97,7 +97,7 @@ def test_half_group_never_reads_the_next_rows_scale():
     assert w.absmax[3].isnan() and w.absmax[:3].isfinite().all()
     for m in (1, 2, 4, 8):
         x = torch.randn(m, k)
-        y = nf4_cpu.nf4_matmul(x, w)
+        y = nf4_native.nf4_matmul(x, w)
         assert y[:, 1].isnan().all()
         keep = [0, 2, 3]
         ref = _reference(x, w)[:, keep]
@@ -115,7 +115,7 @@ def test_non_finite_activations_follow_the_float64_math(m):
         x[1, 200] = float("inf")    # inf · code 0.0 (index 7) is NaN, in float64 too
     if m > 2:
         x[2, 319] = -float("inf")   # the last element, inside the trailing half group
-    y = nf4_cpu.nf4_matmul(x, w)
+    y = nf4_native.nf4_matmul(x, w)
     ref = _reference(x, w)
     assert torch.equal(y.isnan(), ref.isnan())
     assert torch.equal(y.isinf(), ref.isinf())

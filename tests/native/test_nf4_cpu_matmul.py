@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
@@ -29,7 +29,7 @@ def _weight(n, k, blocksize=64, double_quant=False):
 
 
 def _check_forward(x, w, bias=None):
-    y = nf4_cpu.nf4_matmul(x, w, bias)
+    y = nf4_native.nf4_matmul(x, w, bias)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     ref = F.linear(x.double(), w.dequantize(torch.float64), None if bias is None else bias.double())
     torch_out = F.linear(x, w.dequantize(x.dtype), bias)
@@ -37,7 +37,7 @@ def _check_forward(x, w, bias=None):
 
 
 def _check_transposed(dy, w):
-    dx = nf4_cpu.nf4_matmul_transposed(dy, w)
+    dx = nf4_native.nf4_matmul_transposed(dy, w)
     assert dx.dtype == dy.dtype and dx.shape == (*dy.shape[:-1], w.shape[1])
     ref = dy.double() @ w.dequantize(torch.float64)
     torch_out = dy @ w.dequantize(dy.dtype)
@@ -84,8 +84,8 @@ def test_leading_batch_dims_and_non_contiguous_inputs():
 
 def test_empty_rows():
     w = _weight(8, 64)
-    assert nf4_cpu.nf4_matmul(torch.randn(0, 64), w).shape == (0, 8)
-    assert nf4_cpu.nf4_matmul_transposed(torch.randn(0, 8), w).shape == (0, 64)
+    assert nf4_native.nf4_matmul(torch.randn(0, 64), w).shape == (0, 8)
+    assert nf4_native.nf4_matmul_transposed(torch.randn(0, 8), w).shape == (0, 64)
 
 
 @settings(max_examples=20, deadline=None)
@@ -104,20 +104,20 @@ def _w():
 
 
 @pytest.mark.parametrize("call, exc, name", [
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128), torch.randn(16, 128)), TypeError, "w"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128).double(), _w()), TypeError, "x"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 127), _w()), ValueError, "x"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128, device="meta"), _w()), ValueError, "x"),
-    (lambda: nf4_cpu.nf4_matmul([1.0], _w()), TypeError, "x"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128), _w(), torch.randn(15)), ValueError, "bias"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128), _w(), torch.randn(16).half()), TypeError, "bias"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128), _w(), [0.0] * 16), TypeError, "bias"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 96), _weight(4, 96)), ValueError, "blocksize"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 64), NF4Weight.from_float(torch.randn(64))), ValueError, "w"),
-    (lambda: nf4_cpu.nf4_matmul(torch.randn(2, 128), _w().to("meta")), ValueError, "w"),
-    (lambda: nf4_cpu.nf4_matmul_transposed(torch.randn(2, 15), _w()), ValueError, "dy"),
-    (lambda: nf4_cpu.nf4_matmul_transposed(torch.randn(2, 16).to(torch.int32), _w()), TypeError, "dy"),
-    (lambda: nf4_cpu.nf4_matmul_transposed(torch.randn(2, 16), None), TypeError, "w"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128), torch.randn(16, 128)), TypeError, "w"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128).double(), _w()), TypeError, "x"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 127), _w()), ValueError, "x"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128, device="meta"), _w()), ValueError, "x"),
+    (lambda: nf4_native.nf4_matmul([1.0], _w()), TypeError, "x"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128), _w(), torch.randn(15)), ValueError, "bias"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128), _w(), torch.randn(16).half()), TypeError, "bias"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128), _w(), [0.0] * 16), TypeError, "bias"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 96), _weight(4, 96)), ValueError, "blocksize"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 64), NF4Weight.from_float(torch.randn(64))), ValueError, "w"),
+    (lambda: nf4_native.nf4_matmul(torch.randn(2, 128), _w().to("meta")), ValueError, "w"),
+    (lambda: nf4_native.nf4_matmul_transposed(torch.randn(2, 15), _w()), ValueError, "dy"),
+    (lambda: nf4_native.nf4_matmul_transposed(torch.randn(2, 16).to(torch.int32), _w()), TypeError, "dy"),
+    (lambda: nf4_native.nf4_matmul_transposed(torch.randn(2, 16), None), TypeError, "w"),
 ])
 def test_bad_input(call, exc, name):
     with pytest.raises(exc, match=name):

@@ -12,7 +12,7 @@ import bitsandbytes.functional as BF  # a test dependency: missing means fail, n
 import pytest
 import torch
 
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight, quantize_dynamic_reference, signed_dynamic_map
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -52,10 +52,10 @@ def test_double_quant_of_nan_weight_in_a_fresh_process_does_not_crash():
     # A fresh process: a segfault must fail this test, not kill the test run.
     script = (
         "import torch\n"
-        "from fastpeft.quant import nf4_cpu\n"
+        "from fastpeft.cpu import nf4_native\n"
         "w = torch.randn(8, 256); w[1, 7] = float('nan')\n"
         "try:\n"
-        "    nf4_cpu.quantize(w, 64, double_quant=True)\n"
+        "    nf4_native.quantize(w, 64, double_quant=True)\n"
         "except ValueError as exc:\n"
         "    print('ValueError:', exc)\n"
     )
@@ -65,7 +65,7 @@ def test_double_quant_of_nan_weight_in_a_fresh_process_does_not_crash():
 
 
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
-@pytest.mark.parametrize("quantize", [nf4_cpu.quantize, NF4Weight.from_float], ids=["native", "reference"])
+@pytest.mark.parametrize("quantize", [nf4_native.quantize, NF4Weight.from_float], ids=["native", "reference"])
 def test_double_quant_refuses_non_finite_weights_with_a_clear_error(quantize, bad):
     w = torch.randn(8, 256)
     w[3, 9] = bad
@@ -78,12 +78,12 @@ def test_nf4_quantize_non_finite_equals_bitsandbytes(dtype):
     w = torch.randn(6, 64 * 3 + 32)  # a trailing partial block too
     w[0, 3], w[2, 70], w[3, 5], w[5, -1], w[5, -5] = NAN, INF, -INF, NAN, INF
     packed, state = BF.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4")
-    ours = nf4_cpu.quantize(w.to(dtype), 64)
+    ours = nf4_native.quantize(w.to(dtype), 64)
     assert torch.equal(ours.packed, packed)
     assert torch.equal(ours.absmax.isnan(), state.absmax.isnan())
     assert torch.equal(ours.absmax.nan_to_num(), state.absmax.nan_to_num())
     # (bitsandbytes' own CPU dequantize gives finite values for a block whose scale is NaN: not an oracle here)
-    dense = nf4_cpu.dequantize(ours, torch.float32)
+    dense = nf4_native.dequantize(ours, torch.float32)
     expected = ours.dequantize(torch.float32)
     assert torch.equal(dense.isnan(), expected.isnan())
     assert torch.equal(dense.nan_to_num(), expected.nan_to_num())

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from adapter_reference import adapter_op_math
-from fastpeft.ops import adapter_cpu
-from fastpeft.ops.activations import ACTIVATIONS
+from fastpeft.cpu import adapter as adapter_cpu
+from fastpeft.activations import ACTIVATIONS
 from fastpeft.ops.adapter import adapter_dropout_mask, bottleneck_adapter
 from numerics import assert_close_to_ref
 

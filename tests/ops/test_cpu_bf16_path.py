@@ -1,7 +1,7 @@
-"""The bf16 CPU path of the NF4 and QLoRA ops (fastpeft.quant.nf4_cpu's bf16 GEMM path), end to end.
+"""The bf16 CPU path of the NF4 and QLoRA ops (fastpeft.cpu.nf4_native's bf16 GEMM path), end to end.
 
 bf16 inputs with enough rows run the fused AMX kernel or torch's bf16 GEMM on
-the weight dequantized to bf16 (``nf4_cpu.bf16_forward_kernel``); fewer rows
+the weight dequantized to bf16 (``nf4_native.bf16_forward_kernel``); fewer rows
 keep the fused fp32 decode GEMV. Either way the output and every gradient must
 be within the numerics policy (error vs float64 at most 4x plain torch bf16's,
 ``numerics.assert_close_to_ref``), and
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fastpeft.ops.lora import lora_dropout_mask
 from fastpeft.ops.nf4 import nf4_linear
 from fastpeft.ops.qlora import qlora_linear
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 from numerics import assert_close_to_ref
 
@@ -48,7 +48,7 @@ def test_nf4_linear_bf16(backend, m):
     bias = torch.randn(n).to(BF16).requires_grad_()
     y = nf4_linear(x, w, bias)
     assert y.dtype == BF16 and y.shape == (2, m, n)
-    if nf4_cpu.bf16_forward_kernel(x.view(-1, k)) == "nf4_matmul_bf16":
+    if nf4_native.bf16_forward_kernel(x.view(-1, k)) == "nf4_matmul_bf16":
         assert torch.equal(y, F.linear(x, w.dequantize(BF16), bias))
     dy = torch.randn_like(y)
     y.backward(dy)

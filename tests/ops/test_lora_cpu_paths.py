@@ -1,6 +1,6 @@
 """The CPU LoRA path's shape- and dtype-dependent variants, each against float64.
 
-``fastpeft.ops.lora_cpu`` runs the LoRA branch in fp32 for few rows of
+``fastpeft.cpu.lora`` runs the LoRA branch in fp32 for few rows of
 fp16/bf16 (``branch_dtype``: ``M·(K+N)`` up to ``FP32_BRANCH_MAX_FORWARD`` /
 ``FP32_BRANCH_MAX_BACKWARD``) and one bf16 row's base
 product as ``torch.mv`` (``base_output``). On both sides of each switch the
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpeft.ops import lora_cpu, lora_linear
+from fastpeft.cpu import lora as lora_cpu
+from fastpeft.ops import lora_linear
 from numerics import assert_close_to_ref
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fastpeft.ops import lora, lora_cpu, lora_dropout_mask, lora_linear
+from fastpeft.cpu import lora as lora_cpu
+from fastpeft.ops import lora, lora_dropout_mask, lora_linear
 from numerics import assert_close_to_ref
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")

@@ -197,6 +197,6 @@ def test_cpu_path_dispatch(backend):
     assert not cpu_path_uses_native(torch.float64)  # float64 always takes dequantize + matmul
     if not cpu_path_uses_native(torch.float32):
         pytest.skip("native CPU extension not built on this machine: the CPU path dequantizes + matmuls")
-    from fastpeft.quant import nf4_cpu
+    from fastpeft.cpu import nf4_native
 
-    assert torch.equal(nf4_linear(x, w), nf4_cpu.nf4_matmul(x, w))
+    assert torch.equal(nf4_linear(x, w), nf4_native.nf4_matmul(x, w))

@@ -1,4 +1,4 @@
-"""The CPU implementation of prefix attention (fastpeft.ops.prefix_attention_cpu) in each of its modes.
+"""The CPU implementation of prefix attention (fastpeft.cpu.prefix_attention) in each of its modes.
 
 fp32/fp64 run the C++ kernel (csrc/cpu/prefix_attention.cpp): one pass over
 ``[prefix; sequence]`` for at most ``DIRECT_MAX_QUERY_ROWS`` query positions
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fastpeft.ops import prefix_attention_cpu
+from fastpeft.cpu import prefix_attention as prefix_attention_cpu
 from fastpeft.ops.prefix_attention import prefix_attention
 from numerics import assert_close_to_ref, rel_err
 from prefix_attention_cases import Case, make_inputs, poison_empty, reference

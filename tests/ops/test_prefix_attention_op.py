@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fastpeft.ops import prefix_attention_cpu
+from fastpeft.cpu import prefix_attention as prefix_attention_cpu
 from fastpeft.ops.prefix_attention import prefix_attention
 from numerics import assert_close_to_ref, rel_err
 from prefix_attention_cases import Case, make_inputs, poison_empty, reference

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastpeft.nn import NF4Linear, QLoRALinear
-from fastpeft.quant import nf4_cpu
+from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
 
 BLOB_KEY = "weight.quant_state.bitsandbytes__nf4"
@@ -14,7 +14,7 @@ BLOB_KEY = "weight.quant_state.bitsandbytes__nf4"
 @pytest.mark.parametrize("double_quant", ["no", "False", 1, 0, None, 1.0, complex(1, 0)])
 @pytest.mark.parametrize("build", [
     lambda dq: NF4Weight.from_float(torch.randn(4, 64), 64, double_quant=dq),
-    lambda dq: nf4_cpu.quantize(torch.randn(4, 64), 64, double_quant=dq),
+    lambda dq: nf4_native.quantize(torch.randn(4, 64), 64, double_quant=dq),
     lambda dq: NF4Linear.from_linear(torch.nn.Linear(64, 4), double_quant=dq),
     lambda dq: QLoRALinear.from_linear(torch.nn.Linear(64, 4), double_quant=dq),
 ], ids=["from_float", "native", "NF4Linear", "QLoRALinear"])

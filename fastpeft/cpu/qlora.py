@@ -5,15 +5,15 @@ Dispatch contract (``docs/architecture.md``): the same functions as
 """
 from __future__ import annotations
 
-from . import lora_cpu
-from .nf4_cpu import nf4_forward, nf4_input_grad
+from . import lora
+from .nf4 import nf4_forward, nf4_input_grad
 
 
 def qlora_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias, lora_A, lora_B,
                   scaling: float, dropout_p: float, seed: int):
-    """Returns ``(y [M, n] in x's dtype, h [M, r])``, ``h = drop(x) Aᵀ / (1-p)`` (see ``lora_cpu``)."""
+    """Returns ``(y [M, n] in x's dtype, h [M, r])``, ``h = drop(x) Aᵀ / (1-p)`` (see ``fastpeft.cpu.lora``)."""
     y = nf4_forward(x2d, packed, absmax, code, n, k, blocksize, bias)
-    return y, lora_cpu.add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, lora.add_lora_term(y, x2d, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def qlora_backward(dy, x2d, packed, absmax, code, n: int, k: int, blocksize: int, lora_A, lora_B, h,
@@ -22,5 +22,5 @@ def qlora_backward(dy, x2d, packed, absmax, code, n: int, k: int, blocksize: int
     def base_input_grad(dy):
         return nf4_input_grad(dy, packed, absmax, code, n, k, blocksize)
 
-    return lora_cpu.lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling, dropout_p, seed,
+    return lora.lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling, dropout_p, seed,
                                             need_dx, need_dA, need_dB)

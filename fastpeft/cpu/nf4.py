@@ -2,12 +2,12 @@
 
 Dispatch contract (``docs/architecture.md``): the same functions as
 ``fastpeft.kernels.nf4`` (``nf4_forward``, ``nf4_input_grad``). The native
-kernels of ``fastpeft.quant.nf4_cpu`` run when the native extension builds on
+kernels of ``fastpeft.cpu.nf4_native`` run when the native extension builds on
 this machine; otherwise (no compiler, or float64 inputs, which the native
 kernels do not take) an explicit dequantize-then-matmul in torch runs
 (``cpu_path_uses_native`` says which). bf16 inputs take the native bf16
 kernels from a few rows on (fused AMX tiles, or bf16 dequantization + torch's
-bf16 GEMM; ``fastpeft.quant.nf4_cpu.bf16_forward_kernel`` says which, its
+bf16 GEMM; ``fastpeft.cpu.nf4_native.bf16_forward_kernel`` says which, its
 docstring has the measurements); QLoRA's CPU path reaches them through
 ``nf4_forward`` / ``nf4_input_grad``. Also runs on CUDA tensors when
 ``FASTPEFT_BACKEND=cpu`` forces it (the torch form).
@@ -27,13 +27,13 @@ _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @functools.lru_cache(maxsize=None)
 def _native_cpu():
-    """``fastpeft.quant.nf4_cpu`` if its native extension loads here, else None."""
+    """``fastpeft.cpu.nf4_native`` if its native extension loads here, else None."""
     try:
         from .. import _native
-        from ..quant import nf4_cpu
+        from . import nf4_native
     except ImportError:
         return None
-    return nf4_cpu if _native.available() else None
+    return nf4_native if _native.available() else None
 
 
 def cpu_path_uses_native(dtype: torch.dtype = torch.float32) -> bool:

@@ -14,7 +14,7 @@ Backward: ``dx = dy W`` with ``s · dh A`` added in place (masked when dropout
 is on) for ``dh = dy B``; ``dB = s · dyᵀ h`` reuses the saved ``h`` (scalings in
 the GEMMs' accumulators, ``scaled_mm``); frozen
 tensors get no gradient. ``lora_backward_with_base`` is the same around any
-frozen base (QLoRA's NF4 base in ``fastpeft.ops.qlora_cpu``).
+frozen base (QLoRA's NF4 base in ``fastpeft.cpu.qlora``).
 
 Few rows of fp16/bf16 on the CPU: the LoRA branch's GEMMs (everything but the
 base's) run in fp32 on upcast copies of the operands while ``M·(K+N)`` is at

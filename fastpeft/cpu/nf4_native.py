@@ -4,7 +4,7 @@
   rows a decode-GEMV that never materialises W (``csrc/cpu/nf4_gemv.cpp``; with
   AVX-512 it decodes 128 codes per 64-byte load with a shift and a ``vpermps``
   per 16, and is compute-bound: at M = 1, 4096², one thread, 0.25-0.28x the CPU
-  time of a dense fp32 ``F.linear``, before 0.50x; ``tests/native/nf4_cpu_speed.py``
+  time of a dense fp32 ``F.linear``, before 0.50x; ``benchmarks/standalone/nf4_cpu_speed.py``
   has the command and the other shapes), for more rows W is dequantized
   panel by panel (about 1 MiB of fp32 at a time) into a BLAS GEMM; from
   ``F32_DEQUANT_MIN_ROWS`` fp32 rows W is dequantized in one piece of up to
@@ -29,7 +29,7 @@ cached between calls, fp32 accumulation everywhere):
   bf16 GEMM (oneDNN: AMX / AVX512-BF16); the error is plain torch bf16's;
 - fewer rows: the fp32 kernels (decode GEMVs that read only the packed bytes).
 
-Measured with ``python tests/native/nf4_cpu_bf16_speed.py --m 1 64 256
+Measured with ``python -m benchmarks.standalone.nf4_cpu_bf16_speed --m 1 64 256
 --rounds 30 --threads 1 --clock thread-cpu --sweep 1 4 6 8 12 16 64 256``
 (Xeon with AMX-BF16, N = K = 2048, blocksize 64, double quant; one thread and
 the calling thread's CPU time, because the 2-core machine was shared; medians
@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_quant, double_quant_offset,
+from ..quant.nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_quant, double_quant_offset,
                   signed_dynamic_map)
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .activations import activation
-from .lora_cpu import dropout_mask
+from ..activations import activation
+from .lora import dropout_mask
 
 __all__ = ["adapter_pre_dtype", "adapter_forward", "adapter_backward", "dropout_mask"]
 
