@@ -16,6 +16,7 @@ import torch
 
 from adapter_reference import reference_activation
 from fastpeft.kernels import adapter as tl_adapter
+from lane_device import lane_device
 from numerics import assert_close_to_ref
 
 SEED = 0x2F1E_D00D_1234_5678  # > 2**32: exercises both halves of the Philox key
@@ -82,7 +83,7 @@ def run_kernels(t, scaling, act, p, bias=True, residual=True, need=(True,) * 6):
 def check_all(m, h, b, dtype, act="relu", p=0.0, scale="float", bias=True, residual=True, layout="contiguous",
               scaling=0.75):
     t = make(m, h, b, dtype, layout, scale)
-    keep = tl_adapter.dropout_mask((m, h), p, SEED, "cpu") if p > 0 else None
+    keep = tl_adapter.dropout_mask((m, h), p, SEED, lane_device()) if p > 0 else None
     got = run_kernels(t, scaling, act, p, bias, residual)
     ref = adapter_math({k: v.double() if v is not None else None for k, v in t.items()}, scaling, act, keep, p,
                        bias, residual)
@@ -200,7 +201,7 @@ def test_only_requested_gradients(wanted):
     m, h, b, p = 21, 45, 7, 0.25
     t = make(m, h, b, torch.float32, scale="channel")
     got = run_kernels(t, 1.0, "gelu", p, need=need)
-    keep = tl_adapter.dropout_mask((m, h), p, SEED, "cpu")
+    keep = tl_adapter.dropout_mask((m, h), p, SEED, lane_device())
     ref = adapter_math({k: v.double() for k, v in t.items()}, 1.0, "gelu", keep, p)
     peer = adapter_math(t, 1.0, "gelu", keep, p)
     for i, name in enumerate(GRAD_NAMES):
@@ -243,7 +244,7 @@ def test_bottleneck_above_256_raises_naming_down_weight():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_mask_keep_rate_within_binomial_bound(p):
     m, h = 150, 203
-    keep = tl_adapter.dropout_mask((m, h), p, SEED + int(p * 10), "cpu")
+    keep = tl_adapter.dropout_mask((m, h), p, SEED + int(p * 10), lane_device())
     assert keep.dtype == torch.bool and keep.shape == (m, h)
     count = m * h
     assert abs(int(keep.sum()) - count * (1 - p)) < 5 * math.sqrt(count * p * (1 - p))
@@ -257,14 +258,14 @@ def test_forward_drops_exactly_the_masked_elements_and_scales_the_kept():
     up_w = torch.zeros(h, b)
     up_b = torch.rand(h) + 0.5  # adapter output before dropout = s * up_b > 0 everywhere
     y, _ = tl_adapter.adapter_forward(x, down_w, up_w, None, up_b, None, 2.0, None, "relu", p, SEED, False)
-    keep = tl_adapter.dropout_mask((m, h), p, SEED, "cpu")
+    keep = tl_adapter.dropout_mask((m, h), p, SEED, lane_device())
     expected = torch.where(keep, 2.0 * up_b / (1 - p), torch.zeros(()))
     torch.testing.assert_close(y, expected.expand(m, h))
     assert abs((~keep).float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / (m * h))
 
 
 def test_mask_depends_on_the_seed_and_not_on_launch_shape():
-    a = tl_adapter.dropout_mask((40, 50), 0.25, 7, "cpu")
-    assert torch.equal(a, tl_adapter.dropout_mask((40, 50), 0.25, 7, "cpu"))
-    assert not torch.equal(a, tl_adapter.dropout_mask((40, 50), 0.25, 8, "cpu"))
-    assert torch.equal(a[:20], tl_adapter.dropout_mask((20, 50), 0.25, 7, "cpu"))
+    a = tl_adapter.dropout_mask((40, 50), 0.25, 7, lane_device())
+    assert torch.equal(a, tl_adapter.dropout_mask((40, 50), 0.25, 7, lane_device()))
+    assert not torch.equal(a, tl_adapter.dropout_mask((40, 50), 0.25, 8, lane_device()))
+    assert torch.equal(a[:20], tl_adapter.dropout_mask((20, 50), 0.25, 7, lane_device()))

@@ -17,6 +17,7 @@ import torch
 
 from fastpeft.kernels import _lora_configs as cfg
 from fastpeft.kernels import lora as tl_lora
+from lane_device import lane_device
 
 SEED = 0x2F1E_D00D_1234_5678  # > 2**32: exercises both halves of the Philox key
 Z = 5.0  # every statistic within 5 sigma
@@ -51,7 +52,7 @@ def reference_mask(rows: int, row_len: int, p: float, seed: int) -> torch.Tensor
 @pytest.mark.parametrize("shape", [(1, 1), (3, 45), (37, 64), (5, 203)], ids=lambda s: "{}x{}".format(*s))
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_mask_is_philox4x32_10_with_four_outputs_per_call(shape, p):
-    got = tl_lora.dropout_mask(shape, p, SEED, "cpu")
+    got = tl_lora.dropout_mask(shape, p, SEED, lane_device())
     assert got.dtype == torch.bool and got.shape == shape
     assert torch.equal(got, reference_mask(*shape, p, SEED))
 
@@ -65,19 +66,19 @@ def test_reference_philox_matches_the_published_known_answer():
 @pytest.mark.parametrize("block", [(8, 16), (16, 128), (64, 32), (1, 4)], ids=lambda b: "{}x{}".format(*b))
 def test_mask_does_not_depend_on_the_tile_size(monkeypatch, block):
     shape = (13, 45)
-    expected = tl_lora.dropout_mask(shape, 0.3, SEED, "cpu")
+    expected = tl_lora.dropout_mask(shape, 0.3, SEED, lane_device())
     monkeypatch.setattr(cfg, "MASK_BLOCK", block)
-    assert torch.equal(tl_lora.dropout_mask(shape, 0.3, SEED, "cpu"), expected)
+    assert torch.equal(tl_lora.dropout_mask(shape, 0.3, SEED, lane_device()), expected)
 
 
 def test_mask_of_a_row_does_not_depend_on_the_number_of_rows():
-    a = tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu")
-    assert torch.equal(a[:5], tl_lora.dropout_mask((5, 45), 0.5, SEED, "cpu"))
+    a = tl_lora.dropout_mask((37, 45), 0.5, SEED, lane_device())
+    assert torch.equal(a[:5], tl_lora.dropout_mask((5, 45), 0.5, SEED, lane_device()))
 
 
 def _big_mask(p, seed, shape=(2048, 1536)):
     """3.1 M draws; a large mask tile keeps the interpreter's program count low (the mask does not depend on it)."""
-    return tl_lora.dropout_mask(shape, p, seed, "cpu").to(torch.float64)
+    return tl_lora.dropout_mask(shape, p, seed, lane_device()).to(torch.float64)
 
 
 def _within(observed, expected, sigma, what):

@@ -15,6 +15,7 @@ import torch
 
 from fastpeft.kernels import _lora_configs as cfg
 from fastpeft.kernels import lora as tl_lora
+from lane_device import lane_device, op_seed_draw
 from numerics import assert_close_to_ref
 
 SEED = 0x2F1E_D00D_1234_5678  # > 2**32: exercises both halves of the Philox key
@@ -68,7 +69,7 @@ def lora_math(x, w, b, a, bb, dy, s, keep, p):
 def check_all(m, k, n, r, dtype, bias, p, layout="contiguous", scaling=0.75):
     x, w, b, a, bb, dy = make(m, k, n, r, dtype, layout)
     b = b if bias else None
-    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu") if p > 0 else None
+    keep = tl_lora.dropout_mask((m, k), p, SEED, lane_device()) if p > 0 else None
 
     y, h = tl_lora.lora_forward(x, w, b, a, bb, scaling, p, SEED)
     dx, dA, dB = tl_lora.lora_backward(dy, x, w, a, bb, h, scaling, p, SEED, True, True, True)
@@ -195,7 +196,7 @@ def test_split_k_shrink_is_deterministic_and_keeps_the_mask(monkeypatch, dtype):
     monkeypatch.setattr(cfg, "FILL_PROGRAMS", 1)
     assert cfg.plan_shrink(3, 300, 8, dtype)[1] == 1
     _, unsplit = tl_lora.lora_forward(x, w, b, a, bb, 1.0, 0.5, SEED)
-    keep = tl_lora.dropout_mask((3, 300), 0.5, SEED, "cpu")
+    keep = tl_lora.dropout_mask((3, 300), 0.5, SEED, lane_device())
     ref = (x.double() * keep / 0.5) @ a.double().t()
     peer = (x * keep.to(dtype) / 0.5) @ a.t()
     assert_close_to_ref(h1, ref, peer, what="split h")
@@ -255,7 +256,7 @@ def test_only_requested_gradients(need):
     x, w, b, a, bb, dy = make(m, k, n, r, torch.float32)
     _, h = tl_lora.lora_forward(x, w, b, a, bb, s, p, SEED)
     grads = tl_lora.lora_backward(dy, x, w, a, bb, h, s, p, SEED, *map(bool, need))
-    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu")
+    keep = tl_lora.dropout_mask((m, k), p, SEED, lane_device())
     ref = lora_math(x.double(), w.double(), b.double(), a.double(), bb.double(), dy.double(), s, keep, p)
     peer = lora_math(x, w, b, a, bb, dy, s, keep, p)
     for wanted, got, name in zip(need, grads, ("dx", "dA", "dB")):
@@ -328,7 +329,7 @@ def test_gradient_dtypes_and_shapes():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_mask_keep_rate_within_binomial_bound(p):
     m, k = 150, 203
-    keep = tl_lora.dropout_mask((m, k), p, SEED + int(p * 10), "cpu")
+    keep = tl_lora.dropout_mask((m, k), p, SEED + int(p * 10), lane_device())
     assert keep.dtype == torch.bool and keep.shape == (m, k)
     count = m * k
     sigma = math.sqrt(count * p * (1 - p))
@@ -341,11 +342,11 @@ def test_mask_keep_rate_within_binomial_bound(p):
 
 def test_mask_is_a_function_of_seed_row_and_column():
     """(The exact Philox draw of each element is checked in test_dropout_mask.py.)"""
-    a = tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu")
-    assert torch.equal(a, tl_lora.dropout_mask((37, 45), 0.5, SEED, "cpu"))
-    assert torch.equal(a[:3], tl_lora.dropout_mask((3, 45), 0.5, SEED, "cpu"))
+    a = tl_lora.dropout_mask((37, 45), 0.5, SEED, lane_device())
+    assert torch.equal(a, tl_lora.dropout_mask((37, 45), 0.5, SEED, lane_device()))
+    assert torch.equal(a[:3], tl_lora.dropout_mask((3, 45), 0.5, SEED, lane_device()))
     for other in (SEED + 1, SEED ^ (1 << 40), SEED ^ (1 << 61), 0, 1, 2**62 - 1):
-        b = tl_lora.dropout_mask((37, 45), 0.5, other, "cpu")
+        b = tl_lora.dropout_mask((37, 45), 0.5, other, lane_device())
         assert (a != b).float().mean() > 0.3, f"seed {other:#x} gives nearly the same mask"
 
 
@@ -353,7 +354,7 @@ def test_backward_regenerates_the_forward_mask():
     """h (forward shrink) and dA (backward reduce) both equal references built from one dropout_mask."""
     m, k, n, r, p = 24, 45, 33, 4, 0.5
     x, w, b, a, bb, dy = make(m, k, n, r, torch.float32)
-    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu")
+    keep = tl_lora.dropout_mask((m, k), p, SEED, lane_device())
     _, h = tl_lora.lora_forward(x, w, b, a, bb, 1.0, p, SEED)
     _, dA, _ = tl_lora.lora_backward(dy, x, w, a, bb, h, 1.0, p, SEED, False, True, False)
     dropped = x.double() * keep / (1 - p)
@@ -365,7 +366,7 @@ def test_backward_regenerates_the_forward_mask():
 
 
 def test_mask_of_empty_shape():
-    assert tl_lora.dropout_mask((0, 5), 0.5, 3, "cpu").shape == (0, 5)
+    assert tl_lora.dropout_mask((0, 5), 0.5, 3, lane_device()).shape == (0, 5)
 
 
 def test_empty_batch():
@@ -397,13 +398,13 @@ def test_public_op_on_triton_backend_matches_float64(monkeypatch, dtype):
     dy = torch.randn(*lead, n, dtype=dtype)
 
     torch.manual_seed(1234)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    seed = op_seed_draw()
     torch.manual_seed(1234)
     y = lora_linear(x, w, a, bb, s, bias=b, dropout_p=p, training=True)
     got = torch.autograd.grad(y, (x, b, a, bb), dy)
     assert calls, "the Triton launcher was not used"
 
-    keep = lora_dropout_mask((14, k), p, seed, "cpu").reshape(*lead, k)
+    keep = lora_dropout_mask((14, k), p, seed, lane_device()).reshape(*lead, k)
 
     def math(x, w, b, a, bb):
         dropped = x * keep.to(x.dtype) / (1 - p)

@@ -17,34 +17,21 @@ is ``fp32(code[nibble] * absmax)`` rounded to x's dtype, multiplied in fp32
 import pytest
 import torch
 
-import bitsandbytes.functional as bnbF
 from fastpeft._backend import triton_interpreter_enabled
 from fastpeft.kernels import nf4_gemv as G
+from lane_device import lane_generator
+from nf4_reference import codebook, dense_from_bytes
 from numerics import assert_close_to_ref
+from optional_deps import bitsandbytes_functional as bnbF, requires_bitsandbytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# The NF4 codebook (docs/architecture.md, "NF4 and bitsandbytes"), exact fp32 values.
-NF4_CODEBOOK = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
 
 
 def random_weight(n, k, blocksize, gen):
     """Random packed bytes and positive fp32 absmax of an [n, k] NF4 weight (any bytes are a valid weight)."""
     packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=gen)
     absmax = torch.rand(n * k // blocksize, generator=gen) * 0.5 + 0.01
-    return packed, absmax, NF4_CODEBOOK.clone()
-
-
-def dequant_fp32(packed, absmax, n, k, blocksize):
-    """The documented format: element 2j = high nibble of byte j; fp32(code * absmax)."""
-    b = packed.view(-1).to(torch.int64)
-    nibbles = torch.stack([b >> 4, b & 0xF], dim=1).view(-1)
-    return (NF4_CODEBOOK[nibbles].view(-1, blocksize) * absmax.view(-1, 1)).view(n, k)
+    return packed, absmax, codebook()
 
 
 def rounded(w32, dtype):
@@ -84,9 +71,9 @@ def poisoned(shape, dtype):
 @pytest.mark.parametrize("n,k,blocksize", [(13, 192, 64), (5, 4096, 4096), (9, 640, 128), (7, 96, 48), (6, 40, 20),
                                            (3, 24, 8)])
 def test_dequantized_weight_is_bit_exact(dtype, n, k, blocksize):
-    gen = torch.Generator().manual_seed(n * k + blocksize)
+    gen = lane_generator(n * k + blocksize)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
-    w32 = dequant_fp32(packed, absmax, n, k, blocksize)
+    w32 = dense_from_bytes(packed, absmax, n, k, blocksize)
     for m in (1, 2, 3, 16):
         cols = torch.randint(0, k, (m,), generator=gen)
         cols[0] = k - 1  # the last odd column: a low nibble of the last byte of a row
@@ -95,6 +82,7 @@ def test_dequantized_weight_is_bit_exact(dtype, n, k, blocksize):
         assert_weight_columns(y, w32, cols, dtype)
 
 
+@requires_bitsandbytes
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bitsandbytes_weight_is_bit_exact(dtype):
     n, k, blocksize = 19, 256, 64
@@ -131,9 +119,9 @@ def reference(x, w32, dtype, bias=None, h=None, lora_b=None, scale=1.0):
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 13, 16])
 def test_matches_float64_reference_with_bias_and_lora(dtype, m):
     n, k, blocksize, r = 29, 1152, 64, 5
-    gen = torch.Generator().manual_seed(100 + m)
+    gen = lane_generator(100 + m)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
-    w32 = dequant_fp32(packed, absmax, n, k, blocksize)
+    w32 = dense_from_bytes(packed, absmax, n, k, blocksize)
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     h = torch.randn(m, r, generator=gen).to(dtype)
@@ -149,9 +137,9 @@ def test_matches_float64_reference_with_bias_and_lora(dtype, m):
 @pytest.mark.parametrize("k,m", [(384, 4), (1024, 3), (2048, 16)])  # k = 1024, 2048: whole 512-byte steps only
 def test_plain_product_and_lora_over_several_rank_chunks(dtype, k, m):
     n, blocksize, r = 11, 128, 20  # r = 20: two 16-wide rank chunks
-    gen = torch.Generator().manual_seed(7)
+    gen = lane_generator(7)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
-    w32 = dequant_fp32(packed, absmax, n, k, blocksize)
+    w32 = dense_from_bytes(packed, absmax, n, k, blocksize)
     x = torch.randn(m, k, generator=gen).to(dtype)
     ref, torch_out = reference(x, w32, dtype)
     assert_close_to_ref(G.nf4_gemv(x, packed, absmax, code, n, k, blocksize), ref, torch_out)
@@ -167,9 +155,9 @@ def test_plain_product_and_lora_over_several_rank_chunks(dtype, k, m):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_x_and_out(dtype):
     n, k, blocksize, m = 13, 256, 64, 3
-    gen = torch.Generator().manual_seed(11)
+    gen = lane_generator(11)
     packed, absmax, code = random_weight(n, k, blocksize, gen)
-    w32 = dequant_fp32(packed, absmax, n, k, blocksize)
+    w32 = dense_from_bytes(packed, absmax, n, k, blocksize)
     wide = torch.randn(m, 2 * k + 6, generator=gen).to(dtype)
     out_t = poisoned((n, m), dtype)
     for x in (wide[:, ::2][:, :k], wide[:, 2:k + 2], wide[:, 1:k + 1]):  # column stride 2; odd/even offsets
@@ -183,7 +171,7 @@ def test_non_contiguous_x_and_out(dtype):
 
 def test_bad_arguments_raise_before_launching():
     n, k, blocksize = 8, 128, 64
-    packed, absmax, code = random_weight(n, k, blocksize, torch.Generator().manual_seed(0))
+    packed, absmax, code = random_weight(n, k, blocksize, lane_generator(0))
     x = torch.randn(1, k)
     with pytest.raises(ValueError, match="token rows"):
         G.nf4_gemv(torch.randn(17, k), packed, absmax, code, n, k, blocksize)

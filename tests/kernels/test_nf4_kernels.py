@@ -1,6 +1,7 @@
 """Triton NF4 kernels (fastpeft.kernels.nf4) under the interpreter.
 
-Weights are quantized by bitsandbytes on CPU (the oracle; docs/architecture.md, "NF4 and bitsandbytes").
+Weights are quantized by bitsandbytes (the oracle; docs/architecture.md, "NF4 and bitsandbytes"); where it
+is not installed (the GPU lane) they are random bytes read through the documented format (nf4_reference.py).
 Dequantization must be bit-identical to bitsandbytes and to a test-local
 unpacking written from the documented codebook; matmuls are measured against
 ``x.double() @ W.double().T`` and must stay within a few times torch's error
@@ -9,18 +10,12 @@ in the same dtype. Outputs are NaN-poisoned so unwritten elements fail.
 import pytest
 import torch
 
-import bitsandbytes.functional as bnbF
 from fastpeft._backend import triton_interpreter_enabled
 from fastpeft.kernels import nf4 as K
+from lane_device import lane_device
+from nf4_reference import codebook, dense_from_bytes
 from numerics import assert_close_to_ref
-
-# The NF4 codebook (docs/architecture.md, "NF4 and bitsandbytes"), exact fp32 values.
-NF4_CODEBOOK = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-]
+from optional_deps import bitsandbytes_functional as bnbF, requires_bitsandbytes
 
 # bf16 runs under the interpreter too: the shared ``mma`` multiplies bf16 operands in fp32 there (its
 # bf16 tl.dot is wrong), which is what the GPU's bf16 MMA computes with fp32 accumulation.
@@ -28,7 +23,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def quantize(n, k, blocksize=64, double_quant=False):
-    """(packed, fp32 absmax, code, bnb quant_state) of a fresh random [n, k] weight."""
+    """(packed, fp32 absmax, code, bnb quant_state) of a fresh random [n, k] weight.
+
+    Without bitsandbytes: random bytes and absmax (any bytes are a valid weight), no quant_state.
+    """
+    if not bnbF:
+        packed = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8)
+        return packed, torch.rand(n * k // blocksize) * 0.05 + 1e-3, codebook(), None
     w = torch.randn(n, k) * 0.05
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
                                        compress_statistics=double_quant)
@@ -44,18 +45,17 @@ def bnb_dequant(packed, state, dtype):
     return bnbF.dequantize_4bit(packed, state)
 
 
-def local_dequant_fp32(packed, absmax, n, k, blocksize):
-    """Unpack from the documented format: element 2j = high nibble of byte j; fp32(code * absmax)."""
-    b = packed.view(-1).to(torch.int64)
-    nibbles = torch.stack([b >> 4, b & 0xF], dim=1).view(-1)
-    codes = torch.tensor(NF4_CODEBOOK, dtype=torch.float32)[nibbles]
-    return (codes.view(-1, blocksize) * absmax.view(-1, 1)).view(n, k)
+def dense_fp32(packed, absmax, state, n, k, blocksize):
+    """The fp32 weight: bitsandbytes' dequantization of its own bytes, else the documented format."""
+    return bnb_dequant(packed, state, torch.float32) if state is not None else dense_from_bytes(
+        packed, absmax, n, k, blocksize)
 
 
 def poisoned(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+@requires_bitsandbytes
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize,double_quant", [(64, False), (64, True), (128, False), (256, True)])
 def test_dequantize_bit_identical_to_bitsandbytes(dtype, blocksize, double_quant):
@@ -68,7 +68,7 @@ def test_dequantize_bit_identical_to_bitsandbytes(dtype, blocksize, double_quant
         expected = truncate_to_bf16(bnb_dequant(packed, state, torch.float32))
     else:
         expected = bnb_dequant(packed, state, dtype)
-        assert torch.equal(out, local_dequant_fp32(packed, absmax, n, k, blocksize).to(dtype))
+        assert torch.equal(out, dense_from_bytes(packed, absmax, n, k, blocksize).to(dtype))
     assert torch.equal(out, expected)
 
 
@@ -100,7 +100,7 @@ def _torch_same_dtype(x, w32, bias=None, h=None, lora_B=None):
 def test_matmul_default_configs(dtype, m, with_bias):
     n, k, bs = 50, 192, 64
     packed, absmax, code, state = quantize(n, k, bs)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
     y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, bias=bias, out=poisoned((m, n), dtype))
@@ -123,7 +123,7 @@ def test_matmul_every_config(name, dtype, double_quant):
     m = 37
     n, k, bs = 45, 192, 64
     packed, absmax, code, state = quantize(n, k, bs, double_quant)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     x = torch.randn(m, k).to(dtype)
     y = K.nf4_matmul(x, packed, absmax, code, n, k, bs, config=cfg, out=poisoned((m, n), dtype))
     assert_close_to_ref(y, _reference(x, w32), _torch_same_dtype(x, w32))
@@ -134,7 +134,7 @@ def test_matmul_every_config(name, dtype, double_quant):
 def test_matmul_non_contiguous_x_and_lora_epilogue(m, dtype):
     n, k, bs, r = 33, 256, 128, 5
     packed, absmax, code, state = quantize(n, k, bs)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     x = torch.randn(m, 2 * k).to(dtype)[:, ::2]  # stride (2k, 2)
     assert not x.is_contiguous()
     h = torch.randn(m, r)                       # fp32, as the op passes it
@@ -152,7 +152,7 @@ def test_matmul_non_contiguous_x_and_lora_epilogue(m, dtype):
 def test_matmul_transposed(dtype, m, with_lora, double_quant):
     n, k, bs, r = 70, 192, 64, 3                 # N ragged against BN=64
     packed, absmax, code, state = quantize(n, k, bs, double_quant)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     dy = torch.randn(m, 2 * n).to(dtype)[:, ::2]  # non-contiguous
     assert not dy.is_contiguous()
     dh = torch.randn(m, r) if with_lora else None
@@ -170,7 +170,7 @@ def test_matmul_transposed(dtype, m, with_lora, double_quant):
 def test_matmul_transposed_ragged_k_tiles():
     n, k, bs = 20, 192, 64
     packed, absmax, code, state = quantize(n, k, bs)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     dy = torch.randn(17, n)
     cfg = K.LaunchConfig("test", 16, 16, 128)  # K/BK = 1.5, BK > blocksize
     dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, config=cfg, out=poisoned((17, k), dy.dtype))
@@ -190,7 +190,7 @@ def test_large_default_configs(dtype, with_lora):
     assert bwd_cfg.name == ("bwd_large_lora" if with_lora else "bwd_large") and bwd_cfg.block_m == 128
     assert with_lora or bwd_cfg.block_k > bs
     packed, absmax, code, state = quantize(n, k, bs, double_quant=True)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     bias = torch.randn(n).to(dtype)
     ref, peer = _reference(x, w32, bias), _torch_same_dtype(x, w32, bias)
@@ -202,7 +202,7 @@ def test_large_default_configs(dtype, with_lora):
         lora = dict(lora_h=h, lora_B=lora_B, lora_scale=0.5)
         ref = ref + 0.5 * (h.to(dtype).double() @ lora_B.double().T)
         peer = peer + 0.5 * (h.to(dtype) @ lora_B.T)
-        keep = dropout_mask((m, k), p, seed, "cpu")
+        keep = dropout_mask((m, k), p, seed, lane_device())
         dx_lora = dict(lora_dh=dh, lora_A=lora_A, lora_scale=2.0 / (1 - p), dropout_p=p, seed=seed)
         dx_ref = dx_ref + (dh.to(dtype).double() @ lora_A.double()) * keep * (2.0 / (1 - p))
         dx_peer = dx_peer + (dh.to(dtype) @ lora_A) * keep * (2.0 / (1 - p))
@@ -242,13 +242,13 @@ def test_matmul_transposed_lora_dropout_uses_lora_kernel_mask(dtype):
 
     m, n, k, bs, r, p, seed = 19, 40, 128, 64, 4, 0.3, 2**40 + 12345
     packed, absmax, code, state = quantize(n, k, bs)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, bs)
     dy = torch.randn(m, n).to(dtype)
     dh = torch.randn(m, r)
     lora_A = torch.randn(r, k).to(dtype)
     dx = K.nf4_matmul_transposed(dy, packed, absmax, code, n, k, bs, lora_dh=dh, lora_A=lora_A,
                                  lora_scale=1 / (1 - p), dropout_p=p, seed=seed, out=poisoned((m, k), dtype))
-    keep = dropout_mask((m, k), p, seed, "cpu")
+    keep = dropout_mask((m, k), p, seed, lane_device())
     assert 0.5 < keep.float().mean() < 0.9
     lora64 = (dh.to(dtype).double() @ lora_A.double()) * keep / (1 - p)
     lora_t = (dh.to(dtype) @ lora_A) * keep / (1 - p)
@@ -270,7 +270,7 @@ def test_property_random_shapes(m, n, blocks, blocksize, double_quant, seed):
     torch.manual_seed(seed)
     k = blocks * blocksize
     packed, absmax, code, state = quantize(n, k, blocksize, double_quant)
-    w32 = bnb_dequant(packed, state, torch.float32)
+    w32 = dense_fp32(packed, absmax, state, n, k, blocksize)
     x = torch.randn(m, k)
     y = K.nf4_matmul(x, packed, absmax, code, n, k, blocksize, out=poisoned((m, n), torch.float32))
     # tiny = one fp32 rounding: with few outputs torch can be exact by luck.

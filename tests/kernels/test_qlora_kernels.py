@@ -10,6 +10,7 @@ import torch
 from fastpeft.kernels import lora as tl_lora
 from fastpeft.kernels import qlora as K
 from fastpeft.quant.nf4 import NF4Weight
+from lane_device import lane_device
 from numerics import assert_close_to_ref
 
 SEED = 2**33 + 7
@@ -38,7 +39,7 @@ def test_forward_and_grads_match_float64(dtype, m, p):
     dy = torch.randn(m, n).to(dtype)
     y, h = K.qlora_forward(x, *state, bias, a, b, s, p, SEED)
     dx, dA, dB = K.qlora_backward(dy, x, *state, a, b, h, s, p, SEED, True, True, True)
-    keep = tl_lora.dropout_mask((m, k), p, SEED, "cpu") if p > 0 else None
+    keep = tl_lora.dropout_mask((m, k), p, SEED, lane_device()) if p > 0 else None
     y64, ref = math(x.double(), dense.double(), bias.double(), a.double(), b.double(), dy.double(), s, keep, p)
     yt, peer = math(x, dense, bias, a, b, dy, s, keep, p)
     assert_close_to_ref(y, y64, yt, what="y")

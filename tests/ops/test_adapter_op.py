@@ -14,6 +14,7 @@ from adapter_reference import adapter_op_math
 from fastpeft.cpu import adapter as adapter_cpu
 from fastpeft.activations import ACTIVATIONS
 from fastpeft.ops.adapter import adapter_dropout_mask, bottleneck_adapter
+from lane_device import lane_device, op_seed_draw
 from numerics import assert_close_to_ref
 
 
@@ -202,8 +203,8 @@ def test_dropout_mask_of_the_op_matches_adapter_dropout_mask():
     torch.manual_seed(11)
     y = bottleneck_adapter(**t, dropout_p=0.5, training=True)
     torch.manual_seed(11)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    keep = adapter_dropout_mask((30, 16), 0.5, seed, "cpu").view(6, 5, 16)
+    seed = op_seed_draw()
+    keep = adapter_dropout_mask((30, 16), 0.5, seed, lane_device()).view(6, 5, 16)
     full = bottleneck_adapter(**t)
     torch.testing.assert_close(y, torch.where(keep, full * 2.0, torch.zeros(())))
 
@@ -246,8 +247,8 @@ def test_triton_path_through_the_op(monkeypatch):
     torch.manual_seed(3)
     y = bottleneck_adapter(**t, dropout_p=0.3, training=True)
     torch.manual_seed(3)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    keep = adapter_dropout_mask((9, 24), 0.3, seed, "cpu")
+    seed = op_seed_draw()
+    keep = adapter_dropout_mask((9, 24), 0.3, seed, lane_device())
     torch.testing.assert_close(y - t["residual"],
                                torch.where(keep, (bottleneck_adapter(**t) - t["residual"]) / 0.7, torch.zeros(())))
 

@@ -17,6 +17,7 @@ from fastpeft.ops.nf4 import nf4_linear
 from fastpeft.ops.qlora import qlora_linear
 from fastpeft.cpu import nf4_native
 from fastpeft.quant.nf4 import NF4Weight
+from lane_device import lane_device, op_seed_draw
 from numerics import assert_close_to_ref
 
 BF16 = torch.bfloat16
@@ -84,10 +85,10 @@ def test_qlora_linear_bf16_dropout(backend):
     b = (torch.randn(n, r) * 0.1).to(BF16).requires_grad_()
     x = torch.randn(3, 7, k).to(BF16).requires_grad_()
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the draw qlora_linear makes
+    seed = op_seed_draw()  # the draw qlora_linear makes
     torch.manual_seed(7)
     y = qlora_linear(x, w, a, b, s, dropout_p=p, training=True)
-    keep = lora_dropout_mask((21, k), p, seed, "cpu").view(3, 7, k)
+    keep = lora_dropout_mask((21, k), p, seed, lane_device()).view(3, 7, k)
     assert 0.6 < keep.float().mean() < 0.9
     dy = torch.randn_like(y)
     y.backward(dy)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastpeft.cpu import lora as lora_cpu
 from fastpeft.ops import lora_linear
+from lane_device import lane_device
 from numerics import assert_close_to_ref
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
@@ -89,7 +90,7 @@ def test_dropout_forward_and_backward_use_one_mask(dtype, m):
     assert h.dtype == lora_cpu.lora_h_dtype(dtype)
     dy = torch.randn(m, N).to(dtype)
     dx, dA, dB = lora_cpu.lora_backward(dy, x, w, a, bb, h, s, p, seed, True, True, True)
-    keep = lora_cpu.dropout_mask((m, K), p, seed, "cpu")
+    keep = lora_cpu.dropout_mask((m, K), p, seed, lane_device())
     assert 0 < keep.sum() < keep.numel()
 
     def run(dt):

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from fastpeft.cpu import lora as lora_cpu
 from fastpeft.ops import lora, lora_dropout_mask, lora_linear
+from lane_device import lane_device
 from numerics import assert_close_to_ref
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
@@ -123,10 +124,10 @@ def test_dropout_semantics_and_statistics():
 
 
 def test_dropout_mask_is_deterministic_in_the_seed():
-    m1 = lora_dropout_mask((40, 50), 0.25, 7, "cpu")
+    m1 = lora_dropout_mask((40, 50), 0.25, 7, lane_device())
     assert m1.dtype == torch.bool
-    assert torch.equal(m1, lora_dropout_mask((40, 50), 0.25, 7, "cpu"))
-    assert not torch.equal(m1, lora_dropout_mask((40, 50), 0.25, 8, "cpu"))
+    assert torch.equal(m1, lora_dropout_mask((40, 50), 0.25, 7, lane_device()))
+    assert not torch.equal(m1, lora_dropout_mask((40, 50), 0.25, 8, lane_device()))
 
 
 def test_dropout_draws_a_new_mask_each_call_and_follows_manual_seed():

@@ -6,9 +6,9 @@ relative to torch in the same dtype (tests/numerics.py).
 import pytest
 import torch
 
-import bitsandbytes.functional as bnbF
 from fastpeft.ops.nf4 import nf4_linear
 from fastpeft.quant.nf4 import NF4Weight
+from nf4_reference import dense_weight
 from numerics import assert_close_to_ref
 
 BACKENDS = ["cpu", "triton"]
@@ -19,10 +19,8 @@ def make_weight(n, k, blocksize=64, double_quant=False, dtype=torch.float32):
 
 
 def bnb_dense(w: NF4Weight) -> torch.Tensor:
-    """The weight as bitsandbytes dequantizes the same bytes (fp32)."""
-    state = bnbF.QuantState(absmax=w.absmax_float(), shape=w.shape, code=w.code, blocksize=w.blocksize,
-                            quant_type="nf4", dtype=torch.float32)
-    return bnbF.dequantize_4bit(w.packed, state)
+    """The weight as bitsandbytes dequantizes the same bytes (fp32; the documented format without it)."""
+    return dense_weight(w.packed, w.absmax_float(), *w.shape, w.blocksize)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

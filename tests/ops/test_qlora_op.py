@@ -7,10 +7,11 @@ math checked is exactly ``x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``.
 import pytest
 import torch
 
-import bitsandbytes.functional as bnbF
 from fastpeft.ops.lora import lora_dropout_mask
 from fastpeft.ops.qlora import qlora_linear
 from fastpeft.quant.nf4 import NF4Weight
+from lane_device import lane_device, op_seed_draw
+from nf4_reference import dense_weight
 from numerics import assert_close_to_ref
 
 BACKENDS = ["cpu", "triton"]
@@ -21,9 +22,8 @@ def make_weight(n, k, blocksize=64, double_quant=False):
 
 
 def bnb_dense(w: NF4Weight) -> torch.Tensor:
-    state = bnbF.QuantState(absmax=w.absmax_float(), shape=w.shape, code=w.code, blocksize=w.blocksize,
-                            quant_type="nf4", dtype=torch.float32)
-    return bnbF.dequantize_4bit(w.packed, state)
+    """The weight as bitsandbytes dequantizes the same bytes (fp32; the documented format without it)."""
+    return dense_weight(w.packed, w.absmax_float(), *w.shape, w.blocksize)
 
 
 def lora_params(n, k, r, dtype):
@@ -76,12 +76,12 @@ def test_dropout_forward_and_grads(backend):
     a, b, bias = lora_params(n, k, r, torch.float32)
     x = torch.randn(3, 11, k).requires_grad_()
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))   # the draw qlora_linear will make
+    seed = op_seed_draw()   # the draw qlora_linear will make
     torch.manual_seed(123)
     y = qlora_linear(x, w, a, b, scaling, bias, dropout_p=p, training=True)
     dy = torch.randn_like(y)
     y.backward(dy)
-    keep = lora_dropout_mask((33, k), p, seed, "cpu").view(3, 11, k)
+    keep = lora_dropout_mask((33, k), p, seed, lane_device()).view(3, 11, k)
     assert 0.6 < keep.float().mean() < 0.9
     check_all(y, x, a, b, bias, bnb_dense(w), scaling, dy, keep, p)
 
