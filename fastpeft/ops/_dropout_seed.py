@@ -3,7 +3,9 @@
 Each training call draws an int64 seed from torch's default CPU generator (so
 ``torch.manual_seed`` makes runs repeatable); it travels through the custom
 ops as a 0-dim tensor, which ``torch.compile`` traces without a graph break,
-and backward regenerates the same mask from it.
+and backward regenerates the same mask from it. The draw names the CPU even
+under ``torch.set_default_device("cuda")``: a seed on the GPU would make the
+kernel's ``.item()`` synchronise the device in every forward and backward.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def check_seed(name: str, seed) -> int:
 
 def draw_seed(dropout_p: float) -> Optional[Tensor]:
     """A fresh seed tensor when dropout is active, else None."""
-    return torch.randint(0, SEED_LIMIT, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    return torch.randint(0, SEED_LIMIT, (), dtype=torch.int64, device="cpu") if dropout_p > 0.0 else None
 
 
 def seed_value(seed: Optional[Tensor]) -> int:
