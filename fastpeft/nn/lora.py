@@ -33,8 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validation import check_probability
 from ..ops._autocast import any_autocast_enabled, autocast_dtype
-from ..ops.lora import lora_linear
+from ..variants import LoraVariant, variant as lora_variant
 from .base import PeftLayer, module_parameter
 
 InitLoraWeights = Union[bool, str]
@@ -77,14 +78,6 @@ def _check_alpha(lora_alpha) -> float:
     return lora_alpha
 
 
-def _check_dropout(lora_dropout) -> float:
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
-        raise TypeError(f"lora_dropout must be a number, got {type(lora_dropout).__name__}")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    return float(lora_dropout)
-
-
 def _check_init(init_lora_weights) -> InitLoraWeights:
     if isinstance(init_lora_weights, bool):
         return init_lora_weights
@@ -119,7 +112,7 @@ def validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights
     check_use_rslora(use_rslora)
     _check_rank(r)
     _check_alpha(lora_alpha)
-    _check_dropout(lora_dropout)
+    check_probability("lora_dropout", lora_dropout)
     _check_init(init_lora_weights)
 
 
@@ -147,23 +140,29 @@ def cast_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
 
 
 class LoraLayer(PeftLayer):
-    """What every LoRA-kind layer shares: the ``lora_A``/``lora_B`` pair, its hyperparameters and init.
+    """What every LoRA-kind layer shares: the ``lora_A``/``lora_B`` pair, its hyperparameters, init and variant.
 
-    Subclasses (``LoRALinear``, ``fastpeft.nn.qlora.QLoRALinear``) call
-    ``_init_lora`` from their constructor and implement ``forward``, ``merge``
-    and ``unmerge``. ``lora_A``/``lora_B`` are bias-free ``nn.Linear`` holders
-    named as in HF PEFT; they are never called.
+    Subclasses (``LoRALinear``, ``fastpeft.nn.qlora.QLoRALinear``) set their
+    ``base_kind`` ("dense", "nf4"), call ``_init_lora`` from their constructor
+    and implement ``forward``, ``merge``, ``unmerge``, ``frozen_weight_parameter``
+    and ``frozen_weight_out_in``. ``lora_A``/``lora_B`` are bias-free
+    ``nn.Linear`` holders named as in HF PEFT; they are never called.
+    ``variant`` (``fastpeft.variants``: plain "lora", "dora", ...) supplies the
+    forward on the base, any extra parameters, merging and checkpoint keys.
     """
 
     peft_kind = "lora"
     mergeable = True
     abstract_peft_layer = True
+    base_kind = ""
 
     def _init_lora(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
-                   use_rslora: bool, init_lora_weights: InitLoraWeights, device, dtype: torch.dtype) -> None:
+                   use_rslora: bool, init_lora_weights: InitLoraWeights, device, dtype: torch.dtype,
+                   variant: Union[str, LoraVariant] = "lora") -> None:
+        self.variant = check_variant_for_base(variant, self.base_kind, type(self.base_layer).__name__)
         self.r = _check_rank(r)
         self.lora_alpha = _check_alpha(lora_alpha)
-        self.lora_dropout = _check_dropout(lora_dropout)
+        self.lora_dropout = check_probability("lora_dropout", lora_dropout)
         self.use_rslora = check_use_rslora(use_rslora)
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         init_lora_weights = _check_init(init_lora_weights)
@@ -174,11 +173,21 @@ class LoraLayer(PeftLayer):
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
-        """PEFT's init (see ``init_lora_pair``); ``False`` leaves both random (a non-zero update: for tests)."""
+        """PEFT's init (see ``init_lora_pair``); ``False`` leaves both random (a non-zero update: for tests).
+        The variant's parameters are initialised from the pair afterwards (DoRA: ``m = ‖W + s·BA‖``)."""
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
+        self.variant.init(self)
 
     def peft_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_A.weight, self.lora_B.weight]
+        return [self.lora_A.weight, self.lora_B.weight, *self.variant.parameters(self)]
+
+    def frozen_weight_parameter(self) -> torch.Tensor:
+        """The tensor holding the frozen base weight (whose storage and version say whether it changed)."""
+        raise NotImplementedError
+
+    def frozen_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen base weight as ``[out, in]`` in ``dtype`` (dequantized for an NF4 base)."""
+        raise NotImplementedError
 
     def lora_weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in the compute dtype for x (``compute_dtype``): a differentiable cast when needed."""
@@ -196,9 +205,19 @@ class LoraLayer(PeftLayer):
         return ((self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling).to(dtype)
 
     def extra_repr(self) -> str:
+        variant = "" if self.variant.name == "lora" else f", variant={self.variant.name}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"merged={self._merged}")
+                f"merged={self._merged}{variant}")
+
+
+def check_variant_for_base(name_or_variant, base_kind: str, base_name: str) -> LoraVariant:
+    """The variant, or ValueError when it has no forward for this base kind (e.g. DoRA on an unsupported base)."""
+    chosen = lora_variant(name_or_variant)
+    if not chosen.supports(base_kind):
+        raise ValueError(f"variant: LoRA variant {chosen.name!r} does not support a {base_name} base "
+                         f"({base_kind} weight)")
+    return chosen
 
 
 class LoRALinear(LoraLayer):
@@ -210,7 +229,8 @@ class LoRALinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
-                 fan_in_fan_out: Optional[bool] = None, lora_dtype: Optional[torch.dtype] = None):
+                 fan_in_fan_out: Optional[bool] = None, lora_dtype: Optional[torch.dtype] = None,
+                 variant: Union[str, LoraVariant] = "lora"):
         super().__init__()
         if not is_lora_target(base_layer):
             raise TypeError(
@@ -233,17 +253,28 @@ class LoRALinear(LoraLayer):
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                        weight.device, lora_dtype or weight.dtype)
+                        weight.device, lora_dtype or weight.dtype, variant)
 
     @classmethod
     def from_linear(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
                     fan_in_fan_out: Optional[bool] = None,
-                    lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
+                    lora_dtype: Optional[torch.dtype] = None,
+                    variant: Union[str, LoraVariant] = "lora") -> "LoRALinear":
         """Wrap ``base`` (``nn.Linear`` or ``Conv1D``). ``fan_in_fan_out=None`` auto-detects
-        ``Conv1D``; ``lora_dtype=None`` gives the LoRA parameters the base weight's dtype."""
+        ``Conv1D``; ``lora_dtype=None`` gives the LoRA parameters the base weight's dtype;
+        ``variant`` names the LoRA variant (``fastpeft.variants``: "lora", "dora")."""
         return cls(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                   init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype)
+                   init_lora_weights=init_lora_weights, fan_in_fan_out=fan_in_fan_out, lora_dtype=lora_dtype,
+                   variant=variant)
+
+    base_kind = "dense"
+
+    def frozen_weight_parameter(self) -> torch.Tensor:
+        return module_parameter(self._modules["base_layer"], "weight")
+
+    def frozen_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._base_weight_out_in().detach().to(dtype)
 
     def _base_weight_out_in(self) -> torch.Tensor:
         w = module_parameter(self._modules["base_layer"], "weight")
@@ -256,7 +287,7 @@ class LoRALinear(LoraLayer):
         if self._merged:
             return F.linear(cast_to(x, dtype), weight, bias)
         lora_A, lora_B = self._lora_pair_in(dtype)
-        return lora_linear(x, weight, lora_A, lora_B, self.scaling, bias, self.lora_dropout, self.training)
+        return self.variant.forward_dense(self, x, weight, bias, lora_A, lora_B)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -270,7 +301,8 @@ class LoRALinear(LoraLayer):
         """Fold the update into the base weight; forward then runs the base layer alone."""
         if self._merged:
             return
-        self.base_layer.weight.add_(self.delta_weight())
+        weight = self._base_weight_out_in()
+        weight.copy_(self.variant.merged(self, weight))
         self._merged = True
 
     @torch.no_grad()
@@ -278,7 +310,8 @@ class LoRALinear(LoraLayer):
         """Subtract the update again (exact up to the rounding of the base weight's dtype)."""
         if not self._merged:
             return
-        self.base_layer.weight.sub_(self.delta_weight())
+        weight = self._base_weight_out_in()
+        weight.copy_(self.variant.unmerged(self, weight))
         self._merged = False
 
     def extra_repr(self) -> str:

@@ -15,13 +15,13 @@ the merged weight (for serving without fastpeft).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.qlora import qlora_linear
+from ..variants import LoraVariant
 from .lora import InitLoraWeights, LoraLayer, cast_to, check_lora_dtype, compute_dtype, validate_lora_hyperparameters
 from .nf4 import NF4Linear
 
@@ -29,9 +29,11 @@ from .nf4 import NF4Linear
 class QLoRALinear(LoraLayer):
     """An ``NF4Linear`` base (frozen) plus a trainable LoRA update. See the module docstring."""
 
+    base_kind = "nf4"
+
     def __init__(self, base_layer: NF4Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
-                 lora_dtype: Optional[torch.dtype] = None):
+                 lora_dtype: Optional[torch.dtype] = None, variant: Union[str, LoraVariant] = "lora"):
         super().__init__()
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"base_layer must be an NF4Linear, got {type(base_layer).__name__} "
@@ -42,24 +44,33 @@ class QLoRALinear(LoraLayer):
         self.base_layer.requires_grad_(False)
         self._merged_weight: Optional[torch.Tensor] = None
         self._init_lora(base_layer.in_features, base_layer.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                        init_lora_weights, base_layer.weight.device, lora_dtype or base_layer.weight_dtype)
+                        init_lora_weights, base_layer.weight.device, lora_dtype or base_layer.weight_dtype, variant)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: InitLoraWeights = True, blocksize: int = 64,
-                    double_quant: bool = False, lora_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
+                    double_quant: bool = False, lora_dtype: Optional[torch.dtype] = None,
+                    variant: Union[str, LoraVariant] = "lora") -> "QLoRALinear":
         """Quantize ``base`` to NF4 and add LoRA (PEFT init: kaiming-uniform A, zero B)."""
         return cls(NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant), r=r,
                    lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                   init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                   init_lora_weights=init_lora_weights, lora_dtype=lora_dtype, variant=variant)
 
     @classmethod
     def from_bnb(cls, linear4bit: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: InitLoraWeights = True,
-                 lora_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
+                 lora_dtype: Optional[torch.dtype] = None,
+                 variant: Union[str, LoraVariant] = "lora") -> "QLoRALinear":
         """Add LoRA to a quantized bitsandbytes ``Linear4bit`` (its bytes are used as they are)."""
         return cls(NF4Linear.from_bnb(linear4bit), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype,
+                   variant=variant)
+
+    def frozen_weight_parameter(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def frozen_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base_layer.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
@@ -67,8 +78,7 @@ class QLoRALinear(LoraLayer):
             return F.linear(cast_to(x, dtype), self._merged_weight.to(dtype), cast_to(self.base_layer.bias, dtype))
         lora_A, lora_B = self.lora_weights_for(x)
         base = self._modules["base_layer"]
-        return qlora_linear(x, base.nf4_weight, lora_A, lora_B, self.scaling, base.bias_for(x), self.lora_dropout,
-                            self.training)
+        return self.variant.forward_nf4(self, x, base.nf4_weight, base.bias_for(x), lora_A, lora_B)
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -80,7 +90,7 @@ class QLoRALinear(LoraLayer):
         """``dequant(W_nf4) + scaling · B A`` in ``dtype`` (default: the original weight's), summed in fp32."""
         dtype = dtype or self.base_layer.weight_dtype
         compute = torch.promote_types(dtype, torch.float32)
-        return (self.base_layer.dequantize(compute) + self.delta_weight_out_in(compute)).to(dtype)
+        return self.variant.merged(self, self.base_layer.dequantize(compute)).to(dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
