@@ -77,6 +77,9 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   if (has_bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, ",)");
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+    // The M = 1 GEMV reads bias on the GPU: a bias on another device would be dereferenced there.
+    TORCH_CHECK_VALUE(bias->device() == packed.device(), "bias is on ", bias->device(), " but packed is on ",
+                      packed.device());
   }
   const c10::cuda::CUDAGuard guard(packed.device());
   Tensor p = packed.contiguous();

@@ -16,17 +16,25 @@ namespace {
 namespace nf4 = fastpeft::nf4;
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+__host__ __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__host__ __device__ __forceinline__ float to_float(float v) { return v; }
+__host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// An fp32 value rounded to T (round to nearest even) and back: the dequantized weight in the activation dtype.
+template <typename T>
+struct RoundTo {
+  __host__ __device__ __forceinline__ float operator()(float v) const { return to_float(from_float<T>(v)); }
+};
 
 // The code table in shared memory: indexing nf4::code_value's local array with a runtime
 // index would put it in per-thread local memory.
@@ -59,6 +67,8 @@ constexpr int kElemsPerLane = 32;     // 16 packed bytes: one 128-bit load
 
 // Warp per output row: each lane decodes 32 elements from one 128-bit load per
 // step, the warp covers 1024 elements per step; partial sums reduce by shuffles.
+// Each weight is dequantized alone and rounded to T before its product (nf4::gemv_term), as bitsandbytes and
+// the Triton kernels compute it; the block scale never multiplies a partial sum.
 template <typename T>
 __global__ void gemv_kernel(const T* __restrict__ x, const std::uint8_t* __restrict__ packed,
                             const float* __restrict__ absmax, const T* __restrict__ bias, T* __restrict__ y,
@@ -77,18 +87,15 @@ __global__ void gemv_kernel(const T* __restrict__ x, const std::uint8_t* __restr
     const uint4 word = *reinterpret_cast<const uint4*>(row + k0 / 2);
     const std::uint32_t parts[4] = {word.x, word.y, word.z, word.w};
     const float scale = scales[k0 / blocksize];  // 32 | 64 <= blocksize: one block per lane step
-    float partial = 0.0f;
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const std::uint8_t byte = static_cast<std::uint8_t>(parts[p] >> (8 * b));
         const std::int64_t k = k0 + 8 * p + 2 * b;
-        partial += code[nf4::high_nibble(byte)] * to_float(x[k]);
-        partial += code[nf4::low_nibble(byte)] * to_float(x[k + 1]);
+        acc += nf4::gemv_byte_terms(code, byte, scale, to_float(x[k]), to_float(x[k + 1]), RoundTo<T>());
       }
     }
-    acc += partial * scale;
   }
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);

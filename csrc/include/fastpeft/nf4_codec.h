@@ -89,6 +89,25 @@ FASTPEFT_HD std::uint8_t nibble_at(const std::uint8_t* packed, std::int64_t i) {
 // Dequantized element: one fp32 multiply.
 FASTPEFT_HD float decode(std::uint8_t nibble, float absmax) { return code_value(nibble) * absmax; }
 
+// Element k's term of a GEMV row: its weight dequantized alone (one fp32 multiply of its code value by its
+// block's absmax, as `decode`), rounded to the activation dtype by `round` (a functor float -> float), then
+// times its activation in fp32. The block scale multiplies each element, never a partial sum: bitsandbytes
+// (dequantize, then matmul) and the Triton kernels use these weights, so the GEMV's products are theirs bit for
+// bit. `code` is the code value (a kernel reads it from its own copy of the table, e.g. in shared memory).
+template <typename Round>
+FASTPEFT_HD float gemv_term(float code, float absmax, float x, Round round) {
+  return round(code * absmax) * x;
+}
+
+// The two terms of one packed byte, codes looked up in `table` (elements 2j and 2j + 1 share a block: blocksizes
+// are even).
+template <typename Round>
+FASTPEFT_HD float gemv_byte_terms(const float* table, std::uint8_t byte, float absmax, float x_even, float x_odd,
+                                  Round round) {
+  return gemv_term(table[high_nibble(byte)], absmax, x_even, round) +
+         gemv_term(table[low_nibble(byte)], absmax, x_odd, round);
+}
+
 // a * b + c with two roundings: compilers may not fuse this into an FMA (one rounding),
 // because bitsandbytes rounds the product first.
 FASTPEFT_HD float mul_add_unfused(float a, float b, float c) {
