@@ -62,6 +62,9 @@ def test_bad_input(ops):
     g = NF4Weight.from_float(torch.randn(16, 128, device=HOST)).to("cuda")
     with pytest.raises(ValueError, match="x"):
         ops.nf4_matmul(torch.randn(1, 128, device=HOST), g.packed, g.absmax_float(), 16, 128, 64, None)  # x on the CPU
+    with pytest.raises(ValueError, match="bias is on cpu"):  # the M = 1 GEMV would read it on the GPU
+        ops.nf4_matmul(torch.randn(1, 128, device="cuda"), g.packed, g.absmax_float(), 16, 128, 64,
+                       torch.randn(16, device=HOST))
     with pytest.raises(ValueError, match="K"):
         ops.nf4_matmul(torch.randn(1, 96, device="cuda"), g.packed[:24], g.absmax_float()[:1], 1, 96, 64, None)
     with pytest.raises(TypeError, match="packed"):
