@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._native import cpu_isa
 from ..quant.nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_blocksize, check_double_quant, double_quant_offset,
                   signed_dynamic_map)
 
@@ -163,8 +164,9 @@ def bf16_forward_kernel(x2d: Tensor) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
-    """Whether the fused AMX kernel runs here (built with AMX-BF16 and the OS grants AMX tiles)."""
-    return bool(_native.op("amx_bf16_available")())
+    """Whether the fused AMX kernel runs here (built with AMX-BF16, the OS grants AMX tiles, and
+    ``FASTPEFT_NF4_AMX=0`` does not keep it off: ``fastpeft._native.cpu_isa``)."""
+    return cpu_isa.amx_allowed() and bool(_native.op("amx_bf16_available")())
 
 
 def nf4_matmul_transposed(dy: Tensor, w: NF4Weight) -> Tensor:

@@ -240,7 +240,7 @@ def test_python_entry_points_route_bf16(m, monkeypatch):
 
 
 def test_kernel_choice_without_amx(monkeypatch):
-    monkeypatch.setattr(nf4_cpu, "amx_available", lambda: False)
+    monkeypatch.setattr(nf4_native, "amx_available", lambda: False)
     rows = nf4_native.BF16_GEMM_MIN_ROWS
     assert nf4_native.bf16_forward_kernel(torch.zeros(rows - 1, 64).bfloat16()) is None
     assert nf4_native.bf16_forward_kernel(torch.zeros(rows, 64).bfloat16()) == "nf4_matmul_bf16"
