@@ -7,7 +7,10 @@ module imports fastpeft.
 GPU lane (``FASTPEFT_TEST_GPU=1``, what ``bash scripts/test.sh --gpu`` sets):
 no interpreter, and tensors the tests create land on the GPU
 (``torch.set_default_device("cuda")``), so the same tests run the compiled
-kernels, bf16 included. It refuses to start without a CUDA device.
+kernels, bf16 included. It refuses to start without a CUDA device, except in
+the lane's dry run (``FASTPEFT_LANE_DRY_RUN=1``, ``scripts/gpu_lane.sh
+--dry-run``: collection only, on a machine without a GPU), which takes the GPU
+lane's path up to its first CUDA call and no further.
 """
 import os
 import sys
@@ -25,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if GPU_LANE:
+LANE_DRY_RUN = GPU_LANE and os.environ.get("FASTPEFT_LANE_DRY_RUN", "0") == "1"
+if GPU_LANE and not LANE_DRY_RUN:
     if not torch.cuda.is_available():
         raise RuntimeError("FASTPEFT_TEST_GPU=1 but torch sees no CUDA device")
     torch.set_default_device("cuda")
