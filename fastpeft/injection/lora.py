@@ -14,6 +14,7 @@ from torch import nn
 
 from ..nn.base import peft_layers
 from ..nn.lora import InitLoraWeights, LoRALinear, check_lora_dtype, is_lora_target, validate_lora_hyperparameters
+from ..variants import LoraVariant, check_use_dora
 from .modules_to_save import modules_to_save_names, saved_modules, wrap_modules_to_save
 from .targets import TargetModules, find_target_modules, replace_modules, set_submodule
 
@@ -24,7 +25,7 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
                exclude_modules: Optional[TargetModules] = None,
                layers_to_transform: Union[None, int, Sequence[int]] = None,
                layers_pattern: Union[None, str, Sequence[str]] = None,
-               modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+               modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False) -> nn.Module:
     """Wrap every targeted ``nn.Linear``/``Conv1D`` of ``model`` in a ``LoRALinear``, in place; returns ``model``.
 
     Targeting follows HF PEFT (details: ``fastpeft.injection.targets``):
@@ -43,7 +44,9 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
     Every parameter except the new LoRA ones (and the ``modules_to_save``
     copies) is frozen (PEFT's ``bias="none"``). ``lora_dtype`` (default: each
     base weight's dtype) is the LoRA parameters' dtype, e.g. ``torch.float32``
-    adapters on a bf16 model.
+    adapters on a bf16 model. ``use_dora=True`` makes every layer DoRA (PEFT's
+    ``LoraConfig(use_dora=True)``: a trainable magnitude per output row,
+    ``fastpeft.variants.dora``).
 
     Errors: ValueError for a target that matches nothing (a str says it is a
     full-match regex), TypeError for a selected module that is not
@@ -53,16 +56,17 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
     """
     validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
     check_lora_dtype(lora_dtype)
+    variant = check_use_dora(use_dora)
     selection = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
                      layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     names = find_target_modules(model, target_modules, **selection)
-    check_lora_targets(model, names)
+    check_lora_targets(model, names, variant)
     saved = modules_to_save_names(model, modules_to_save) if modules_to_save is not None else []
 
     def make(name: str, module: nn.Module) -> nn.Module:
         return LoRALinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                                      lora_dtype=lora_dtype)
+                                      lora_dtype=lora_dtype, variant=variant)
 
     replace_modules(model, target_modules, make, **selection)
     wrap_modules_to_save(model, saved)
@@ -70,12 +74,17 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
     return model
 
 
-def check_lora_targets(model: nn.Module, names: Iterable[str]) -> None:
-    """TypeError naming the first of ``names`` that ``LoRALinear`` cannot wrap."""
+def check_lora_targets(model: nn.Module, names: Iterable[str], variant: Optional[LoraVariant] = None) -> None:
+    """TypeError naming the first of ``names`` that ``LoRALinear`` cannot wrap; ValueError (naming the
+    variant's PEFT field, e.g. ``use_dora``) for a layer type the variant does not support."""
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise TypeError(f"target_modules: {name!r} already is a LoRALinear")
+        if variant is not None and variant.peft_config and not is_lora_target(module):
+            fields = ", ".join(f"{k}={v}" for k, v in variant.peft_config.items())
+            raise ValueError(f"{fields}: {name!r} is a {type(module).__name__}; the {variant.name} variant "
+                             "supports only nn.Linear and Conv1D layers")
         if not is_lora_target(module):
             raise TypeError(
                 f"target_modules: {name!r} is a {type(module).__name__}; LoRA wraps only nn.Linear and Conv1D"

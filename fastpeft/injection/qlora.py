@@ -17,6 +17,7 @@ from torch import nn
 from ..nn.lora import InitLoraWeights, check_lora_dtype, validate_lora_hyperparameters
 from ..nn.qlora import QLoRALinear
 from ..quant.nf4 import NF4Weight, check_blocksize, check_double_quant
+from ..variants import check_use_dora
 from .lora import mark_only_lora_trainable
 from .modules_to_save import modules_to_save_names, wrap_modules_to_save
 from .targets import TargetModules, find_target_modules, replace_modules
@@ -61,7 +62,7 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
                 exclude_modules: Optional[TargetModules] = None,
                 layers_to_transform: Union[None, int, Sequence[int]] = None,
                 layers_pattern: Union[None, str, Sequence[str]] = None,
-                modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+                modules_to_save: Optional[Sequence[str]] = None, use_dora: bool = False) -> nn.Module:
     """Replace every targeted linear of ``model`` with a ``QLoRALinear``, freeze the rest; returns ``model``.
 
     Targeting is PEFT's, exactly as in ``fastpeft.apply_lora`` (a str
@@ -73,8 +74,13 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
     an ``in_features`` not divisible by the blocksize or an fp4 ``Linear4bit``,
     TypeError for a target of another type; every target is checked before
     any is converted, so the model is untouched when anything is rejected.
+    ``use_dora=True`` (QDoRA) raises ValueError while the DoRA variant has no
+    NF4-base forward.
     """
     validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+    variant = check_use_dora(use_dora)
+    if not variant.supports("nf4"):
+        raise ValueError(f"use_dora={use_dora}: the {variant.name} variant does not support an NF4 base yet")
     check_lora_dtype(lora_dtype)
     check_blocksize(blocksize)
     check_double_quant(double_quant)
@@ -84,7 +90,7 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
     _check_targets(model, names, blocksize)
     saved = modules_to_save_names(model, modules_to_save) if modules_to_save is not None else []
     lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                init_lora_weights=init_lora_weights, lora_dtype=lora_dtype, variant=variant)
 
     def make(name: str, module: nn.Module) -> nn.Module:
         if _is_bnb_linear4bit(module):

@@ -55,6 +55,19 @@ def peft_config_fields() -> dict:
     return {key: False for v in VARIANTS.values() for key in v.peft_config}
 
 
+def variant_of_layers(layers) -> LoraVariant:
+    """The one variant of every ``(name, layer)`` in ``layers`` (a PEFT config holds one); ValueError otherwise."""
+    found = {layer.variant.name for _, layer in layers}
+    if len(found) != 1:
+        raise ValueError(f"LoRA layers differ in variant ({sorted(found)}); a PEFT config holds one")
+    return VARIANTS[found.pop()]
+
+
+def checkpoint_key_pattern() -> str:
+    """Regex alternatives of every variant's per-layer checkpoint key (``lora_magnitude_vector``, ...)."""
+    return "|".join(sorted(key for v in VARIANTS.values() for key in v.checkpoint_keys))
+
+
 def check_use_dora(use_dora) -> LoraVariant:
     """The variant PEFT's ``use_dora`` flag selects (TypeError for a non-bool)."""
     if not isinstance(use_dora, bool):
@@ -62,5 +75,5 @@ def check_use_dora(use_dora) -> LoraVariant:
     return variant_for_peft_config({"use_dora": use_dora})
 
 
-__all__ = ["LoraVariant", "PLAIN", "VARIANTS", "check_use_dora", "peft_config_fields", "variant",
-           "variant_for_peft_config"]
+__all__ = ["LoraVariant", "PLAIN", "VARIANTS", "check_use_dora", "checkpoint_key_pattern", "peft_config_fields",
+           "variant", "variant_for_peft_config", "variant_of_layers"]

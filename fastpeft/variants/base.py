@@ -63,6 +63,10 @@ class LoraVariant:
                 raise ValueError(f"{name}.{key} has shape {tuple(tensor.shape)}, the layer needs "
                                  f"{tuple(layer_shapes[key])}")
 
+    def checkpoint_tensors(self, layer: nn.Module) -> dict:
+        """``{key: tensor}`` of the variant's per-layer tensors as PEFT saves them (detached, on the CPU)."""
+        return {key: getattr(layer, key).detach().cpu().contiguous() for key in self.checkpoint_keys}
+
     def checkpoint_shapes(self, layer: nn.Module) -> dict:
         return {key: tuple(getattr(layer, key).shape) for key in self.checkpoint_keys}
 

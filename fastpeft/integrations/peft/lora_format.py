@@ -35,16 +35,20 @@ from ...injection.modules_to_save import ModulesToSave, modules_to_save_names, s
 from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target,
                                   replace_modules, selected_modules)
 from ...nn.lora import LoRALinear, is_lora_target, lora_scaling
+from ...variants import checkpoint_key_pattern, peft_config_fields, variant_for_peft_config, variant_of_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+# A LoRA variant's per-layer tensors (DoRA's lora_magnitude_vector), saved without ".weight" as PEFT does.
+_VARIANT_KEY_RE = re.compile(rf"^base_model\.model\.(?P<module>.+)\.(?P<which>{checkpoint_key_pattern()})$")
+_PAIR = ("lora_A", "lora_B")
 
 # Config entries this loader cannot honour: (key, value that means "not used").
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
+    "lora_bias": False, "target_parameters": None, "layer_replication": None,
     "trainable_token_indices": None, "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None, "use_qalora": False,
     "megatron_config": None,
@@ -73,6 +77,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before save_lora")
     dropout = _uniform(layers, "lora_dropout")
     use_rslora = _uniform(layers, "use_rslora")
+    variant = variant_of_layers(layers)
     r, rank_pattern = _value_and_pattern(layers, "r")
     lora_alpha, alpha_pattern = _value_and_pattern(layers, "lora_alpha")
 
@@ -90,7 +95,8 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
         "fan_in_fan_out": all(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        **peft_config_fields(),
+        **variant.peft_config,
         "init_lora_weights": True,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -103,6 +109,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     for name, layer in layers:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        tensors.update({f"{KEY_PREFIX}{name}.{k}": t for k, t in layer.variant.checkpoint_tensors(layer).items()})
     saved = saved_modules(model)
     if saved:
         # PEFT's layout: the trainable copy's tensors without "modules_to_save.<adapter>" in the name.
@@ -168,6 +175,7 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
             for name, layer in existing.items():
                 layer.lora_A.weight.copy_(weights[name]["lora_A"])
                 layer.lora_B.weight.copy_(weights[name]["lora_B"])
+                layer.variant.load_checkpoint(layer, _variant_tensors(weights[name]))
         _load_modules_to_save(model, saved_plan)
         return model
 
@@ -181,11 +189,12 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
         r, alpha = plan[name]
         layer = LoRALinear.from_linear(module, r=r, lora_alpha=alpha, lora_dropout=config["lora_dropout"],
                                        use_rslora=config["use_rslora"], init_lora_weights=False,
-                                       lora_dtype=lora_dtype)
+                                       lora_dtype=lora_dtype, variant=config["variant"])
         _check_shapes(name, layer, weights[name])
         with torch.no_grad():
             layer.lora_A.weight.copy_(weights[name]["lora_A"])
             layer.lora_B.weight.copy_(weights[name]["lora_B"])
+            layer.variant.load_checkpoint(layer, _variant_tensors(weights[name]))
         return layer
 
     # Build every layer before swapping any in, so a bad tensor leaves the model untouched.
@@ -267,6 +276,9 @@ def _rank_alpha_plan(config: dict, weights: dict) -> dict:
 
 
 def _check_existing_layer(name: str, layer: nn.Module, config: dict, r: int, alpha) -> None:
+    if layer.variant is not config["variant"]:
+        raise ValueError(f"LoRA layer {name!r} is a {layer.variant.name} layer; the adapter is "
+                         f"{config['variant'].name} ({CONFIG_NAME}: {config['variant'].peft_config or 'plain LoRA'})")
     scaling = lora_scaling(r, alpha, config["use_rslora"])
     if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
         raise ValueError(
@@ -279,7 +291,14 @@ def _check_existing_layer(name: str, layer: nn.Module, config: dict, r: int, alp
         )
 
 
+def _variant_tensors(pair: dict) -> dict:
+    """A module's tensors from the file other than the LoRA pair (its variant's, e.g. DoRA's magnitude)."""
+    return {key: tensor for key, tensor in pair.items() if key not in _PAIR}
+
+
 def _check_shapes(name: str, layer: nn.Module, pair: dict) -> None:
+    layer.variant.check_checkpoint(f"{WEIGHTS_NAME}: {KEY_PREFIX}{name}", layer.variant.checkpoint_shapes(layer),
+                                   _variant_tensors(pair))
     for which in ("lora_A", "lora_B"):
         expected, tensor = getattr(layer, which).weight.shape, pair[which]
         if tensor.shape != expected:
@@ -335,6 +354,7 @@ def read_lora_config(directory: str | os.PathLike) -> dict:
         "target_modules": config.get("target_modules"),
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
+        "variant": variant_for_peft_config(config),
     }
     if not out["target_modules"]:
         raise ValueError(f"{CONFIG_NAME}: target_modules is missing or empty")
@@ -369,7 +389,7 @@ def _read_weights(directory, modules_to_save=None) -> tuple[dict[str, dict[str, 
     unexpected = []
     with safe_open(path, framework="pt") as f:
         for key in f.keys():
-            match = _KEY_RE.match(key)
+            match = _KEY_RE.match(key) or _VARIANT_KEY_RE.match(key)
             if match is None:
                 inner = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
                 if inner is not None and modules_to_save and is_under_modules_to_save(inner, modules_to_save):
@@ -381,7 +401,7 @@ def _read_weights(directory, modules_to_save=None) -> tuple[dict[str, dict[str, 
     if unexpected:
         raise ValueError(f"{WEIGHTS_NAME} holds tensors that are not plain LoRA A/B weights: {unexpected[:5]}")
     for name, pair in weights.items():
-        if set(pair) != {"lora_A", "lora_B"}:
+        if not set(_PAIR) <= set(pair):
             raise ValueError(f"{WEIGHTS_NAME}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
     return dict(weights), saved
 
