@@ -58,14 +58,19 @@ class DoRA(LoraVariant):
 
 
 def cached_weight_norm_sq(layer, dtype: torch.dtype) -> torch.Tensor:
-    """``‖W_i‖²`` of the layer's frozen weight for compute dtype ``dtype``, recomputed only when W changed."""
-    raw = layer.frozen_weight_parameter()
+    """``‖W_i‖²`` of a LoRA layer's frozen weight for compute dtype ``dtype``, recomputed only when W changed."""
+    return cached_row_norm_sq(layer, layer.frozen_weight_parameter(), layer.frozen_weight_out_in, dtype)
+
+
+def cached_row_norm_sq(owner, raw: torch.Tensor, weight_out_in, dtype: torch.dtype) -> torch.Tensor:
+    """``‖W_i‖²`` cached on ``owner`` under the identity of ``raw`` (the tensor holding W: storage, version
+    counter, dtype, device); ``weight_out_in(dtype)`` gives W as ``[out, in]`` when it must be computed."""
     key = (raw.data_ptr(), raw._version, raw.dtype, raw.device, norm_dtype(dtype))
-    cached = layer.__dict__.get("_dora_weight_norm_sq")
+    cached = owner.__dict__.get("_dora_weight_norm_sq")
     if cached is not None and cached[0] == key:
         return cached[1]
-    value = weight_row_norm_sq(layer.frozen_weight_out_in(raw.dtype)).to(norm_dtype(dtype))
-    layer._dora_weight_norm_sq = (key, value)
+    value = weight_row_norm_sq(weight_out_in(raw.dtype)).to(norm_dtype(dtype))
+    owner.__dict__["_dora_weight_norm_sq"] = (key, value)
     return value
 
 

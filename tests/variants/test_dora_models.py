@@ -152,3 +152,30 @@ def test_magnitude_of_the_wrong_shape_is_rejected_before_any_change(tmp_path):
     plain_lora = fastpeft.apply_lora(tiny_llama(), ["q_proj"], r=4)
     with pytest.raises(ValueError, match="dora"):
         fastpeft.load_lora(plain_lora, tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_backend_runs_fastpeft_dora_with_peft_results(case, monkeypatch):
+    from fastpeft.integrations.peft import backend
+
+    build, targets = CASES[case]
+    ids = token_ids()
+    config = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    fused = get_peft_model(build(), backend.fastpeft_lora_config(**config))
+    plain = get_peft_model(build(), LoraConfig(**config))
+    layers = [m for m in fused.modules() if isinstance(m, backend.FastLoraLinear)]
+    assert layers and all("default" in m.lora_variant for m in layers)
+    randomise(fused)
+    plain.load_state_dict(fused.state_dict())
+    calls = []
+    monkeypatch.setattr(backend, "dora_linear", lambda *a, **k: calls.append(1) or fastpeft.ops.dora_linear(*a, **k))
+    loss_fused = fused(ids, labels=ids).loss
+    loss_plain = plain(ids, labels=ids).loss
+    assert len(calls) == len(layers)
+    torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-5, atol=1e-6)
+    loss_fused.backward()
+    loss_plain.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)

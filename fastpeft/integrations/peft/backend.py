@@ -35,6 +35,7 @@ dataclass fields), so to load an adapter onto the fused layers use
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -82,6 +83,8 @@ class FastLoraLinear(PeftLoraLinear):
         base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
         conv1d_cls = conv1d_class()
         conv1d = conv1d_cls is not None and isinstance(base, conv1d_cls)
+        if config.fan_in_fan_out != conv1d:  # before PEFT's init: DoRA's magnitude is computed there
+            config = dataclasses.replace(config, fan_in_fan_out=conv1d)
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha,
                          is_target_conv_1d_layer=conv1d, **kwargs)
         # One config serves both layouts; PEFT's default dispatcher fixes this per layer too.
