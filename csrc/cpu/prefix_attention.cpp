@@ -50,7 +50,8 @@ bool prefix_attention_poison_outputs(bool on) {
   return before;
 }
 
-// exp(x) for the softmax, branch-free so that a loop over it vectorizes; exactly 0 below -87.3.
+// exp(x) for the softmax, branch-free so that a loop over it vectorizes; exactly 0 below -87.3, NaN for NaN
+// (std::max/std::min return their first argument when either is NaN, so the clamp keeps it).
 // Cephes' single-precision polynomial (about 1 ulp on the range the softmax uses, x <= ~0).
 inline float softmax_exp(float x) {
   const float clamped = std::min(std::max(x, -87.3f), 88.0f);
@@ -180,11 +181,12 @@ inline void scores_packed<float>(const float* x, const float* kt, int64_t n, int
   }
 }
 
-// The same polynomial as softmax_exp(float), 16 lanes.
+// The same polynomial as softmax_exp(float), 16 lanes. _mm512_max_ps / _mm512_min_ps return their second
+// operand when either is NaN: x goes second, so a NaN lane stays NaN through the clamp (and the result).
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
   const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  const __m512 c = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(lo, x));
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(c, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
@@ -389,8 +391,36 @@ struct Shape {
   bool visible(int64_t b, int64_t j) const { return mask == nullptr || mask[b * mask_stride + j]; }
 };
 
+// The maximum of s[0, n) as torch.max gives it: NaN when any entry is NaN (the NaN flag rides in the same
+// loop), -inf for n == 0.
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    mx = s[j] > mx ? s[j] : mx;
+    nan |= s[j] != s[j];
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+}
+
+// max(a, b) that is NaN when either is (std::max drops a NaN second argument).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return a != a || b != b ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+// A row whose maximum score is NaN or +inf: torch's softmax makes every probability NaN (exp(inf - inf) is
+// NaN, and so is their sum), so the output row is NaN; torch.logsumexp gives NaN or +inf, the maximum.
+template <typename T>
+inline bool nonfinite_max(T mx) {
+  return !(mx < std::numeric_limits<T>::infinity());
+}
+
 // Scores of one query row against the prefix keys (first P entries) and the visible sequence keys
-// (the next `end`); hidden keys get -inf. Returns the row maximum (-inf when nothing is visible).
+// (the next `end`); hidden keys get -inf. Returns the row maximum (-inf when nothing is visible, NaN when
+// a score is NaN).
 template <typename T>
 T row_scores(const Shape& sh, const T* qrow, const T* pkt, const T* k, int64_t k_stride, int64_t b, int64_t end,
              T scale, T* s) {
@@ -401,11 +431,7 @@ T row_scores(const Shape& sh, const T* qrow, const T* pkt, const T* k, int64_t k
       if (!sh.visible(b, j)) s[sh.P + j] = -std::numeric_limits<T>::infinity();
     }
   }
-  T mx = -std::numeric_limits<T>::infinity();
-  const int64_t n = sh.P + end;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-  return mx;
+  return row_max(s, sh.P + end);
 }
 
 #ifdef FASTPEFT_PREFIX_QUAD
@@ -420,10 +446,13 @@ inline void prefix_merge_quad(const Shape& sh, const float* const x[4], float* c
   scores_packed4(x, pkt, sh.P, sh.D, scale, s, ld);
   for (int i = 0; i < 4; ++i) {
     float* si = s + i * ld;
-    float mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < sh.P; ++j) mx = si[j] > mx ? si[j] : mx;
-    mx = std::max(mx, init_lse[i]);
+    const float mx = max_nan(row_max(si, sh.P), init_lse[i]);
+    if (nonfinite_max(mx)) {
+      std::fill(si, si + sh.P, 0.0f);
+      std::fill(o[i], o[i] + sh.D, std::numeric_limits<float>::quiet_NaN());
+      *lse_out[i] = mx;
+      continue;
+    }
     const float sum = exp_sum(si, sh.P, mx) + (init_lse[i] == neg_inf ? 0.0f : softmax_exp(init_lse[i] - mx));
     const float row_lse = mx + std::log(sum);
     const float inv = 1.0f / sum;
@@ -453,13 +482,12 @@ inline void direct_quad(const Shape& sh, const float* const x[4], float* const o
         if (!sh.visible(b, j)) si[sh.P + j] = neg_inf;
       }
     }
-    float mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) mx = si[j] > mx ? si[j] : mx;
-    std::fill(o[i], o[i] + sh.D, 0.0f);
-    if (mx == neg_inf) {  // no key at all: zero weights, output 0
+    const float mx = row_max(si, n);
+    const bool nonfinite = nonfinite_max(mx);
+    std::fill(o[i], o[i] + sh.D, nonfinite ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
+    if (mx == neg_inf || nonfinite) {  // no key at all (zero weights, output 0), or a NaN row
       std::fill(si, si + n, 0.0f);
-      lse[i * lse_stride] = neg_inf;
+      lse[i * lse_stride] = mx;
       continue;
     }
     const float sum = exp_sum(si, n, mx);
@@ -496,10 +524,10 @@ void forward_kernel(const Shape& sh, const Tensor& q, const Tensor& k, const Ten
     T mx = row_scores(sh, qv.row(b, h, r), pkt + (pb * sh.Hkv + hkv) * sh.D * sh.P, kv.row(b, hkv, 0), kv.s2, b,
                       end, scale, s);
     const T init_lse = has_init ? li[(b * sh.Hq + h) * sh.Sq + r] : neg_inf;
-    mx = std::max(mx, init_lse);
-    if (mx == neg_inf) {  // no key at all
-      std::fill(orow, orow + sh.D, T(0));
-      *lse_out = neg_inf;
+    mx = max_nan(mx, init_lse);
+    if (mx == neg_inf || nonfinite_max(mx)) {  // no key at all (output 0), or a NaN row
+      std::fill(orow, orow + sh.D, mx == neg_inf ? T(0) : std::numeric_limits<T>::quiet_NaN());
+      *lse_out = mx;
       return;
     }
     const T sum = exp_sum(s, n, mx) + (init_lse == neg_inf ? T(0) : softmax_exp(init_lse - mx));
@@ -625,9 +653,9 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
               dor[i] = dov.row(b, h, r);
               dqr[i] = need_q ? dqv.row(b, h, r) : nullptr;
               row_lse[i] = lv[(b * sh.Hq + h) * sh.Sq + r];
-              finite = finite && row_lse[i] != neg_inf;
+              finite = finite && row_lse[i] != neg_inf && !nonfinite_max(row_lse[i]);
             }
-            if (!finite) break;  // rows without keys: the one-row path below
+            if (!finite) break;  // rows without keys or NaN rows: the one-row path below
             const int64_t ld = sh.P;
             scores_packed4(x, pkt_rows, sh.P, sh.D, scale, p.data(), ld);
             scores_packed4(dor, pvt_rows, sh.P, sh.D, 1.0f, ds.data(), ld);
@@ -663,7 +691,12 @@ void backward_kernel(const Shape& sh, const Tensor& dout, const Tensor& q, const
           const T* qrow = qv.row(b, h, r);
           const T* dorow = dov.row(b, h, r);
           row_scores(sh, qrow, pkt_rows, k_rows, kv.s2, b, end, scale, pr);
-          exp_sum(pr, n, row_lse);  // the probabilities
+          if (nonfinite_max(row_lse)) {  // a NaN row (LSE NaN or +inf): every visible key's probability is NaN
+            for (int64_t j = 0; j < n; ++j)
+              pr[j] = j < sh.P || sh.visible(b, j - sh.P) ? std::numeric_limits<T>::quiet_NaN() : T(0);
+          } else {
+            exp_sum(pr, n, row_lse);  // the probabilities
+          }
           const T delta = dot(dorow, ov.row(b, h, r), sh.D);
           scores_packed(dorow, pvt_rows, sh.P, sh.D, T(1), dsr);
           scores(dorow, v_rows, vv.s2, end, sh.D, T(1), dsr + sh.P);

@@ -38,7 +38,16 @@ Measured against PEFT's way (SDPA over ``cat([pk; k])`` with an explicit
 mask) in the benchmark suite: ``python -m benchmarks --op prefix_attention``.
 
 Rows that see no key (only possible without a prefix) get output 0 and LSE
-``-inf`` and no gradient, as on the Triton path. LSE is fp32 (fp64 for fp64
+``-inf`` and no gradient, as on the Triton path.
+
+NaN and inf propagate as in torch's softmax over the explicit concatenation
+(``_math_forward``): a row whose largest score is NaN or +inf is NaN (its LSE
+NaN or +inf, as ``torch.logsumexp`` gives it), keys a row does not see never
+reach it. The C++ kernel gives such rows itself; torch's flash kernel lets a
+hidden NaN key reach rows that do not see it, and a backward from non-finite
+outputs differs in where ``0 · inf`` lands, so a call whose output or LSE is
+not finite (one check over the output, never over the scores) is recomputed
+by ``_math_forward`` and differentiated through it. LSE is fp32 (fp64 for fp64
 inputs). Tensors on other devices (``FASTPEFT_BACKEND=cpu`` with CUDA
 tensors) run the same math in plain torch ops.
 """
@@ -99,6 +108,10 @@ def _native_prefix(q: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Ten
     return _rows(prefix_k), _rows(prefix_v)
 
 
+def _direct_mode(q: Tensor, k: Tensor) -> bool:
+    return q.shape[2] <= DIRECT_MAX_QUERY_ROWS or k.shape[2] == 0
+
+
 def _native_forward(ops, q, k, v, prefix_k, prefix_v, mask, causal, sm_scale):
     """Decode and short blocks: the whole attention in one C++ call. Longer: torch's flash kernel for the
     sequence, then one C++ pass over the prefix that merges into its output (the online-softmax update
@@ -107,7 +120,7 @@ def _native_forward(ops, q, k, v, prefix_k, prefix_v, mask, causal, sm_scale):
     skv = k.shape[2]
     pk, pv = _native_prefix(q, prefix_k, prefix_v, k.shape[1])
     mask = None if mask is None else mask.contiguous()
-    if sq <= DIRECT_MAX_QUERY_ROWS or skv == 0:
+    if _direct_mode(q, k):
         return ops[0](_rows(q), _rows(k), _rows(v), pk, pv, mask, causal, sm_scale, True, None, None)
     out_s, lse_s = _sequence_partial(q, k, v, mask, causal, sm_scale)
     if pk.shape[2] == 0:
@@ -126,7 +139,7 @@ def _native_backward(ops, dout, q, k, v, prefix_k, prefix_v, mask, out, lse, cau
     mask = None if mask is None else mask.contiguous()
     dout, out, lse = _rows(dout), _rows(out), lse.to(q.dtype)
     dk = dv = None
-    if sq <= DIRECT_MAX_QUERY_ROWS or skv == 0:
+    if _direct_mode(q, k):
         dq, dk, dv, dpk, dpv = ops[1](dout, _rows(q), _rows(k), _rows(v), pk, pv, mask, out, lse, causal, sm_scale,
                                       True, need_q, need_kv and skv > 0, need_prefix, None)
     else:
@@ -207,7 +220,10 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
         return torch.empty_like(q), torch.full((b, hq, sq), -math.inf, dtype=lse_dtype, device=q.device)
     ops = _direct_ops(q.dtype)
     if ops is not None:
-        return _native_forward(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, sm_scale)
+        out, lse = _native_forward(ops, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, sm_scale)
+        if _direct_mode(q, k) or _finite(out, lse):  # the one-pass kernel gives NaN rows as torch does
+            return out, lse
+        return _math_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
     partials = []
     if prefix_k is not None and prefix_k.shape[2] > 0:
@@ -217,7 +233,14 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
     if not partials:
         return torch.zeros_like(q), torch.full((b, hq, sq), -math.inf, dtype=lse_dtype, device=q.device)
     out, lse = _merge(partials, q.dtype)
+    if not _finite(out, lse):
+        return _math_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     return out, lse.to(lse_dtype)
+
+
+def _finite(out: Tensor, lse: Tensor) -> bool:
+    """No NaN or inf in ``out`` and none in ``lse`` but the -inf of rows without keys."""
+    return bool(torch.isfinite(out).all()) and bool((lse < math.inf).all())
 
 
 def _sequence_partial(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
@@ -301,7 +324,7 @@ def prefix_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pre
                               lse: Tensor, causal: bool, scale: Optional[float], need_q: bool, need_kv: bool,
                               need_prefix: bool) -> tuple:
     """``(dq, dk, dv, dprefix_k, dprefix_v)`` (None where not asked), see the Triton module."""
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or not _finite(out, lse):
         return _math_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
                               need_q, need_kv, need_prefix)
     b, hq, sq, d = q.shape
@@ -349,7 +372,9 @@ def _prefix_grad(grad: Tensor, prefix: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- other devices
 def _math_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale):
-    """Plain torch ops on any device: the softmax over the concatenated keys in fp32 (fp64 for fp64)."""
+    """Plain torch ops on any device: ``torch.softmax`` over the concatenated keys in fp32 (fp64 for fp64),
+    hidden keys masked out before and after it (so NaN and inf propagate exactly as torch's own attention
+    over the explicit concatenation propagates them)."""
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -369,9 +394,10 @@ def _math_forward(q, k, v, prefix_k, prefix_v, mask, causal, scale):
     if mask is not None:
         visible = visible & mask[:, None, None, :]
     visible = torch.cat([torch.ones(*visible.shape[:3], p, dtype=torch.bool, device=q.device), visible], -1)
-    scores = scores.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.exp(scores - lse.masked_fill(lse == -math.inf, 0.0).unsqueeze(-1))
+    empty = ~visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~visible, -math.inf).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, -1).masked_fill(empty[..., 0], -math.inf)
+    probs = torch.softmax(scores, -1).masked_fill(~visible | empty, 0.0)
     return torch.matmul(probs, values).to(q.dtype), lse.to(_lse_dtype(q.dtype))
 
 

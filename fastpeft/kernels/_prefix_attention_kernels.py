@@ -63,13 +63,20 @@ def _sequence_keys_visible(rows, cols, Sq, Skv, mask_row_ptr, stride_maskn,
 
 
 @triton.jit
+def _max_with_nan(a, b):
+    """``max`` that returns NaN when either is NaN (``tl.max``/``tl.maximum`` default to maxnum: NaN dropped)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One key block of the online softmax (scores in base-2 units)."""
     s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST)
     s = tl.where(visible, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # The row maximum is NaN once a score is (torch's softmax of such a row is NaN).
+    m_new = _max_with_nan(m_i, tl.reduce(s, 1, _max_with_nan))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 there instead (no inf - inf).
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
@@ -146,6 +153,9 @@ def _prefix_attention_fwd_kernel(
     empty = l_i == 0.0  # no visible key: output 0, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    # A row whose maximum score is +inf: l_i and the output are NaN (exp(inf - inf)), as in torch's softmax;
+    # torch.logsumexp gives +inf.
+    lse = tl.where(m_i == float("inf"), m_i, lse)
     in_m = rows < Sq
     tl.store(_tile_ptrs(o_ptr + b * stride_ob + h * stride_oh, rows, offs_d, stride_om, stride_od),
              out.to(o_ptr.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
@@ -174,9 +184,12 @@ def _prefix_attention_delta_kernel(
 
 @triton.jit
 def _row_stats(lse_ptr, delta_ptr, row_base, rows, Sq):
-    """LSE in base-2 units (+inf for padding rows and rows without a visible key) and Δ of ``rows``."""
+    """LSE in base-2 units (+inf for padding rows and rows without a visible key, NaN for NaN rows) and Δ
+    of ``rows``. A row whose LSE is +inf had a +inf score: torch's softmax makes each of its probabilities
+    NaN, which an LSE of NaN gives."""
     in_m = rows < Sq
-    lse = tl.load(lse_ptr + row_base + rows, mask=in_m, other=float("inf"))
+    lse = tl.load(lse_ptr + row_base + rows, mask=in_m, other=float("-inf"))
+    lse = tl.where(lse == float("inf"), float("nan"), lse)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(delta_ptr + row_base + rows, mask=in_m, other=0.0)
     return lse, delta
@@ -213,12 +226,16 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_row, b, hk
             lse2, delta = _row_stats(lse_ptr, delta_ptr, row_base, rows, Sq)
             s_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION, UPCAST)
             p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+            # Padding rows, rows without keys and hidden keys get exact zeros (not 0 · inf when v or Δ is not
+            # finite), as the masked softmax's gradient gives them.
+            keep_t = (lse2 != float("inf"))[None, :]
             if not IS_PREFIX:
                 visible = _sequence_keys_visible(rows, cols, Sq, Skv, mask_row, stride_maskn, IS_CAUSAL, HAS_MASK)
-                p_t = tl.where(tl.trans(visible), p_t, 0.0)
+                keep_t = keep_t & tl.trans(visible)
+            p_t = tl.where(keep_t, p_t, 0.0)
             dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION, UPCAST)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = tl.where(keep_t, p_t * (dp_t - delta[None, :]), 0.0)
             dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
@@ -297,7 +314,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, visible, qk_scale,
     s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST)
     p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, UPCAST)
-    ds = p * (dp - delta[:, None])
+    ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)  # hidden keys: 0, not 0 · inf
     return mma(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
 
 
