@@ -7,16 +7,19 @@ divisible by 16 carry a divisibility hint (which decides vector widths and
 pipelining). A hand-written spec easily differs from what runs, so no spec is
 written by hand:
 
-- every public module of ``fastpeft.kernels`` defines ``aot_launches()``,
-  which calls its own launchers on realistic CPU tensors (contiguous, the
+- every public module ``fastpeft.kernels.<op>`` has its AOT module
+  ``gates.aot.<op>`` (``aot_module``), whose ``aot_launches()`` calls the
+  kernel module's launchers on realistic CPU tensors (contiguous, the
   benchmark shapes, every rank class and every feature flag), labelling each
-  group of calls with ``launch_label``;
+  group of calls with ``launch_label`` at its own call sites: the launchers
+  carry no report code;
 - ``record_specs(aot_launches)`` runs it with Triton's launch replaced by a
   recorder and turns each launch into a ``KernelSpec`` through Triton's own
   binder (the code ``JITFunction.run`` uses), so the report compiles exactly
   the variant a GPU would;
-- ``kernel_modules()`` finds the modules, so a new kernel module is in the
-  report without being listed anywhere.
+- ``kernel_modules()`` finds the kernel modules, so a new kernel module is in
+  the report without being listed anywhere, and one without its AOT module
+  fails (``tests/test_registries.py``).
 
 Each spec also carries the launch grid (``grid``: the first launch's) and the
 grid sizes of every launch marked ``launch_label(..., headline=True)``: a
@@ -33,9 +36,12 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import os
 import pkgutil
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, Optional
 
 _ARCH_FOR_BINDING = 90  # specialisation does not depend on the arch; any CUDA target binds
 
@@ -113,34 +119,40 @@ def launch_label(label: str, is_gemm: bool, headline: bool = False):
         _LABEL.pop()
 
 
-@contextlib.contextmanager
-def epilogue_launches():
-    """Launches inside the block keep the label but are neither GEMMs nor headline launches: epilogues whose
-    work scales with a small output (the sum of a split reduction's partials of ``[M, r]``), not with the
-    layer, so the grid gate does not ask them to fill the GPU."""
-    _LABEL.append((_LABEL[-1][0], False, False))
-    try:
-        yield
-    finally:
-        _LABEL.pop()
+def epilogue_kernels() -> frozenset:
+    """The kernels every AOT module declares as epilogues (``EPILOGUE_KERNELS``).
+
+    An epilogue's work scales with a small output (the sum of a split
+    reduction's partials of ``[M, r]``), not with the layer: its launches keep
+    the label they are made under but are neither GEMMs nor headline launches,
+    so the grid gate does not ask them to fill the GPU. Declared by kernel, so
+    the launcher that makes them needs no report code.
+    """
+    return frozenset(fn for module in kernel_modules() for fn in getattr(aot_module(module), "EPILOGUE_KERNELS", ()))
 
 
 @contextlib.contextmanager
-def recording():
-    """Inside the block, ``kernel[grid](...)`` records a ``RecordedLaunch`` instead of running."""
+def recording(epilogues: Optional[frozenset] = None):
+    """Inside the block, ``kernel[grid](...)`` records a ``RecordedLaunch`` instead of running.
+
+    Launches of a kernel in ``epilogues`` (default: ``epilogue_kernels()``) are recorded as epilogues.
+    """
     from triton.runtime.jit import JITFunction
 
-    from .._backend import triton_interpreter_enabled
+    from fastpeft._backend import triton_interpreter_enabled
 
     if triton_interpreter_enabled():
         raise RuntimeError("AOT specs are recorded from JIT launches: run this in a process without "
-                           "TRITON_INTERPRET=1 (fastpeft.tools.kernel_report does so by itself)")
+                           "TRITON_INTERPRET=1 (gates.kernel_report does so by itself)")
+    epilogues = epilogue_kernels() if epilogues is None else epilogues
 
     launches: list[RecordedLaunch] = []
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
         label, is_gemm, headline = _LABEL[-1]
+        if self in epilogues:
+            is_gemm = headline = False
         if callable(grid):
             raise TypeError(f"{self.__name__}: the recorder needs a tuple grid, not a function of the meta-parameters")
         launches.append(RecordedLaunch(self, args, kwargs, label, is_gemm, tuple(int(g) for g in grid), headline))
@@ -150,6 +162,14 @@ def recording():
         yield launches
     finally:
         JITFunction.run = original
+
+
+def uninterpreted_environment() -> dict:
+    """This process's environment for a child Python that records and compiles: no ``TRITON_INTERPRET``, and
+    ``PYTHONPATH`` set to this ``sys.path`` so the child imports the same ``gates`` and ``fastpeft``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,11 +222,25 @@ def record_specs(aot_launches: Callable[[], None]) -> list[KernelSpec]:
 
 
 def kernel_modules() -> tuple[str, ...]:
-    """Every public module of ``fastpeft.kernels`` (each defines ``aot_launches``)."""
-    from .. import kernels
+    """Every public module of ``fastpeft.kernels`` (each has its AOT module, ``aot_module``)."""
+    from fastpeft import kernels
 
     return tuple(f"{kernels.__name__}.{info.name}" for info in pkgutil.iter_modules(kernels.__path__)
-                 if not info.name.startswith("_") and info.name != "aot_spec")
+                 if not info.name.startswith("_"))
+
+
+KERNEL_PACKAGE = "fastpeft.kernels."
+
+
+def aot_module(module: str) -> ModuleType:
+    """The module whose ``aot_launches()`` covers ``module``.
+
+    ``gates.aot.<op>`` for the kernel module ``fastpeft.kernels.<op>``; any
+    other module (a test's fixture kernels) defines ``aot_launches`` itself.
+    """
+    if module.startswith(KERNEL_PACKAGE):
+        return importlib.import_module(f"{__package__}.aot.{module[len(KERNEL_PACKAGE):]}")
+    return importlib.import_module(module)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,7 +256,7 @@ def module_specs(module: str) -> tuple[KernelSpec, ...]:
         if other == module:
             break
         earlier.update(spec.key() for spec in module_specs(other))
-    specs = record_specs(importlib.import_module(module).aot_launches)
+    specs = record_specs(aot_module(module).aot_launches)
     return tuple(spec for spec in specs if spec.key() not in earlier)
 
 

@@ -1,8 +1,8 @@
 """Ahead-of-time kernel report: compile every Triton kernel config for real GPUs, no GPU needed.
 
-``python -m fastpeft.tools.kernel_report [--arch 80 90] [--json PATH] [--check]``
+``python -m gates.kernel_report [--arch 80 90] [--json PATH] [--check]``
 
-For each ``KernelSpec`` of each kernel module (``fastpeft.kernels.aot_spec``:
+For each ``KernelSpec`` of each kernel module (``gates.aot_spec``:
 every public module of ``fastpeft.kernels``, each spec recorded from a launch
 its launchers really make) and each arch, ``triton.compile`` produces PTX and
 a cubin. From them:
@@ -27,7 +27,7 @@ a cubin. From them:
   gsb0`` waits leaves a count above 0) rather than waiting for every wgmma;
 - ``ctas_per_sm``: resident CTAs per SM from registers (allocated per warp in
   units of 256), shared memory (plus 1 KB reserved per CTA) and threads;
-- the main loop (``fastpeft.tools.sass_loops``: the largest innermost loop
+- the main loop (``gates.sass_loops``: the largest innermost loop
   of the SASS): ``loop_instructions``, its instruction count, and
   ``loop_byte_loads``, its 8-bit global loads (what a weight stream must not
   be made of: the NF4 kernels' tests require 0);
@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sass_loops
+from .aot_spec import uninterpreted_environment
 
 # Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -76,7 +77,7 @@ SYNCHRONOUS_WGMMA = "wgmma main loop waits for every wgmma"
 
 # Kernels whose main wgmma loop triton 3.8 does not keep asynchronous on sm_90, and why. The gate holds for
 # every other kernel; the list may only shrink (a listed kernel whose loops all overlap fails the ratchet test
-# in tests/tools/test_kernel_report.py).
+# in tests/gates/test_kernel_report.py).
 KNOWN_SYNCHRONOUS_WGMMA = {
     "prefix_attention_fwd": "FlashAttention-2 loop: each wgmma result feeds the same iteration's softmax; "
                             "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
@@ -94,36 +95,7 @@ KNOWN_SYNCHRONOUS_WGMMA = {
 
 # Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
 # GPU has SMs, and why. Every kernel module marks the GPU benchmark's shapes. The list may only shrink (a listed
-# kernel that fills the GPU everywhere fails the ratchet test in tests/tools/test_kernel_report.py).
-KNOWN_SMALL_GRID: dict[str, str] = {
-    "nf4_matmul_t": "QLoRA's dX at decode sizes (M = 1, 16): one 64-token tile of rows times K / 64 = 64 column "
-                    "tiles at K = 4096, under one CTA per SM; the fix is a split over N with a deterministic "
-                    "partial sum, as the LoRA shrink does",
-    "adapter_down": "the inference down-projection before the fused forward: 3-128 programs at the benchmark "
-                    "shapes (3 at H = 768 and one token); needs a split over H like the LoRA shrink",
-    "adapter_forward": "12-128 programs at the benchmark shapes (12 at H = 768 and one token, 128 at H = 4096): "
-                       "tiles sized for many tokens; smaller tiles or a split over H wanted",
-    "adapter_backward_rows": "one program per row tile, 1 at one token and 8-128 above: the bottleneck stays on "
-                             "chip per row tile; small M needs a split over H",
-    "adapter_reduce": "one program per weight tile, 12 at H = 768 and 128 at H = 4096; the M-split the LoRA "
-                      "reductions use is not there yet",
-    "prefix_attention_fwd": "FlashAttention-2 loop: each wgmma result feeds the same iteration's softmax; "
-                            "overlap needs warp specialisation, which triton 3.8 does not compile for sm_90",
-    "prefix_attention_dkdv": "same loop shape as the forward (P = QKᵀ feeds dV and dS in the iteration)",
-    "prefix_attention_dq": "same loop shape as the forward",
-    "lora_shrink": "with dropout and the 64-wide rank tile (r > 16) the x tile (an operand) is masked in registers "
-                   "every step; the dh = dy B shrink for r % 16 != 0 (no divisibility hint on R) waits too",
-    "lora_reduce": "with dropout the x tile (an operand) is masked in registers every step; for r % 16 != 0 (no "
-                   "divisibility hint on R) the dA and dB reductions wait too",
-    "adapter_forward": "the activation of the down-projection feeds the up-projection's wgmma from registers",
-    "adapter_backward_rows": "act'(pre) and the dropout mask are applied to an operand in registers",
-    "adapter_reduce": "the recomputed activation is an operand built in registers every step",
-}
-
-
-# Kernels whose launch at a benchmark headline shape (launch_label(..., headline=True)) has fewer CTAs than the
-# GPU has SMs, and why. Every kernel module marks the GPU benchmark's shapes. The list may only shrink (a listed
-# kernel that fills the GPU everywhere fails the ratchet test in tests/tools/test_kernel_report.py).
+# kernel that fills the GPU everywhere fails the ratchet test in tests/gates/test_kernel_report.py).
 KNOWN_SMALL_GRID: dict[str, str] = {
     "nf4_matmul_t": "QLoRA's dX at decode sizes (M = 1, 16): one 64-token tile of rows times K / 64 = 64 column "
                     "tiles at K = 4096, under one CTA per SM; the fix is a split over N with a deterministic "
@@ -337,14 +309,14 @@ def compile_spec(spec, arch: int, module: str = "") -> KernelReportRow:
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
     """Compile spec ``index`` of ``module`` for ``arch`` (runs in a worker process)."""
-    from fastpeft.kernels.aot_spec import module_specs
+    from .aot_spec import module_specs
 
     module, index, arch = job
     return dataclasses.asdict(compile_spec(module_specs(module)[index], arch, module))
 
 
 def _jobs(arches, modules) -> list[tuple[str, int, int]]:
-    from fastpeft.kernels.aot_spec import module_specs
+    from .aot_spec import module_specs
 
     jobs = []
     for module in modules:
@@ -354,7 +326,7 @@ def _jobs(arches, modules) -> list[tuple[str, int, int]]:
 
 
 def _default_modules() -> tuple[str, ...]:
-    from fastpeft.kernels.aot_spec import kernel_modules
+    from .aot_spec import kernel_modules
 
     return kernel_modules()
 
@@ -377,10 +349,10 @@ def compile_report(arches=(80, 90), modules=None, workers=None) -> list[KernelRe
 
 
 def _report_in_child(arches, modules, workers) -> list[KernelReportRow]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = uninterpreted_environment()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "fastpeft.tools.kernel_report", "--quiet", "--json", str(out),
+        cmd = [sys.executable, "-m", "gates.kernel_report", "--quiet", "--json", str(out),
                "--arch", *map(str, arches), "--modules", *modules]
         if workers:
             cmd += ["--workers", str(workers)]
@@ -427,7 +399,7 @@ def summary(rows: list[KernelReportRow]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.tools.kernel_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gates.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT),
                         help="SM versions")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")

@@ -1,6 +1,6 @@
 """Static int64-offset check: no memory address is built from an int32 product that can pass 2**31.
 
-``python -m fastpeft.tools.offset_check [--modules M ...] [--json PATH]`` (exit 1 on a finding)
+``python -m gates.offset_check [--modules M ...] [--json PATH]`` (exit 1 on a finding)
 
 Triton computes ``offs_m * stride_xm`` in int32 when both factors are int32,
 so it wraps once ``M · stride`` reaches 2**31 (75k tokens x 28672 columns)
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import linecache
 import os
@@ -51,6 +50,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from .aot_spec import uninterpreted_environment
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class NarrowProduct:
 
 def unspecialised(spec):
     """``spec`` with the integer arguments Triton specialised to 1 passed as runtime i32 values."""
-    from ..kernels.aot_spec import KernelSpec
+    from .aot_spec import KernelSpec
 
     signature, constexprs = dict(spec.signature), dict(spec.constexprs)
     for param in spec.fn.params:
@@ -317,7 +318,7 @@ def narrow_address_products(ttir_text: str, function: str = "", kernel: str = ""
 
 
 def _short(path: str) -> str:
-    root = str(Path(__file__).resolve().parents[2]) + os.sep
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
     return path[len(root):] if path.startswith(root) else path
 
 
@@ -325,10 +326,10 @@ def _short(path: str) -> str:
 
 def module_variants(module: str) -> list:
     """Every variant ``module.aot_launches()`` launches, unspecialised (see ``unspecialised``), one per variant."""
-    from ..kernels.aot_spec import record_specs
+    from .aot_spec import aot_module, record_specs
 
     variants, keys = [], set()
-    for spec in record_specs(importlib.import_module(module).aot_launches):
+    for spec in record_specs(aot_module(module).aot_launches):
         spec = unspecialised(spec)
         key = spec.key()[:-2]  # warps and stages do not change the TTIR
         if key not in keys:
@@ -370,7 +371,7 @@ def check_specs(specs, workers: int | None = None) -> list[NarrowProduct]:
 def check_modules(modules=None) -> list[NarrowProduct]:
     """Findings of every variant of ``modules`` (default: every kernel module); modules may be any importable
     module with an ``aot_launches()``. Runs in a child Python when this one has ``TRITON_INTERPRET=1``."""
-    from ..kernels.aot_spec import kernel_modules
+    from .aot_spec import kernel_modules
 
     modules = tuple(modules) if modules else kernel_modules()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -385,11 +386,10 @@ def check_modules(modules=None) -> list[NarrowProduct]:
 
 
 def _check_in_child(modules) -> list[NarrowProduct]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env = uninterpreted_environment()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "findings.json"
-        cmd = [sys.executable, "-m", "fastpeft.tools.offset_check", "--quiet", "--json", str(out),
+        cmd = [sys.executable, "-m", "gates.offset_check", "--quiet", "--json", str(out),
                "--modules", *modules]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode not in (0, 1) or not out.exists():
@@ -398,7 +398,7 @@ def _check_in_child(modules) -> list[NarrowProduct]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.tools.offset_check",
+    parser = argparse.ArgumentParser(prog="python -m gates.offset_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--modules", nargs="+", help="modules with aot_launches() (default: every kernel module)")
     parser.add_argument("--json", type=Path, help="also write the findings to this JSON file")

@@ -1,6 +1,6 @@
 """The ahead-of-time kernel report (registers, spills, shared memory, tensor cores) as plain rows.
 
-Wraps ``fastpeft.tools.kernel_report.compile_report``; it compiles every Triton
+Wraps ``gates.kernel_report.compile_report``; it compiles every Triton
 kernel config for sm_80 and sm_90 without a GPU. When it cannot be imported or
 fails, the suite says so in its output instead of leaving the report out
 silently.
@@ -8,7 +8,7 @@ silently.
 Compiling every config takes minutes on a small CPU, so a report is reused
 from an earlier results.json (any result folder under benchmarks/results) when
 its fingerprint (triton version, arches, and the bytes of every kernel source
-and of the report tool) is unchanged; the output says when it was reused. The
+and of the gates: report tool and AOT launches) is unchanged; the output says when it was reused. The
 suite runs it by default on a GPU machine only (``--kernel-report`` asks for it
 anywhere) and prints it as one line; the rows go to kernel_report.csv.
 """
@@ -28,10 +28,12 @@ def fingerprint() -> str:
     import triton
 
     import fastpeft.kernels
-    import fastpeft.tools.kernel_report as tool
+    import gates
 
     digest = hashlib.sha256(f"{triton.__version__} {ARCHES}".encode())
-    for path in sorted(Path(fastpeft.kernels.__file__).parent.glob("*.py")) + [Path(tool.__file__)]:
+    gates_dir = Path(gates.__file__).parent
+    for path in (sorted(Path(fastpeft.kernels.__file__).parent.glob("*.py")) + sorted(gates_dir.glob("*.py"))
+                 + sorted(gates_dir.glob("aot/*.py"))):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -61,11 +63,11 @@ def kernel_report(previous=None) -> dict:
     its fingerprint matches.
     """
     try:
-        from fastpeft.tools.kernel_report import compile_report
+        from gates.kernel_report import compile_report
 
         key = fingerprint()
     except Exception as exc:
-        return {"unavailable": f"import fastpeft.tools.kernel_report failed: {type(exc).__name__}: {exc}"}
+        return {"unavailable": f"import gates.kernel_report failed: {type(exc).__name__}: {exc}"}
     candidates = [] if previous is None else [previous] if isinstance(previous, (str, Path)) else list(previous)
     for previous_json in candidates:
         cached = _cached(Path(previous_json), key)

@@ -1,6 +1,6 @@
 """Launch configurations of the LoRA kernels, chosen by shape (no autotuning).
 
-Each kernel has a short explicit list; ``fastpeft.kernels.lora.aot_launches``
+Each kernel has a short explicit list; ``gates.aot.lora.aot_launches``
 launches every entry for sm_80 and sm_90 so the kernel report can check
 registers, spills, shared memory and tensor-core use of exactly what the
 launchers run. Half-precision inputs (fp16/bf16) use tensor-core tiles; fp32

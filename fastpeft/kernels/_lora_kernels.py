@@ -198,7 +198,7 @@ def _lora_reduce_kernel(src_ptr, hmat_ptr, out_ptr, M, P, R, rows_per_split,
             a = tl.where(keep, a, tl.zeros_like(a))
         h = tl.load(h_ptrs, mask=in_m[:, None], other=0.0).to(a.dtype)
         acc = mma(tl.trans(a), h, acc, DOT_PRECISION, UPCAST)
-        # int32 step (offset_check accepts it, tests/tools/test_int64_offsets.py): an int64 step costs 32 registers
+        # int32 step (offset_check accepts it, tests/gates/test_int64_offsets.py): an int64 step costs 32 registers
         # on sm_80 here, and BLOCK_M * stride_sm only wraps for a row stride >= 2**31 / BLOCK_M elements.
         s_ptrs += BLOCK_M * stride_sm
         h_ptrs += BLOCK_M * R

@@ -1,4 +1,4 @@
-"""Triton LoRA linear kernels: plain launchers (no autograd) and what the AOT report compiles.
+"""Triton LoRA linear kernels: plain launchers (no autograd).
 
 Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.lora`` validates
 inputs and calls ``lora_forward`` / ``lora_backward`` / ``dropout_mask`` here
@@ -21,7 +21,7 @@ Backward (each launch only when its output is needed; at most five):
     accumulator's initial value.
 Every launch at the benchmark's shapes has at least one program per SM of an
 H100 (132): the plans in ``_lora_configs`` pick tiles and splits for that,
-and the kernel report's grid gate checks it (``aot_launches``' headline
+and the kernel report's grid gate checks it (``gates.aot.lora``' headline
 launches).
 No gradient of W is ever computed here.
 
@@ -44,10 +44,9 @@ from torch import Tensor
 
 from . import _lora_configs as cfg
 from ._common import (cdiv, check_kernel_dtype, dot_precision, dropout_args, interpreter_upcast, launcher,
-                      on_device_of, runs_on_tensor_cores, split_seed)
+                      on_device_of, split_seed)
 from ._lora_kernels import (_dropout_keep_kernel, _lora_fused_gemm_kernel, _lora_reduce_kernel, _lora_shrink_kernel,
                             _lora_split_sum_kernel)
-from .aot_spec import epilogue_launches, launch_label, module_specs
 
 __all__ = ["check_kernel_dtype", "dropout_mask", "lora_backward", "lora_backward_with_base", "lora_forward",
            "lora_forward_with_base", "lora_reduce", "lora_shrink"]
@@ -83,9 +82,8 @@ def sum_partials(*pending: SplitPartials | None) -> None:
     blocks = cdiv(jobs[0].out.numel(), SPLIT_SUM_BLOCK)
     second = job_args(jobs[1]) if len(jobs) == 2 else first
     total = blocks + (cdiv(jobs[1].out.numel(), SPLIT_SUM_BLOCK) if len(jobs) == 2 else 0)
-    with epilogue_launches():
-        _lora_split_sum_kernel[(total,)](*first, blocks, *second, HAS_SECOND=len(jobs) == 2, BLOCK=SPLIT_SUM_BLOCK,
-                                         num_warps=4, num_stages=1)
+    _lora_split_sum_kernel[(total,)](*first, blocks, *second, HAS_SECOND=len(jobs) == 2, BLOCK=SPLIT_SUM_BLOCK,
+                                     num_warps=4, num_stages=1)
 
 
 def _split_target(out: Tensor, splits: int, rows: int, cols: int) -> Tensor:
@@ -281,67 +279,3 @@ def dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
         _dropout_keep_kernel[grid](out, m, k, float(dropout_p), seed_lo, seed_hi, BLOCK_M=block_m, BLOCK_K=block_k,
                                    num_warps=4, num_stages=1)
     return out.bool()
-
-
-# --------------------------------------------------------------------------- AOT report
-# What the report launches: r = 8 (PEFT's default; not a multiple of 16, so R carries no divisibility hint)
-# and r = 4 (the same variants as r = 8, reported under r8), 16, 32, 64 and 128. The fused GEMM pads r to a
-# power of two of 16-wide chunks (``_lora_configs.gemm_rank_steps``, a constexpr), unrolls up to two and loops
-# over the rest, so each of 16, 32, 64 and 128 is a variant of its own; the shrink and reduce kernels compile alike for every r >= 64. The shapes
-# (M, K, N) reach every plan of ``_lora_configs``: M = 16 (decode: split shrink with 16-wide steps, 16x16
-# GEMM tiles, 16-column reductions), 64 (split shrink over 16-row tiles), 512 (split shrink over 64-row
-# tiles, the 64-row GEMM tile), 2048 (the largest GEMM tile) at K = N = 4096, and K = N = 1024 with
-# M = 512 (64-column reductions, unsplit) and M = 4096 (unsplit 16-row shrink, split reductions and their one
-# summing launch). M is never specialised.
-AOT_RANKS = (8, 4, 16, 32, 64, 128)
-AOT_SHAPES = ((16, 4096, 4096), (64, 4096, 4096), (512, 4096, 4096), (2048, 4096, 4096), (512, 1024, 1024),
-              (4096, 1024, 1024))
-# The GPU shapes of the benchmark (benchmarks/ops/lora.py, level "full": tokens x (K, N) x r), launched as
-# headline shapes: the kernel report requires each of their grids to fill the GPU (at least one CTA per SM).
-HEADLINE_TOKENS = (1, 16, 512, 4096, 8192)
-HEADLINE_FEATURES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))
-HEADLINE_RANKS = (8, 16, 64)
-
-
-def aot_launches() -> None:
-    """Runs the launchers on realistic contiguous arguments: every dtype, rank class, config and flag, then
-    the benchmark's GPU shapes as headline launches."""
-    from ._common import TRITON_DTYPE
-
-    for dtype, t in TRITON_DTYPE.items():
-        gemm = runs_on_tensor_cores(dtype, dot_precision(dtype))
-        for r in AOT_RANKS:
-            for m, k, n in AOT_SHAPES:
-                shape = f"m{m}" if k == 4096 else f"m{m}k{k}"
-                _aot_layer(dtype, m, k, n, r, f"{t},r{r},{shape}", gemm, dropout=True)
-        for r in HEADLINE_RANKS:
-            for k, n in HEADLINE_FEATURES:
-                for m in HEADLINE_TOKENS:
-                    _aot_layer(dtype, m, k, n, r, f"{t},r{r},m{m},k{k},n{n}", gemm, dropout=False, headline=True)
-    with launch_label("mask", False):
-        dropout_mask((64, AOT_FEATURES), 0.1, 1, "cpu")
-
-
-AOT_FEATURES = 4096
-
-
-def _aot_layer(dtype: torch.dtype, m: int, k: int, n: int, r: int, label: str, gemm: bool, dropout: bool,
-               headline: bool = False) -> None:
-    """Forward and backward of one LoRA layer (``[M, K] -> [M, N]``, rank r), labelled ``<label>,<pass>``."""
-    weight, bias = torch.empty((n, k), dtype=dtype), torch.empty(n, dtype=dtype)
-    lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
-    x, dy, h = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype), torch.empty((m, r), dtype=dtype)
-    with launch_label(f"{label},fwd", gemm, headline):
-        lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
-    with launch_label(f"{label},bwd", gemm, headline):
-        lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.0, 0, True, True, True)
-    if dropout:
-        with launch_label(f"{label},fwd_dropout", gemm):
-            lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, 1)
-        with launch_label(f"{label},bwd_dropout", gemm):
-            lora_backward(dy, x, weight, lora_A, lora_B, h, 2.0, 0.1, 1, True, True, False)
-
-
-def aot_specs():
-    """Every variant ``aot_launches`` makes (see ``fastpeft.kernels.aot_spec``)."""
-    return list(module_specs(__name__))

@@ -1,4 +1,4 @@
-"""Triton NF4 (bitsandbytes 4-bit NormalFloat) linear: plain launchers and what the AOT report compiles.
+"""Triton NF4 (bitsandbytes 4-bit NormalFloat) linear: plain launchers (no autograd).
 
 Dispatch contract (``docs/architecture.md``): ``fastpeft.ops.nf4`` calls
 ``nf4_forward`` / ``nf4_input_grad`` here or in ``fastpeft.cpu.nf4``,
@@ -20,12 +20,10 @@ from typing import Optional
 import torch
 import triton
 
-from ._common import (TRITON_DTYPE, LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast, launcher,
-                      runs_on_tensor_cores, split_seed)
+from ._common import LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast, launcher, split_seed
 from ._nf4_kernels import _nf4_dequant_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
 from ._nf4_layout import check_nf4_layout
 from .nf4_gemv import GEMV_MAX_M, LORA_RANK_BLOCK, launch_gemv
-from .aot_spec import launch_label, module_specs
 
 __all__ = ["check_kernel_dtype", "nf4_dequantize", "nf4_forward", "nf4_input_grad", "nf4_matmul",
            "nf4_matmul_transposed"]
@@ -190,49 +188,3 @@ def nf4_forward(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias=
 def nf4_input_grad(dy2d, packed, absmax, code, n: int, k: int, blocksize: int) -> torch.Tensor:
     """``dy2d · dequant(W)`` (dispatch contract; see ``fastpeft.cpu.nf4``)."""
     return nf4_matmul_transposed(dy2d, packed, absmax, code, n, k, blocksize)
-
-
-# --------------------------------------------------------------------------- AOT report
-# Blocksize 64 (bitsandbytes' default), K = N = 4096, one token count M per launch config (M is never
-# specialised): 1-16 rows run the decode GEMV (its own module reports its shapes too; a variant launched by
-# both is reported once), then the small and the large GEMM.
-AOT_BLOCKSIZE = 64
-AOT_FEATURES = 4096
-AOT_TOKENS = (1, 2, 4, 8, 16, 256, 2048)
-# The GPU benchmark's shapes (benchmarks/ops/nf4.py and qlora.py: bf16, K = N = 4096): launched again as headline
-# launches, whose grids the kernel report's grid gate checks.
-HEADLINE_TOKENS = (1, 16, 512, 4096)
-HEADLINE_DTYPE = torch.bfloat16
-
-
-def aot_weight(n: int, k: int, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty packed bytes, fp32 absmax and codebook of an ``[n, k]`` NF4 weight (for recording launches)."""
-    return (torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(n * k // blocksize, dtype=torch.float32),
-            torch.empty(16, dtype=torch.float32))
-
-
-def aot_launches() -> None:
-    """Runs the launchers on realistic contiguous arguments: every dtype, config and flag."""
-    n = k = AOT_FEATURES
-    weight = aot_weight(n, k, AOT_BLOCKSIZE)
-    for dtype, t in TRITON_DTYPE.items():
-        gemm = runs_on_tensor_cores(dtype, dot_precision(dtype))
-        bias = torch.empty(n, dtype=dtype)
-        for m in AOT_TOKENS:
-            x, dy = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype)
-            fwd_gemm = gemm and m > GEMV_MAX_M
-            with launch_label(f"{t},m{m},fwd", fwd_gemm):
-                nf4_forward(x, *weight, n, k, AOT_BLOCKSIZE, bias)
-            with launch_label(f"{t},m{m},dx", gemm):
-                nf4_input_grad(dy, *weight, n, k, AOT_BLOCKSIZE)
-        with launch_label(f"{t},dequant", False):
-            nf4_dequantize(*weight, n, k, AOT_BLOCKSIZE, dtype)
-    bias = torch.empty(n, dtype=HEADLINE_DTYPE)
-    for m in HEADLINE_TOKENS:  # the NF4 benchmark is forward only
-        with launch_label(f"bf16,m{m},fwd", m > GEMV_MAX_M, headline=True):
-            nf4_forward(torch.empty((m, k), dtype=HEADLINE_DTYPE), *weight, n, k, AOT_BLOCKSIZE, bias)
-
-
-def aot_specs():
-    """Every variant ``aot_launches`` makes (see ``fastpeft.kernels.aot_spec``)."""
-    return list(module_specs(__name__))

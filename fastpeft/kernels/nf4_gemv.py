@@ -1,4 +1,4 @@
-"""Triton NF4 decode GEMV (1 <= M <= 16 token rows): the launcher and what the AOT report compiles.
+"""Triton NF4 decode GEMV (1 <= M <= 16 token rows): the launcher (no autograd).
 
 ``nf4_gemv`` computes what ``fastpeft.kernels.nf4.nf4_matmul`` computes
 (``x2d · dequant(W)ᵀ (+ bias) (+ lora_scale · lora_h · lora_Bᵀ)``, the weight
@@ -14,7 +14,7 @@ on 132 SMs without splitting K, so no second pass. M > 2 token rows run as
 program ids: the re-reads hit L2), each dequantizing again.
 
 Static facts (sm_90 SASS, N = K = 4096, blocksize 64; count with
-``fastpeft.tools.sass_loops``): the main loop has LDG.E.128 weight loads,
+``gates.sass_loops``): the main loop has LDG.E.128 weight loads,
 one 64-bit LDS per weight byte (the byte table), two barriers per trip (the
 gather stages its table), no shuffles; instructions per weight per program
 4.5 / 6.7 / 7.3 (fp32 / fp16 / bf16, one token row) and 6.1 / 9.1 / 9.4 (two
@@ -37,7 +37,6 @@ import triton
 from ._common import TRITON_DTYPE, LaunchConfig, launcher
 from ._nf4_gemv_kernels import _nf4_decode_gemv_kernel
 from ._nf4_layout import check_nf4_layout
-from .aot_spec import launch_label, module_specs
 
 __all__ = ["GEMV_MAX_M", "gemv_config", "launch_gemv", "nf4_gemv"]
 
@@ -147,41 +146,3 @@ def launch_gemv(x2d, packed, absmax, code, n: int, k: int, blocksize: int, bias,
                            BLOCK_KB=cfg.block_k, VEC=16,
                            EVEN_K=even_k(k), **cfg.launch_options())
     return out
-
-
-# --------------------------------------------------------------------------- AOT report
-AOT_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K) of a 7-8B model's decode GEMVs
-AOT_TOKENS = (1, 2, 4, 8, 16)
-AOT_RAGGED_K = 4160  # K / 2 not a multiple of the 512-byte step: the masked last step (EVEN_K False)
-
-
-def _aot_weight(n: int, k: int, blocksize: int):
-    return (torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(n * k // blocksize, dtype=torch.float32),
-            torch.empty(16, dtype=torch.float32))
-
-
-def aot_launches() -> None:
-    """Every dtype and token-row config, with and without bias and LoRA (r = 8 and 16: a rank that is not a multiple
-    of 16 drops the strides' divisibility hints), at blocksize 64 and 128 and a ragged K."""
-    weights = [(n, k, 64) for n, k in AOT_SHAPES] + [(n, k, 128) for n, k in AOT_SHAPES[:1]]
-    weights += [(4096, AOT_RAGGED_K, 64)]
-    for n, k, blocksize in weights:
-        weight = _aot_weight(n, k, blocksize)
-        for dtype, t in TRITON_DTYPE.items():
-            for has_bias, rank in ((False, 0), (True, 0), (False, 8), (True, 8), (False, 16), (True, 16)):
-                extra = {}
-                if has_bias:
-                    extra["bias"] = torch.empty(n, dtype=dtype)
-                if rank:
-                    extra.update(lora_B=torch.empty((n, rank), dtype=dtype), lora_scale=2.0)
-                for m in AOT_TOKENS:
-                    if rank:
-                        extra["lora_h"] = torch.empty((m, rank), dtype=dtype)
-                    label = f"{t},m{m},n{n},k{k},b{blocksize}" + ",bias" * has_bias + f",r{rank}" * bool(rank)
-                    with launch_label(label, False, headline=n == k == 4096 and blocksize == 64):
-                        nf4_gemv(torch.empty((m, k), dtype=dtype), *weight, n, k, blocksize, **extra)
-
-
-def aot_specs():
-    """Every variant ``aot_launches`` makes (see ``fastpeft.kernels.aot_spec``)."""
-    return list(module_specs(__name__))

@@ -1,4 +1,4 @@
-"""Triton prefix attention: plain launchers (no autograd) and their AOT launches.
+"""Triton prefix attention: plain launchers (no autograd).
 
 ``fastpeft.ops.prefix_attention`` validates inputs and calls
 ``prefix_attention_forward`` / ``prefix_attention_backward``;
@@ -36,7 +36,6 @@ from . import _common
 from ._common import LaunchConfig, cdiv, dot_precision, interpreter_upcast, launcher
 from ._prefix_attention_kernels import (_prefix_attention_delta_kernel, _prefix_attention_dkdv_kernel,
                                         _prefix_attention_dq_kernel, _prefix_attention_fwd_kernel)
-from .aot_spec import launch_label, module_specs
 
 MAX_HEAD_DIM = 128
 
@@ -243,61 +242,3 @@ def _reduce_prefix_grad(partial: Tensor, prefix: Tensor) -> Tensor:
     if prefix.shape[0] == 1 and partial.shape[0] != 1:
         partial = partial.sum(0, keepdim=True)
     return partial.to(prefix.dtype)
-
-
-# --------------------------------------------------------------------------- AOT report
-def aot_launches() -> None:
-    """Every kernel variant the launchers run: each dtype, D in {64, 128}; HF's transposed layout;
-    training and decode lengths (lengths are not specialised, so one variant serves every length
-    of a config); causal and not, with a padding mask, without a prefix."""
-    hq, hkv = 8, 2
-    shapes = ((2, 128, 128, 32), (2, 100, 100, 10), (1, 1, 1, 10), (2, 1, 100, 10))  # (B, Sq, Skv, P)
-    for dtype, t in _common.TRITON_DTYPE.items():
-        is_gemm = _common.runs_on_tensor_cores(dtype, dot_precision(dtype))
-        for d in (64, 128):
-            def hf(b, s, h):  # [B, S, H, D] viewed as [B, H, S, D]
-                return torch.zeros(b, s, h, d, dtype=dtype).transpose(1, 2)
-
-            for b, sq, skv, p in shapes:
-                q, k, v = hf(b, sq, hq), hf(b, skv, hkv), hf(b, skv, hkv)
-                pk, pv = torch.zeros(1, hkv, p, d, dtype=dtype), torch.zeros(1, hkv, p, d, dtype=dtype)
-                flags = [(True, False, False), (True, True, False)]
-                if sq == skv == 100:
-                    flags += [(True, True, True), (False, True, False)]
-                for has_prefix, causal, has_mask in flags:
-                    tag = ("prefix" if has_prefix else "noprefix") + (",causal" if causal else "") + \
-                          (",mask" if has_mask else "")
-                    prefix = (pk, pv) if has_prefix else (None, None)
-                    mask = torch.ones(b, skv, dtype=torch.bool) if has_mask else None
-                    fwd_cfg = forward_config(sq, dtype, head_block(d))
-                    with launch_label(f"{t},d{d},{tag},{fwd_cfg.name}", is_gemm=is_gemm):
-                        out, lse = prefix_attention_forward(q, k, v, *prefix, mask, causal, None)
-                    dout = torch.empty_like(out)
-                    with launch_label(f"{t},d{d},delta", is_gemm=False):  # first label wins: not a GEMM
-                        row_delta(out, dout)
-                    dkdv_cfg, dq_cfg = backward_configs(dtype, head_block(d))
-                    with launch_label(f"{t},d{d},{tag},{dkdv_cfg.name}+{dq_cfg.name}", is_gemm=is_gemm):
-                        prefix_attention_backward(dout, q, k, v, *prefix, mask, out, lse, causal, None,
-                                                  True, True, True)
-    _aot_headline_launches()
-
-
-def _aot_headline_launches() -> None:
-    """The GPU benchmark's shapes (benchmarks/ops/prefix_attention.py: bf16, Hq = 32, Hkv = 8, 4096 keys, one
-    decode step or 4096 / 16384 tokens in 4096-token sequences, causal) as headline launches: the kernel
-    report's grid gate checks their grids."""
-    dtype, hq, hkv, seq = torch.bfloat16, 32, 8, 4096
-    for d in (64, 128):
-        for p in (10, 30, 128):
-            for batch, sq in ((1, 1), (1, seq), (4, seq)):
-                q = torch.zeros(batch, sq, hq, d, dtype=dtype).transpose(1, 2)
-                k = torch.zeros(batch, seq, hkv, d, dtype=dtype).transpose(1, 2)
-                pk = torch.zeros(1, hkv, p, d, dtype=dtype)
-                with launch_label(f"bf16,d{d},p{p},b{batch},s{sq}", is_gemm=True, headline=True):
-                    out, lse = prefix_attention_forward(q, k, k, pk, pk, None, True, None)
-                    prefix_attention_backward(torch.empty_like(out), q, k, k, pk, pk, None, out, lse, True, None,
-                                              True, True, True)
-
-
-def aot_specs():
-    return list(module_specs(__name__))

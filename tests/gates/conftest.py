@@ -1,13 +1,19 @@
-"""One kernel report for the whole tools test folder: every variant of every kernel module, sm_80 and sm_90.
+"""One kernel report for the whole gates test folder: every variant of every kernel module, sm_80 and sm_90.
 
 The suite runs with TRITON_INTERPRET=1, so ``compile_report`` compiles in a
-child process without it; the triton cache makes a second run cheap.
+child process without it; the triton cache makes a second run cheap. The
+gates live beside ``fastpeft`` in the repository root (not in the wheel),
+which goes on ``sys.path`` here.
 """
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from fastpeft.tools.kernel_report import compile_report, format_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gates.kernel_report import compile_report, format_table  # noqa: E402
 
 ARCHES = (80, 90)
 

@@ -1,6 +1,6 @@
-"""Small kernels with and without int32 address products: what ``fastpeft.tools.offset_check`` must find.
+"""Small kernels with and without int32 address products: what ``gates.offset_check`` must find.
 
-Not a kernel module of fastpeft: ``tests/tools/test_int64_offsets.py`` checks
+Not a kernel module of fastpeft: ``tests/gates/test_int64_offsets.py`` checks
 it by name (``check_modules(["offset_fixture_kernels"])``). Each kernel that
 the check must flag says so in its docstring; ``FLAGGED`` lists the source
 lines the check must report and nothing else may be reported.

@@ -1,16 +1,15 @@
 """The ahead-of-time gate for the bottleneck-adapter Triton kernels (sm_80 and sm_90, no GPU needed).
 
-Uses the session's one kernel report (tests/tools/conftest.py). Every variant
-``fastpeft.kernels.adapter.aot_launches`` records (H in {768, 4096}, b in {48,
+Uses the session's one kernel report (tests/gates/conftest.py). Every variant
+``gates.aot.adapter.aot_launches`` records (H in {768, 4096}, b in {48,
 64, 256}, fp32/fp16/bf16, every feature flag, every activation) must compile
 without spills, within 255 registers and shared memory (the gate itself is
-``tests/tools/test_kernel_report.py``), and every fp16/bf16 variant must run
+``tests/gates/test_kernel_report.py``), and every fp16/bf16 variant must run
 its dots on tensor cores (HMMA, or HGMMA on sm_90); fp32 variants use exact
 "ieee" dots on the FMA units by default.
 """
 import pytest
 
-from fastpeft.kernels import adapter
 
 pytestmark = pytest.mark.slow
 

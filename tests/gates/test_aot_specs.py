@@ -9,7 +9,6 @@ A spec that diverges from the launches (another stride specialisation, a
 missing divisibility hint, another config) fails here.
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,8 @@ import pytest
 _CHILD = textwrap.dedent('''
     import json, sys, torch
     from fastpeft.kernels import adapter, lora, nf4, nf4_gemv, prefix_attention, qlora
-    from fastpeft.kernels.aot_spec import all_spec_keys, kernel_modules, module_specs, recording, spec_of_launch
+    from gates.aot.nf4 import aot_weight
+    from gates.aot_spec import all_spec_keys, kernel_modules, module_specs, recording, spec_of_launch
 
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
     TOKENS = (1, 5, 16, 17, 48, 64, 65, 300, 1024, 3000)
@@ -39,7 +39,7 @@ _CHILD = textwrap.dedent('''
 
     def nf4_calls():
         k, n = 256, 192
-        weight = nf4.aot_weight(n, k, 64)
+        weight = aot_weight(n, k, 64)
         for dtype in DTYPES:
             for m in TOKENS:
                 x, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
@@ -49,7 +49,7 @@ _CHILD = textwrap.dedent('''
 
     def nf4_gemv_calls():
         for k, n, bs in ((256, 192, 64), (1024, 96, 128), (4096, 64, 64)):
-            weight = nf4.aot_weight(n, k, bs)
+            weight = aot_weight(n, k, bs)
             for dtype in DTYPES:
                 for m in (1, 2, 3, 7, 16):
                     x, bias = torch.empty(m, k, dtype=dtype), torch.empty(n, dtype=dtype)
@@ -60,7 +60,7 @@ _CHILD = textwrap.dedent('''
 
     def qlora_calls():
         k, n = 256, 192
-        weight = nf4.aot_weight(n, k, 64)
+        weight = aot_weight(n, k, 64)
         for dtype in DTYPES:
             for m in TOKENS:
                 for r in (4, 8, 16, 32, 128):
@@ -119,8 +119,10 @@ _CHILD = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def coverage():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
+    from gates.aot_spec import uninterpreted_environment
+
+    done = subprocess.run([sys.executable, "-c", _CHILD], env=uninterpreted_environment(), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

@@ -1,6 +1,6 @@
 """int64 offsets: no Triton kernel builds a memory address from an int32 product that can pass 2**31.
 
-``fastpeft.tools.offset_check`` (the static check; its docstring says how it
+``gates.offset_check`` (the static check; its docstring says how it
 works) lowers every variant the kernel modules launch to Triton IR and reports
 each int32 multiplication of two runtime values, or of a stride, that flows
 into a ``tt.addptr`` offset. Here: it reports each known bug pattern of
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from fastpeft.tools.offset_check import check_modules
+from gates.offset_check import check_modules
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the fixture module, also for the child check
 import offset_fixture_kernels as fixture  # noqa: E402
@@ -37,7 +37,7 @@ def test_the_check_reports_every_known_int32_address_product_and_nothing_else(fi
 def test_a_finding_names_the_source_line_and_both_factors(fixture_findings):
     by_kernel = {f.function: f for f in fixture_findings}
     row = by_kernel["_row_times_stride_kernel"]
-    assert row.location.startswith("tests/tools/offset_fixture_kernels.py:")
+    assert row.location.startswith("tests/gates/offset_fixture_kernels.py:")
     assert set(row.factors) == {"rows", "stride_xm"}
     assert "stride_xk" in by_kernel["_narrow_pointer_step_kernel"].factors
     assert set(by_kernel["_product_in_a_branch_kernel"].factors) == {"program_id", "stride_xb"}

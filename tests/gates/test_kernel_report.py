@@ -1,26 +1,25 @@
 """The ahead-of-time kernel report as a gate for every Triton kernel (sm_80 and sm_90, no GPU needed).
 
-Every variant the launchers run (``fastpeft.kernels.aot_spec``) must compile
+Every variant the launchers run (``gates.aot_spec``) must compile
 without spills, within 255 registers and the arch's shared-memory limit, and
 every GEMM-shaped variant must contain tensor-core instructions (HMMA, or
 HGMMA on sm_90). The report also says how wide the global loads are and
 whether operands arrive by asynchronous copies.
 """
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from fastpeft.kernels.aot_spec import kernel_modules
-from fastpeft.tools.kernel_report import (GRID_BELOW_SMS, KNOWN_SMALL_GRID, KNOWN_SYNCHRONOUS_WGMMA, SHARED_LIMIT,
+from gates.aot_spec import kernel_modules, uninterpreted_environment
+from gates.kernel_report import (GRID_BELOW_SMS, KNOWN_SMALL_GRID, KNOWN_SYNCHRONOUS_WGMMA, SHARED_LIMIT,
                                          SM_COUNT, KernelReportRow, _load_widths, compile_report, summary)
 
 pytestmark = pytest.mark.slow
 
 ARCHES = (80, 90)
-NO_INTERPRETER = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+NO_INTERPRETER = uninterpreted_environment()
 
 
 def _rows(rows, module):
@@ -134,7 +133,7 @@ def test_gate_flags_each_problem():
 
 
 def test_check_applies_the_known_exemptions_to_the_listed_kernels_only(monkeypatch):
-    from fastpeft.tools import kernel_report
+    from gates import kernel_report
 
     waits = dict(hgmma=4, hmma=0, arch=90, wgmma_async=False)
     listed = _row(name="lora_shrink[fp16,r8,m1,fwd]", **waits)
@@ -190,7 +189,7 @@ def _sass(*instructions):
 
 
 def test_wgmma_async_is_read_from_the_main_wgmma_loop():
-    from fastpeft.tools.kernel_report import _wgmma_async
+    from gates.kernel_report import _wgmma_async
 
     wgmma, wait0, wait1 = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0", \
         "WARPGROUP.DEPBAR.LE gsb0, 0x1"
@@ -217,7 +216,7 @@ def test_load_widths_are_read_from_sass():
 
 
 def test_main_loop_instructions_and_byte_loads_are_read_from_the_largest_innermost_loop():
-    from fastpeft.tools.kernel_report import _main_loop, row_from_json
+    from gates.kernel_report import _main_loop, row_from_json
 
     byte, wide = "LDG.E.U8 R9, desc[UR6][R4.64]", "LDG.E.128 R4, desc[UR6][R2.64]"
     # an outer loop around a small inner loop, then the main loop: 3 byte loads + FFMA + branch, NOP not counted
@@ -240,7 +239,7 @@ def test_unknown_arch_is_rejected():
 def test_cli_writes_json_and_check_exit_code(tmp_path, report_rows):
     """The command line (cubins come from the triton cache the fixture filled)."""
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "fastpeft.tools.kernel_report", "--arch", "80", "--check",
+    done = subprocess.run([sys.executable, "-m", "gates.kernel_report", "--arch", "80", "--check",
                            "--modules", "fastpeft.kernels.nf4", "--json", str(out)],
                           env=NO_INTERPRETER, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -257,8 +256,8 @@ def test_report_detects_spills_in_a_config_known_to_spill():
     """The gate can fail: a 256x256 forward GEMM tile with the Philox mask added spills on sm_90."""
     code = (
         "import dataclasses\n"
-        "from fastpeft.kernels import lora\n"
-        "from fastpeft.tools.kernel_report import compile_spec\n"
+        "from gates.aot import lora\n"
+        "from gates.kernel_report import compile_spec\n"
         "spec = next(s for s in lora.aot_specs() if s.name == 'lora_fused_gemm[fp16,r16,m2048,fwd]')\n"
         "spec = dataclasses.replace(spec, constexprs={**spec.constexprs, 'BLOCK_M': 256, 'BLOCK_N': 256, "
         "'DROPOUT': True})\n"
@@ -275,7 +274,7 @@ def test_report_detects_spills_in_a_config_known_to_spill():
 def test_dropout_code_compiles_away_when_off():
     """DROPOUT=False leaves no Philox in the PTX; DROPOUT=True has its round multiplier 0xD2511F53."""
     code = (
-        "from fastpeft.kernels import lora\n"
+        "from gates.aot import lora\n"
         "import triton\n"
         "from triton.backends.compiler import GPUTarget\n"
         "from triton.compiler import ASTSource\n"

@@ -1,8 +1,8 @@
 """The grid gate's inputs for LoRA, without compiling: recorded grids and the headline launches.
 
-``fastpeft.kernels.aot_spec`` records each launch's grid and which launches
+``gates.aot_spec`` records each launch's grid and which launches
 are at a benchmark headline shape (``launch_label(..., headline=True)``); the
-kernel report (``fastpeft.tools.kernel_report``) then fails a variant whose
+kernel report (``gates.kernel_report``) then fails a variant whose
 headline grid has fewer CTAs than the GPU has SMs. Here: the grids the
 recorder keeps are the ones the launchers compute (hand-computed for known
 shapes), LoRA's headline shapes are the benchmark's GPU shapes, and every one
@@ -10,19 +10,21 @@ of their launches fills an H100 (132 SMs), so the compiled report cannot fail
 on them. Recording needs a process without ``TRITON_INTERPRET=1``.
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-NO_INTERPRETER = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+from gates.aot_spec import uninterpreted_environment
+
+NO_INTERPRETER = uninterpreted_environment()
 
 _CHILD = textwrap.dedent('''
     import json, sys, torch
     from fastpeft.kernels import lora
-    from fastpeft.kernels.aot_spec import launch_label, record_specs
+    from gates.aot import lora as lora_aot
+    from gates.aot_spec import launch_label, record_specs
 
     def known_shapes():
         bf16 = torch.bfloat16
@@ -37,7 +39,7 @@ _CHILD = textwrap.dedent('''
             lora.lora_forward(x, w, b, a, bb, 2.0, 0.0, 0)
 
     specs = record_specs(known_shapes)
-    lora_specs = lora.aot_specs()
+    lora_specs = lora_aot.aot_specs()
     print(json.dumps({
         "known": [[s.name, list(s.grid), [list(h) for h in s.headline_grids]] for s in specs],
         "headline": [[s.name, label, ctas] for s in lora_specs for label, ctas in s.headline_grids],
@@ -75,7 +77,7 @@ def test_every_lora_variant_records_its_grid(recorded):
 
 def test_headline_shapes_are_the_benchmark_gpu_shapes(recorded):
     from benchmarks.ops.lora import _shapes
-    from fastpeft.kernels import lora
+    from gates.aot import lora
 
     bench = {(s["tokens"], s["K"], s["N"], s["r"]) for s in _shapes("cuda", "full")}
     ours = {(m, k, n, r) for r in lora.HEADLINE_RANKS for k, n in lora.HEADLINE_FEATURES for m in lora.HEADLINE_TOKENS}
@@ -89,7 +91,7 @@ def test_headline_shapes_are_the_benchmark_gpu_shapes(recorded):
 
 def test_every_headline_launch_fills_an_h100(recorded):
     """What the report's grid gate checks per arch (108 SMs on sm_80, 132 on sm_90), without compiling."""
-    from fastpeft.tools.kernel_report import SM_COUNT
+    from gates.kernel_report import SM_COUNT
 
     assert recorded["headline"]
     kernels = {name.split("[")[0] for name, _, _ in recorded["headline"]}

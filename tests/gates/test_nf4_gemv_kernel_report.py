@@ -1,8 +1,8 @@
 """The ahead-of-time gate for the NF4 decode GEMV (``_nf4_decode_gemv_kernel``), sm_80 and sm_90, no GPU needed.
 
-Uses the session's one kernel report (tests/tools/conftest.py); the gate
+Uses the session's one kernel report (tests/gates/conftest.py); the gate
 itself (no spills, registers, shared memory, headline grids) is
-tests/tools/test_kernel_report.py. Rows are found by kernel name, not by
+tests/gates/test_kernel_report.py. Rows are found by kernel name, not by
 module: once ``nf4_matmul`` launches ``nf4_gemv`` for M <= 16, the variants it
 shares are reported under ``fastpeft.kernels.nf4`` with its labels. Here:
 every dtype and both token-row configs (one and two rows per program) are
@@ -25,7 +25,7 @@ def gemv_rows(report_rows):
 
 def test_every_gemv_variant_is_compiled_for_every_arch(gemv_rows):
     names = {r.name for r in gemv_rows}
-    # nf4_gemv.aot_launches: 3 dtypes x 2 token-row configs x (plain and bias + LoRA at blocksize 64, plain at
+    # gates.aot.nf4_gemv.aot_launches: 3 dtypes x 2 token-row configs x (plain and bias + LoRA at blocksize 64, plain at
     # 128 and at a ragged K), less the two-row configs of fp32 and bf16 at a ragged K (one row per program there)
     assert len(names) >= 23, sorted(names)
     assert sorted((r.name, r.arch) for r in gemv_rows) == sorted((n, a) for n in names for a in ARCHES)

@@ -1,8 +1,8 @@
 """The ahead-of-time gate for the NF4 tensor-core GEMMs (``fastpeft.kernels.nf4`` and ``.qlora``; no GPU needed).
 
-Uses the session's one kernel report (tests/tools/conftest.py); the generic
+Uses the session's one kernel report (tests/gates/conftest.py); the generic
 gate (spills, registers, shared memory, tensor cores, wgmma in flight) is
-``tests/tools/test_kernel_report.py``. Here, what the NF4 GEMM design promises
+``tests/gates/test_kernel_report.py``. Here, what the NF4 GEMM design promises
 on top of it: every fp16/bf16 forward and dX variant, with and without the
 LoRA term and dropout, keeps a wgmma group in flight on sm_90 (the dequantized
 weight is the register operand) and fits at least two CTAs per SM there; each

@@ -1,14 +1,14 @@
 """The ahead-of-time gate for the prefix-attention Triton kernels (sm_80 and sm_90, no GPU needed).
 
-Uses the session's one kernel report (tests/tools/conftest.py). Every variant
-``fastpeft.kernels.prefix_attention.aot_launches`` records (fp32/fp16/bf16, D
+Uses the session's one kernel report (tests/gates/conftest.py). Every variant
+``gates.aot.prefix_attention.aot_launches`` records (fp32/fp16/bf16, D
 in {64, 128}, HF layouts, lengths that are multiples of 16 or not, decode,
 causal or not, padding mask, no prefix) must compile without spills, within
 255 registers and shared memory, and every fp16/bf16 forward, dK/dV and dQ
 variant must run its dots on tensor cores. The Δ preprocessing kernel and the
 fp32 ("ieee" FMA) variants are not GEMMs. The gate itself, and the known
 sm_90 gap (these loops wait for every wgmma), are in
-``tests/tools/test_kernel_report.py``.
+``tests/gates/test_kernel_report.py``.
 """
 import pytest
 

@@ -1,4 +1,4 @@
-"""fastpeft.tools.sass_loops on a hand-written SASS listing (no compiler needed).
+"""gates.sass_loops on a hand-written SASS listing (no compiler needed).
 
 The listing has an outer loop (0x0040 .. 0x0100) around an inner loop
 (0x0060 .. 0x00c0, predicated branch), a second innermost loop behind them
@@ -7,7 +7,7 @@ loop. NOPs are padding and are not counted.
 """
 import pytest
 
-from fastpeft.tools import sass_loops
+from gates import sass_loops
 
 LISTING = """
         Function : _some_kernel
