@@ -16,7 +16,7 @@ from .injection import (adapter_fusion_regularization_loss, adapter_parameters, 
                         unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
 from .integrations.peft.checkpoints import load_peft, save_peft
-from .integrations.peft.format import load_lora, save_lora
+from .integrations.peft.lora_format import load_lora, save_lora
 from .quant import NF4Weight
 
 __version__ = "0.1.0"

@@ -21,6 +21,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; only dense (strided) tensors are supported, "
+                        "call .to_dense() first")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in tuple(dtypes):
@@ -46,12 +49,35 @@ def check_same_dtype(reference_name: str, reference: torch.Tensor, **others) -> 
             )
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` (a ``torch.device``, a string such as ``"cuda:0"`` or an index) as a ``torch.device``;
+    a ValueError/TypeError naming ``name`` for anything torch cannot parse."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a str or an int, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name} {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+
+
 def check_dim(name: str, actual: int, expected: int, what: str) -> None:
     if actual != expected:
         raise ValueError(f"{name}: {what} is {actual}, expected {expected}")
 
 
+def check_positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int (bool excluded); TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
 def check_probability(name: str, p) -> float:
+    """``p`` as a float in [0, 1) (a dropout probability); TypeError/ValueError naming ``name`` otherwise."""
     if type(p) is float and 0.0 <= p < 1.0:
         return p
     if isinstance(p, bool) or not isinstance(p, (int, float)):

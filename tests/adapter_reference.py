@@ -78,3 +78,55 @@ def adapter_up_output(params: dict, cfg: dict, hidden_states):
                                                                params[f"{linear}.bias"]))
     up = F.linear(down, params["adapter_up.weight"], params["adapter_up.bias"])
     return up * (params["scaling"] if "scaling" in params else cfg["scaling"])
+
+
+def adapterhub_pre_forward(hidden_states, input_tensor, layer_norm, residual_before_ln, original_ln_before,
+                           query_before_ln=None):
+    """AdapterHub's ``Adapter.pre_forward``, transcribed (query_before_ln None: no fusion config).
+
+    Returns ``(adapter input, fusion query, residual)``; the residual is None
+    where AdapterHub leaves it undefined (its forward then fails).
+    """
+    query = None
+    residual = None
+    if residual_before_ln is True:
+        residual = hidden_states
+    if query_before_ln is not None and query_before_ln:
+        query = hidden_states
+    if original_ln_before:
+        if layer_norm:
+            hidden_states = hidden_states + input_tensor
+            if residual_before_ln == "post_add":
+                residual = hidden_states
+            hidden_states = layer_norm(hidden_states)
+        elif input_tensor is not None:
+            hidden_states = hidden_states + input_tensor
+    if not residual_before_ln:
+        residual = hidden_states
+    if query_before_ln is not None and not query_before_ln:
+        query = hidden_states
+    return hidden_states, query, residual
+
+
+def adapterhub_location_math(params: dict, cfg: dict, hidden_states, input_tensor, layer_norm):
+    """AdapterHub's ``BottleneckLayer`` with one active adapter: pre_forward, the adapter, post_forward.
+
+    ``cfg``: ``adapter_module_math``'s fields plus residual_before_ln,
+    original_ln_before, original_ln_after and is_parallel (``ParallelAdapter``:
+    the adapter reads the block input, adds no residual, and its output is
+    added to the sub-layer output before the block's residual). Returns None
+    where AdapterHub's residual is undefined.
+    """
+    if cfg["is_parallel"]:
+        h_in, residual = input_tensor, None
+    else:
+        h_in, _, residual = adapterhub_pre_forward(hidden_states, input_tensor, layer_norm, cfg["residual_before_ln"],
+                                                   cfg["original_ln_before"])
+        if residual is None:
+            return None
+    out = adapter_module_math(params, cfg, h_in, residual)
+    if cfg["is_parallel"]:
+        out = out + hidden_states
+    if cfg["original_ln_after"]:
+        out = layer_norm(out + input_tensor) if layer_norm is not None else out + input_tensor
+    return out

@@ -4,13 +4,17 @@
 swap itself); each method has one file: ``lora`` (``apply_lora`` and the
 model-level LoRA helpers, which also serve QLoRA layers), ``qlora``
 (``apply_qlora``), ``adapter`` (bottleneck adapters, AdapterFusion and
-AdapterDrop in BERT/RoBERTa, GPT-2 and Llama-family blocks),
+AdapterDrop in BERT/RoBERTa, GPT-2 and Llama-family blocks; its parts are
+``adapter_location``, ``adapter_blocks``, ``adapter_architectures`` and
+``adapter_placement``),
 ``prefix_tuning`` (``apply_prefix_tuning``), ``prompt_tuning``
 (``apply_prompt_tuning``: prompt tuning and P-tuning); ``prompt_learning``
 holds the attach step both prompt methods share.
 """
-from .adapter import (ARCHITECTURES, AdapterLayer, adapter_fusion_regularization_loss, adapter_layers,
-                      adapter_parameters, apply_adapter, apply_adapter_fusion, set_active_adapter, set_adapter_drop)
+from .adapter import (adapter_fusion_regularization_loss, adapter_layers, adapter_parameters, apply_adapter,
+                      apply_adapter_fusion, set_active_adapter, set_adapter_drop)
+from .adapter_architectures import ARCHITECTURES
+from .adapter_location import AdapterLayer
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
                    merge_lora, unload_lora, unmerge_lora)
 from .prefix_tuning import apply_prefix_tuning, prefix_tuning_layer

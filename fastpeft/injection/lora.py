@@ -15,8 +15,9 @@ from torch import nn
 from ..nn.base import peft_layers
 from ..nn.lora import InitLoraWeights, LoRALinear, check_lora_dtype, is_lora_target, validate_lora_hyperparameters
 from ..variants import LoraVariant, check_use_dora
-from .modules_to_save import modules_to_save_names, saved_modules, wrap_modules_to_save
-from .targets import TargetModules, find_target_modules, replace_modules, set_submodule
+from ..nn.modules_to_save import saved_modules
+from .modules_to_save import modules_to_save_names, wrap_modules_to_save
+from .targets import TargetModules, find_target_modules, set_submodule, swap_modules
 
 
 def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
@@ -68,7 +69,7 @@ def apply_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora
                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                                       lora_dtype=lora_dtype, variant=variant)
 
-    replace_modules(model, target_modules, make, **selection)
+    swap_modules(model, names, make)
     wrap_modules_to_save(model, saved)
     mark_only_lora_trainable(model)
     return model

@@ -44,9 +44,11 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from ..nn.prefix_encoder import PrefixEncoder, check_positive_int
+from .._validation import check_positive_int
+from ..nn.prefix_encoder import PrefixEncoder
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, check_no_prompt_learning
-from .prompt_learning import attach_prompt_layer, infer_task_type, modules_to_save_plan
+from .._peft_task_type import infer_task_type
+from .prompt_learning import attach_prompt_layer, modules_to_save_plan
 from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, register_attention_function
 
 

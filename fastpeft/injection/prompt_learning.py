@@ -14,8 +14,7 @@ way HF PEFT does for prompt learning:
   ``PeftModelForSequenceClassification`` (frozen like the layer in
   ``inference_mode``, PEFT's loaded form).
 
-``prompt_parameters`` lists what the optimizer gets; ``infer_task_type``
-names the model's task the way PEFT's ``task_type`` does.
+``prompt_parameters`` lists what the optimizer gets.
 """
 from __future__ import annotations
 
@@ -25,29 +24,12 @@ from torch import nn
 
 from ..nn.base import peft_layers
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, PromptLearningLayer, prompt_learning_layer
-from .modules_to_save import modules_to_save_names, saved_modules, wrap_modules_to_save
+from ..nn.modules_to_save import saved_modules
+from .modules_to_save import modules_to_save_names, wrap_modules_to_save
 from .targets import is_under_modules_to_save
 
 # PEFT's modules_to_save for a sequence classifier's head (``PeftModelForSequenceClassification``).
 SEQ_CLS_HEADS = ("classifier", "score")
-# PEFT's task types, read off the class name of a transformers model (first match wins).
-_TASK_TYPE_BY_CLASS_SUFFIX = (
-    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-)
-
-
-def infer_task_type(model: nn.Module) -> str:
-    """PEFT's ``task_type`` for ``model`` from its class name (``...ForCausalLM`` -> CAUSAL_LM, a bare
-    ``...Model`` -> FEATURE_EXTRACTION); it picks the ``PeftModel`` class PEFT wraps a loaded model in."""
-    name = type(model).__name__
-    for suffix, task_type in _TASK_TYPE_BY_CLASS_SUFFIX:
-        if name.endswith(suffix):
-            return task_type
-    return "FEATURE_EXTRACTION"
-
-
 def modules_to_save_plan(model: nn.Module, task_type: Optional[str],
                          modules_to_save: Optional[Sequence[str]]) -> list[str]:
     """The module names ``attach_prompt_layer`` will wrap; checks only (ValueError/TypeError), no change.

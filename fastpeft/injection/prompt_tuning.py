@@ -44,12 +44,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .._validation import check_positive_int, check_probability
 from ..nn.prompt_encoder import (P_TUNING_ENCODERS, PROMPT_TUNING_INITS, PromptEmbedding, PromptEncoder,
-                                 check_dropout, check_positive_int, normalize_choice)
+                                 normalize_choice)
 from ..nn.prompt_learning import PROMPT_MODULE_NAME, PromptLearningLayer, check_no_prompt_learning
+from .._peft_task_type import CAUSAL_LM, FEATURE_EXTRACTION, SEQ_CLS, infer_task_type
 from .prompt_learning import attach_prompt_layer, modules_to_save_plan
 
-CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION = "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"
 IGNORE_INDEX = -100
 
 
@@ -114,7 +115,7 @@ def prompt_tuning_layer(model: nn.Module, num_virtual_tokens: int, init: str = "
         if encoder_hidden_size is not None:
             check_positive_int("encoder_hidden_size", encoder_hidden_size)
         check_positive_int("encoder_num_layers", encoder_num_layers)
-        check_dropout("encoder_dropout", encoder_dropout)
+        check_probability("encoder_dropout", encoder_dropout)
     elif encoder_hidden_size is not None or encoder_num_layers != 2 or encoder_dropout != 0.0:
         raise ValueError("encoder_hidden_size / encoder_num_layers / encoder_dropout configure the P-tuning "
                          "encoder: pass encoder='mlp' or 'lstm' with them")
@@ -235,7 +236,8 @@ def _positional_arg_names(model: nn.Module) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def model_task_type(model: nn.Module) -> str:
-    """PEFT's task type for ``model``: CAUSAL_LM, SEQ_CLS or FEATURE_EXTRACTION; ValueError if unsupported."""
+    """``infer_task_type(model)`` where prompt tuning supports it (CAUSAL_LM, SEQ_CLS, or FEATURE_EXTRACTION for
+    a bare backbone); ValueError otherwise."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"model: {type(model).__name__} is not a transformers model (no config); prompt tuning "
@@ -243,13 +245,10 @@ def model_task_type(model: nn.Module) -> str:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model: {type(model).__name__} is an encoder-decoder model; prompt tuning supports "
                          "decoder-only causal LMs, *ForSequenceClassification and bare backbones")
-    if type(model).__name__.endswith("ForSequenceClassification"):
-        return SEQ_CLS
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and can_generate():
-        return CAUSAL_LM
-    if getattr(model, "base_model", None) is model:
-        return FEATURE_EXTRACTION
+    task_type = infer_task_type(model)
+    if task_type in (CAUSAL_LM, SEQ_CLS) or (task_type == FEATURE_EXTRACTION
+                                            and getattr(model, "base_model", None) is model):
+        return task_type
     raise ValueError(f"model: {type(model).__name__} is not supported by prompt tuning (supported: causal LMs, "
                      "*ForSequenceClassification, bare backbones such as BertModel)")
 

@@ -20,7 +20,7 @@ from ..quant.nf4 import NF4Weight, check_blocksize, check_double_quant
 from ..variants import check_use_dora
 from .lora import mark_only_lora_trainable
 from .modules_to_save import modules_to_save_names, wrap_modules_to_save
-from .targets import TargetModules, find_target_modules, replace_modules
+from .targets import TargetModules, find_target_modules, swap_modules
 
 
 def _is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -97,7 +97,7 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
             return QLoRALinear.from_bnb(module, **lora)
         return QLoRALinear.from_linear(module, blocksize=blocksize, double_quant=double_quant, **lora)
 
-    replace_modules(model, target_modules, make, **selection)
+    swap_modules(model, names, make)
     wrap_modules_to_save(model, saved)
     mark_only_lora_trainable(model)
     return model

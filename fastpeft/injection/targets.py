@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -276,6 +276,13 @@ def replace_modules(model: nn.Module, target_modules: TargetModules,
     if not callable(make_replacement):
         raise TypeError(f"make_replacement must be callable, got {type(make_replacement).__name__}")
     names = find_target_modules(model, target_modules, **selection)
+    swap_modules(model, names, make_replacement)
+    return names
+
+
+def swap_modules(model: nn.Module, names: Sequence[str],
+                 make_replacement: Callable[[str, nn.Module], nn.Module]) -> None:
+    """``replace_modules`` for targets already found (``names``): deepest first, all or nothing."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     swapped: list[tuple[str, nn.Module]] = []
     try:
@@ -292,4 +299,3 @@ def replace_modules(model: nn.Module, target_modules: TargetModules,
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    return names

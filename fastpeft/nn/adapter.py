@@ -24,7 +24,8 @@ out of the op only where a LayerNorm or the gate must come before it).
 ``adapter_output`` gives AdapterHub's ``up`` (the scaled up-projection that
 AdapterFusion stacks); ``pre_forward`` / ``post_forward`` reproduce
 AdapterHub's residual and LayerNorm handling around the adapter for
-placements.
+placements; an adapter location in a model
+(``fastpeft.injection.adapter_location``) runs exactly these.
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ from torch import Tensor, nn
 
 from ..activations import activation as lookup_activation
 from ..ops.adapter import bottleneck_adapter
+from .._validation import check_probability
+from .adapter_config import INIT_WEIGHTS
 from .base import PeftLayer
 
-INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby")
-RESIDUAL_BEFORE_LN = (True, False, "post_add")
 
 
 class BottleneckActivation(nn.Module):
@@ -131,14 +132,14 @@ class BottleneckAdapter(PeftLayer):
         with torch.no_grad():
             if self.init_weights == "bert":
                 for linear in (down, up) + ((self.gate,) if self.use_gating else ()):
-                    _bert_init(linear)
+                    bert_init(linear)
             elif self.init_weights == "mam_adapter":
                 nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
                 nn.init.zeros_(down.bias)
                 nn.init.zeros_(up.weight)
                 nn.init.zeros_(up.bias)
                 if self.use_gating:
-                    _bert_init(self.gate)
+                    bert_init(self.gate)
             else:  # houlsby
                 for linear in (down, up):
                     nn.init.trunc_normal_(linear.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
@@ -252,7 +253,8 @@ class BottleneckAdapter(PeftLayer):
                 f"non_linearity={self.non_linearity!r}, scaling={scaling!r}, dropout={self.dropout}")
 
 
-def _bert_init(linear: nn.Linear) -> None:
+def bert_init(linear: nn.Linear) -> None:
+    """AdapterHub's "bert" init of a Linear: weight N(0, 0.02), bias zero (in place; call under no_grad)."""
     linear.weight.normal_(mean=0.0, std=0.02)
     if linear.bias is not None:
         linear.bias.zero_()
@@ -277,5 +279,4 @@ def _check_config(hidden_size, bottleneck_size, reduction_factor, non_linearity,
         raise ValueError(f"init_weights must be one of {INIT_WEIGHTS}, got {init_weights!r}")
     if not (isinstance(residual_before_ln, bool) or residual_before_ln == "post_add"):
         raise ValueError(f"residual_before_ln must be True, False or 'post_add', got {residual_before_ln!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_probability("dropout", dropout)

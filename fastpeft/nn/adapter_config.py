@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Union
 
+from .._validation import check_probability
 from ..activations import activation as lookup_activation
 
 INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby")
@@ -190,8 +191,7 @@ def validate_bn_config(cfg: BnConfig) -> None:
         raise ValueError(f"scaling must be a number, 'learned' or 'channel', got {cfg.scaling!r}")
     if not (isinstance(cfg.residual_before_ln, bool) or cfg.residual_before_ln == "post_add"):
         raise ValueError(f"residual_before_ln must be True, False or 'post_add', got {cfg.residual_before_ln!r}")
-    if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, Real) or not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {cfg.dropout!r}")
+    check_probability("dropout", cfg.dropout)
     if isinstance(cfg.leave_out, (str, bytes)) or not hasattr(cfg.leave_out, "__iter__"):
         raise ValueError(f"leave_out must be a list of layer indices, got {cfg.leave_out!r}")
     for i in cfg.leave_out:

@@ -30,6 +30,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_probability
+from .adapter import bert_init
 from .base import PeftLayer
 
 TEMPERATURE_START = 50.0
@@ -55,9 +57,8 @@ class AdapterFusionConfig:
                      "value_before_softmax"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        p = self.dropout_prob
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0):
-            raise ValueError(f"dropout_prob must be None or a number in [0, 1), got {p!r}")
+        if self.dropout_prob is not None:
+            check_probability("dropout_prob", self.dropout_prob)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,13 +95,6 @@ def resolve_fusion_config(config: Union[str, Mapping, AdapterFusionConfig] = "dy
     return AdapterFusionConfig(**values)
 
 
-def _init_bert(linear: nn.Linear) -> None:
-    with torch.no_grad():
-        linear.weight.normal_(0.0, 0.02)
-        if linear.bias is not None:
-            linear.bias.zero_()
-
-
 class AdapterFusion(PeftLayer):
     """The fusion layer of one adapter location (see module docstring).
 
@@ -120,24 +114,23 @@ class AdapterFusion(PeftLayer):
         self.config = resolve_fusion_config(config, **overrides)
         if self.config.dropout_prob is not None:
             dropout_prob = self.config.dropout_prob
-        if isinstance(dropout_prob, bool) or not isinstance(dropout_prob, (int, float)) or not 0 <= dropout_prob < 1:
-            raise ValueError(f"dropout_prob must be a number in [0, 1), got {dropout_prob!r}")
+        dropout_prob = check_probability("dropout_prob", dropout_prob)
         self.hidden_size = hidden_size
         cfg = self.config
         self.dropout = nn.Dropout(float(dropout_prob))
         if not (cfg.query or cfg.key or cfg.value):
             self.dense = nn.Linear(hidden_size, 1)  # AdapterHub creates (and never uses) it in this case
-        if cfg.query:
-            self.query = nn.Linear(hidden_size, hidden_size)
-            _init_bert(self.query)
-        if cfg.key:
-            self.key = nn.Linear(hidden_size, hidden_size)
-            _init_bert(self.key)
-        if cfg.value:
-            self.value = nn.Linear(hidden_size, hidden_size, bias=False)
-            _init_bert(self.value)
-            if cfg.value_initialized:
-                with torch.no_grad():
+        with torch.no_grad():
+            if cfg.query:
+                self.query = nn.Linear(hidden_size, hidden_size)
+                bert_init(self.query)
+            if cfg.key:
+                self.key = nn.Linear(hidden_size, hidden_size)
+                bert_init(self.key)
+            if cfg.value:
+                self.value = nn.Linear(hidden_size, hidden_size, bias=False)
+                bert_init(self.value)
+                if cfg.value_initialized:
                     self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
         self.T = TEMPERATURE_START if cfg.temperature else 1.0
         self.reduction = self.T / 1000.0

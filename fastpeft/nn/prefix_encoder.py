@@ -32,16 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_positive_int
 from .prompt_learning import PromptLearningLayer
-
-
-def check_positive_int(name: str, value) -> int:
-    """``value`` if it is a positive int (bool excluded); TypeError/ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 class PrefixEncoder(PromptLearningLayer):

@@ -30,27 +30,18 @@ The protocol (``peft_type``, ``prompt_embeddings()``, ``peft_config()``) is
 from __future__ import annotations
 
 import warnings
-from numbers import Integral, Real
 from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
+from .._validation import check_positive_int, check_probability
 from .prompt_learning import PromptLearningLayer
 
 PROMPT_TUNING_INITS = ("random", "sample_vocab", "text")
 P_TUNING_ENCODERS = ("mlp", "lstm")
 # PEFT's default (and only honoured) number of MLP layers of the P-tuning encoder.
 MLP_ENCODER_NUM_LAYERS = 2
-
-
-def check_positive_int(name: str, value) -> int:
-    """``value`` as an int; TypeError if it is not an integer, ValueError if it is not positive."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
 
 
 def normalize_choice(name: str, value, choices: tuple[str, ...]) -> str:
@@ -148,7 +139,7 @@ class PromptEncoder(PromptLearningLayer):
         hidden = self.token_dim if encoder_hidden_size is None else encoder_hidden_size
         self.encoder_hidden_size = check_positive_int("encoder_hidden_size", hidden)
         self.encoder_num_layers = check_positive_int("encoder_num_layers", encoder_num_layers)
-        self.encoder_dropout = check_dropout("encoder_dropout", encoder_dropout)
+        self.encoder_dropout = check_probability("encoder_dropout", encoder_dropout)
         self.num_attention_heads = num_attention_heads
         self.num_layers = num_layers
         self.inference_mode = bool(inference_mode)
@@ -213,10 +204,3 @@ class PromptEncoder(PromptLearningLayer):
                f"encoder={self.encoder!r}, inference_mode={self.inference_mode}"
 
 
-def check_dropout(name: str, value) -> float:
-    """``value`` as a float in [0, 1); TypeError / ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)

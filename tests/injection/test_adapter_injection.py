@@ -7,17 +7,21 @@ adds nothing; AdapterHub parity itself is in tests/integrations/adapterhub.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_reference import adapterhub_location_math
 from models import tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from numerics import rel_err
 from torch import nn
 
 import fastpeft.nn.adapter as adapter_module
-from fastpeft.injection.adapter import (AdapterLayer, LayerDropGate, adapter_fusion_regularization_loss,
-                                        adapter_layers, adapter_parameters, apply_adapter, apply_adapter_fusion,
-                                        new_bottleneck_adapter, set_active_adapter, set_adapter_drop)
+from fastpeft.injection.adapter import (adapter_fusion_regularization_loss, adapter_layers, adapter_parameters,
+                                        apply_adapter, apply_adapter_fusion, set_active_adapter, set_adapter_drop)
+from fastpeft.injection.adapter_location import AdapterLayer, LayerDropGate
+from fastpeft.injection.adapter_placement import new_bottleneck_adapter
 from fastpeft.nn.adapter_config import ADAPTER_PRESETS, resolve_bn_config
 
 
@@ -108,6 +112,57 @@ def test_location_formulas(preset, post_ln):
     else:  # parallel: LN(x + h + s·A(x)), scaling 4 inside _A
         expected = norm(x + h + _A(a, x))
     assert rel_err(layer(h, x, ln), expected) < 1e-12
+
+
+BOOLS = (False, True)
+PLACEMENTS = list(itertools.product([True, False, "post_add"], BOOLS, BOOLS, BOOLS))  # residual, ln before/after, par
+# (ln_before, ln_after, use_gating, adapter_residual_before_ln): every branch of where the module adds its residual
+MODULE_FIELDS = [(False, False, False, False), (True, True, True, True), (False, True, False, False),
+                 (False, True, False, True), (False, False, True, False), (True, False, False, True)]
+
+
+@pytest.mark.parametrize("post_ln", BOOLS)
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=str)
+def test_model_path_and_module_path_agree_with_adapterhub(placement, post_ln):
+    """Every placement and module config: the location a model runs (AdapterLayer), the module's own
+    pre_forward/forward/post_forward and AdapterHub's BottleneckLayer math (float64) give one result."""
+    residual_before_ln, original_ln_before, original_ln_after, is_parallel = placement
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(12).double() if post_ln else None
+    h, x = torch.randn(2, 3, 12, dtype=torch.float64), torch.randn(2, 3, 12, dtype=torch.float64)
+    for ln_before, ln_after, use_gating, adapter_residual_before_ln in MODULE_FIELDS:
+        cfg = resolve_bn_config("seq_bn", residual_before_ln=residual_before_ln,
+                                original_ln_before=original_ln_before, original_ln_after=original_ln_after,
+                                is_parallel=is_parallel, ln_before=ln_before, ln_after=ln_after, use_gating=use_gating,
+                                adapter_residual_before_ln=adapter_residual_before_ln, scaling="channel")
+        adapter = _adapter64(cfg)
+        layer = AdapterLayer("output_adapter", 0, LayerDropGate()).double()
+        layer.add_adapter("x", adapter, cfg)
+        layer.set_active("x")
+        ref_cfg = dict(cfg.to_dict(), scaling=None)
+        want = adapterhub_location_math({k: v.detach() for k, v in adapter.state_dict().items()}, ref_cfg, h, x, ln)
+        if want is None:  # AdapterHub's residual is undefined here; both paths say why instead
+            with pytest.raises(ValueError, match="post_add"):
+                layer(h, x, ln)
+            with pytest.raises(ValueError, match="post_add"):
+                adapter.pre_forward(h, x, ln)
+            continue
+        h_in, _, residual = adapter.pre_forward(h, x, ln)
+        module_path = adapter.post_forward(adapter(h_in, residual), x, ln, input_hidden_states=h)
+        model_path = layer(h, x, ln)
+        assert rel_err(model_path, want) < 1e-12, cfg
+        assert torch.equal(model_path, module_path), cfg
+
+
+def test_post_add_residual_is_refused_where_adapterhub_has_none():
+    """AdapterHub leaves a 'post_add' residual undefined without a block LayerNorm it applies: refused up front."""
+    for builder, original_ln_before in ((tiny_llama, True), (tiny_gpt2, True), (tiny_bert, False)):
+        model = builder()
+        keys = set(model.state_dict())
+        with pytest.raises(ValueError, match="post_add"):
+            apply_adapter(model, "seq_bn", residual_before_ln="post_add", original_ln_before=original_ln_before)
+        assert adapter_layers(model) == [] and set(model.state_dict()) == keys
+    apply_adapter(tiny_bert(), "seq_bn", residual_before_ln="post_add", original_ln_before=True)  # where it exists
 
 
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
@@ -303,6 +358,18 @@ def test_random_drop_in_training_only_and_per_layer(op_calls):
     with torch.no_grad():
         _out(model, ids)
     assert len(op_calls) == 2
+
+
+@pytest.mark.parametrize("builder", [tiny_bert, tiny_llama], ids=lambda b: b.__name__)
+def test_random_drop_applies_when_only_the_output_location_has_an_adapter(builder, op_calls):
+    """seq_bn has no mh_adapter: the layer's draw must not depend on the first location holding an adapter."""
+    model = builder()
+    apply_adapter(model, "seq_bn")
+    set_adapter_drop(model, adapter_drop_p=1.0)
+    model.train()
+    with torch.no_grad():
+        _out(model, token_ids())
+    assert op_calls == []
 
 
 def test_adapter_drop_bad_input():

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import fastpeft
-from fastpeft.injection.modules_to_save import ModulesToSave
+from fastpeft.nn.modules_to_save import ModulesToSave
 from fastpeft.injection.targets import find_target_modules, replace_modules
 from fastpeft.nn import LoRALinear, QLoRALinear
 from models import LLAMA_TARGETS, tiny_gpt2, tiny_llama, token_ids
@@ -87,7 +87,7 @@ def _randomize(model):
     torch.manual_seed(8)
     for _, layer in fastpeft.injection.lora_modules(model):
         layer.reset_lora_parameters(False)
-    for _, wrapper in fastpeft.injection.modules_to_save.saved_modules(model):
+    for _, wrapper in fastpeft.nn.modules_to_save.saved_modules(model):
         with torch.no_grad():
             for p in wrapper.trainable_copy.parameters():
                 p.add_(torch.randn_like(p))

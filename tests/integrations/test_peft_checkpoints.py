@@ -18,9 +18,10 @@ from peft import (LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig
 from safetensors.torch import load_file, save_file
 
 from fastpeft.injection.lora import apply_lora
-from fastpeft.injection.modules_to_save import saved_modules
+from fastpeft.nn.modules_to_save import saved_modules
 from fastpeft.injection.prefix_tuning import apply_prefix_tuning
-from fastpeft.injection.prompt_learning import infer_task_type, prompt_parameters
+from fastpeft._peft_task_type import infer_task_type
+from fastpeft.injection.prompt_learning import prompt_parameters
 from fastpeft.injection.prompt_tuning import apply_prompt_tuning
 from fastpeft.integrations.peft.checkpoints import SUPPORTED_PEFT_TYPES, load_peft, save_peft
 from fastpeft.nn.prompt_learning import PROMPT_MODULE_NAME, prompt_learning_layer

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fastpeft.injection import apply_lora, lora_parameters, merge_lora
 from fastpeft.nn import LoRALinear
-from fastpeft.integrations.peft.format import load_lora, save_lora
+from fastpeft.integrations.peft.lora_format import load_lora, save_lora
 # Whole-model fp32 outputs differ from the float64 reference by a few ulp for both
 # sides; their ratio is noise, so model-level checks add a floor of ~16 fp32 ulp
 # (a real bug, e.g. a wrong scaling, is off by 1e-2 or more).
@@ -180,7 +180,7 @@ def _edit_config(directory, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": "IA3"}, "peft_type"),
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True}, "lora_magnitude_vector"),  # DoRA loads, but this file has no magnitudes
     ({"bias": "all"}, "bias"),
     ({"lora_bias": True}, "lora_bias"),
     # PEFT's targeting conventions are honoured (tests/injection/test_targets.py); here they disagree with the file:
@@ -223,6 +223,17 @@ def test_load_missing_files(tmp_path):
     (directory / "adapter_model.bin").write_bytes(b"\x80\x04 not loaded")
     with pytest.raises(ValueError, match="pickle"):
         load_lora(tiny_llama(), directory)
+
+
+def test_load_reads_peft_legacy_bin_with_weights_only(tmp_path):
+    """PEFT's older adapter_model.bin (a plain state dict) loads as its safetensors twin does."""
+    model, directory = _ours_saved(tmp_path)
+    torch.save(load_file(directory / "adapter_model.safetensors"), directory / "adapter_model.bin")
+    os.remove(directory / "adapter_model.safetensors")
+    loaded = load_lora(tiny_llama(), directory)
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _edit_weights(directory, edit):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_reference import adapter_module_math, adapter_up_output
+from adapter_reference import adapter_module_math, adapter_up_output, adapterhub_pre_forward
 from fastpeft.nn.adapter import BottleneckAdapter, bottleneck_size_for
 from fastpeft.nn.base import PEFT_LAYER_KINDS
 from fastpeft.ops.adapter import adapter_dropout_mask
@@ -212,30 +212,6 @@ def test_triton_path_matches_reference(monkeypatch):
 
 
 # --- pre_forward / post_forward ------------------------------------------------------------------------------
-
-
-def adapterhub_pre_forward(hidden_states, input_tensor, layer_norm, residual_before_ln, original_ln_before,
-                           query_before_ln):
-    """AdapterHub's ``Adapter.pre_forward``, transcribed (query_before_ln None: no fusion config)."""
-    query = None
-    residual = None
-    if residual_before_ln is True:
-        residual = hidden_states
-    if query_before_ln is not None and query_before_ln:
-        query = hidden_states
-    if original_ln_before:
-        if layer_norm:
-            hidden_states = hidden_states + input_tensor
-            if residual_before_ln == "post_add":
-                residual = hidden_states
-            hidden_states = layer_norm(hidden_states)
-        elif input_tensor is not None:
-            hidden_states = hidden_states + input_tensor
-    if not residual_before_ln:
-        residual = hidden_states
-    if query_before_ln is not None and not query_before_ln:
-        query = hidden_states
-    return hidden_states, query, residual
 
 
 @pytest.mark.parametrize("residual_before_ln", [True, False, "post_add"])

@@ -4,7 +4,8 @@ An adapter directory (``model.save_adapter(path, name)`` in AdapterHub) holds
 - ``adapter_config.json``: ``{"config": <BnConfig fields>, "hidden_size",
   "model_class", "model_name", "model_type", "name", "version"}``;
 - ``adapter.safetensors`` (``use_safetensors=True``) or ``pytorch_adapter.bin``
-  (a torch state dict; read here with ``torch.load(weights_only=True)``):
+  (a torch state dict; read with ``torch.load(weights_only=True)``, see
+  ``fastpeft.integrations.adapter_directory``):
   the adapter's entries of the model's state dict, e.g.
   ``encoder.layer.0.output.adapters.<name>.adapter_down.0.weight`` (BERT),
   ``model.layers.0.output_adapters.adapters.<name>.adapter_up.bias`` (Llama).
@@ -14,26 +15,26 @@ too) and ``model_adapter_fusion.safetensors`` (or
 
 Keys are relative to the model AdapterHub saved from, with or without a head
 (``bert.`` / ``model.`` / ``transformer.`` prefix); both load. fastpeft's
-adapted models carry the same module paths (``fastpeft.injection.adapter``),
+adapted models carry the same module paths (``fastpeft.injection.adapter_architectures``),
 so names map one to one. ``save_adapter`` writes safetensors only (no
 pickle): AdapterHub reads it with ``model.load_adapter(path, use_safetensors=True)``
 (and ``load_adapter_fusion(path, use_safetensors=True)``).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...injection.adapter import (AdapterLayer, adapter_layers, apply_adapter, apply_adapter_fusion,
-                                  architecture_of, base_model_of, hidden_size_of, new_bottleneck_adapter,
-                                  planned_adapter_locations, set_active_adapter)
+from ...injection.adapter import adapter_layers, apply_adapter, apply_adapter_fusion, set_active_adapter
+from ...injection.adapter_architectures import architecture_of, base_model_of, hidden_size_of
+from ...injection.adapter_location import AdapterLayer
+from ...injection.adapter_placement import new_bottleneck_adapter, planned_adapter_locations
 from ...nn.adapter_config import BnConfig, resolve_bn_config
 from ...nn.adapter_fusion import AdapterFusion, resolve_fusion_config
+from ..adapter_directory import check_directory, read_json, read_weights, write_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -46,27 +47,11 @@ ADAPTERHUB_VERSION = "adapters.1.3.0"
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no {os.path.basename(path)} in {os.path.dirname(path)!r}")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-        raise ValueError(f"{path}: not an AdapterHub config (no 'config' object)")
+def _read_config(directory: str, name: str) -> dict:
+    data = read_json(directory, name)
+    if not isinstance(data.get("config"), dict):
+        raise ValueError(f"{os.path.join(directory, name)}: not an AdapterHub config (no 'config' object)")
     return data
-
-
-def _read_weights(directory: str, safe_name: str, pickle_name: str) -> dict[str, torch.Tensor]:
-    safe = os.path.join(directory, safe_name)
-    if os.path.isfile(safe):
-        return load_file(safe, device="cpu")
-    legacy = os.path.join(directory, pickle_name)
-    if os.path.isfile(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{legacy}: not a dict of tensors")
-        return state
-    raise FileNotFoundError(f"path: neither {safe_name} nor {pickle_name} in {directory!r}")
 
 
 def _check_model_matches(model: nn.Module, meta: dict, path: str) -> None:
@@ -99,7 +84,7 @@ def _key_prefix(model: nn.Module) -> str:
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[BnConfig, dict]:
     """``(BnConfig, metadata)`` of an AdapterHub adapter directory (legacy activation names renamed as AdapterHub)."""
-    meta = _read_json(os.path.join(os.fspath(path), CONFIG_NAME))
+    meta = _read_config(check_directory(path), CONFIG_NAME)
     config = dict(meta["config"])
     if "version" not in meta and config.get("non_linearity") in _LEGACY_ACTIVATION_RENAME:
         config["non_linearity"] = _LEGACY_ACTIVATION_RENAME[config["non_linearity"]]
@@ -114,14 +99,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, load_as: Optional[st
     Every check (config, model type, hidden size, the exact set of weight names
     and shapes) runs before the model is changed.
     """
-    path = os.fspath(path)
+    path = check_directory(path)
     cfg, meta = read_adapter_config(path)
     saved_name = meta.get("name")
     if not isinstance(saved_name, str) or not saved_name:
         raise ValueError(f"{path}/{CONFIG_NAME}: no adapter 'name'")
     name = load_as or saved_name
     _check_model_matches(model, meta, path)
-    state = _base_relative(model, _read_weights(path, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME))
+    state = _base_relative(model, read_weights(path, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME))
     marker = f".adapters.{saved_name}."
     expected = {}
     hidden = hidden_size_of(model)
@@ -163,13 +148,6 @@ def _adapter_state(model: nn.Module, marker: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items() if marker in k}
 
 
-def _write(directory: str, config_name: str, weights_name: str, meta: dict, state: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, config_name), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    save_file(state, os.path.join(directory, weights_name))
-
-
 def _meta(model: nn.Module, name: str, config: dict, **extra) -> dict:
     model_config = getattr(model, "config", None)
     return {"config": config, "hidden_size": hidden_size_of(model), "model_class": type(model).__name__,
@@ -189,7 +167,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if not configs:
         raise ValueError(f"name: the model has no adapter called {name!r}")
     state = _adapter_state(model, f".adapters.{name}.")
-    _write(os.fspath(path), CONFIG_NAME, WEIGHTS_NAME, _meta(model, name, configs[0].to_dict()), state)
+    write_directory(path, CONFIG_NAME, _meta(model, name, configs[0].to_dict()), WEIGHTS_NAME, state)
 
 
 def _fusion_layers(model: nn.Module, fusion_name: str) -> list[AdapterLayer]:
@@ -205,7 +183,7 @@ def save_adapter_fusion(model: nn.Module, path: str | os.PathLike, name: str) ->
     fusion: AdapterFusion = layers[0].adapter_fusion_layer[name]
     meta = _meta(model, name, fusion.config.to_dict(), adapter_names=list(layers[0].fusion_members[name]))
     state = _adapter_state(model, f".adapter_fusion_layer.{name}.")
-    _write(os.fspath(path), FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, meta, state)
+    write_directory(path, FUSION_CONFIG_NAME, meta, FUSION_WEIGHTS_NAME, state)
 
 
 def load_adapter_fusion(model: nn.Module, path: str | os.PathLike) -> str:
@@ -213,15 +191,15 @@ def load_adapter_fusion(model: nn.Module, path: str | os.PathLike) -> str:
 
     Returns the fusion's name; it becomes active and only it trains.
     """
-    path = os.fspath(path)
-    meta = _read_json(os.path.join(path, FUSION_CONFIG_NAME))
+    path = check_directory(path)
+    meta = _read_config(path, FUSION_CONFIG_NAME)
     cfg = resolve_fusion_config(meta["config"])
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}/{FUSION_CONFIG_NAME}: no fusion 'name'")
     adapter_names = meta.get("adapter_names") or name.split(",")
     _check_model_matches(model, meta, path)
-    state = _base_relative(model, _read_weights(path, FUSION_WEIGHTS_NAME, FUSION_PICKLE_WEIGHTS_NAME))
+    state = _base_relative(model, read_weights(path, FUSION_WEIGHTS_NAME, FUSION_PICKLE_WEIGHTS_NAME))
     marker = f".adapter_fusion_layer.{name}."
     hidden = hidden_size_of(model)
     template = AdapterFusion(hidden, cfg).state_dict()

@@ -10,11 +10,14 @@ class as ``cls(target, adapter_name, config=config, r=..., lora_alpha=...,
 runs ``fastpeft.ops.lora_linear`` (fused kernels) in the common case, a single
 active vanilla adapter that is not merged, and falls back to PEFT's forward
 for everything else (several active adapters, ``adapter_names`` mixed
-batches, DoRA and other variants, ``lora_bias``, disabled or merged adapters,
+batches, variants other than DoRA, ``lora_bias``, disabled or merged adapters,
 an input whose dtype differs from the base weight outside ``torch.autocast``;
 under autocast the fused op casts like torch's ``linear``). Parameter names,
 merge/unmerge, saving and loading are PEFT's, so adapters saved this way are
-ordinary PEFT adapters.
+ordinary PEFT adapters. A DoRA adapter (``use_dora=True``) runs
+``fastpeft.ops.dora_linear`` on PEFT's own magnitude parameter
+(``lora_magnitude_vector``), with ``‖W_i‖²`` cached while the base weight is
+unchanged (``fastpeft.variants.dora``).
 
 Dtypes: PEFT keeps adapters in fp32 on half-precision models and runs the
 LoRA branch in fp32; the fused op instead casts A and B to the input's dtype
@@ -42,11 +45,13 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...nn.lora import conv1d_class
-from ...ops import lora_linear
+from ...ops import dora_linear, lora_linear
+from ...variants.dora import cached_row_norm_sq
 from ...ops._autocast import autocast_dtype
 
 
@@ -98,13 +103,13 @@ class FastLoraLinear(PeftLoraLinear):
         if len(active) != 1:
             return None
         adapter = active[0]
-        if adapter in self.lora_variant or self.lora_bias.get(adapter, False):
+        variant = self.lora_variant.get(adapter)
+        if (variant is not None and not isinstance(variant, DoraLinearVariant)) or self.lora_bias.get(adapter, False):
             return None
         if not isinstance(x, torch.Tensor):
             return None
         if x.dtype != self.get_base_layer().weight.dtype and autocast_dtype(x) is None:
             return None  # outside autocast, mixed dtypes keep PEFT's behaviour
-        return adapter
         return adapter
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -118,8 +123,17 @@ class FastLoraLinear(PeftLoraLinear):
             lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        if adapter in self.lora_variant:
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            weight_norm_sq = cached_row_norm_sq(self, base.weight, self._base_weight_out_in, x.dtype)
+            return dora_linear(x, weight, lora_A, lora_B, magnitude.to(x.dtype), self.scaling[adapter],
+                               bias=base.bias, dropout_p=p, training=dropout.training, weight_norm_sq=weight_norm_sq)
         return lora_linear(x, weight, lora_A, lora_B, self.scaling[adapter], bias=base.bias,
                            dropout_p=p, training=dropout.training)
+
+    def _base_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        weight = self.get_base_layer().weight.detach()
+        return (weight.t() if self.fan_in_fan_out else weight).to(dtype)
 
     def __repr__(self) -> str:
         return "fastpeft." + super().__repr__()

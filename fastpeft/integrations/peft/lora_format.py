@@ -1,4 +1,4 @@
-"""Save and load LoRA adapters in the HF PEFT directory format, without pickle.
+"""LoRA I/O: save and load LoRA adapters in the HF PEFT directory format.
 
 A PEFT LoRA adapter directory holds:
 - ``adapter_config.json``: a ``LoraConfig`` (``peft_type`` "LORA", ``r``,
@@ -19,27 +19,24 @@ Per-module ranks and alphas travel as PEFT's ``rank_pattern``/``alpha_pattern``.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import re
 from typing import Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
-from ...injection.modules_to_save import ModulesToSave, modules_to_save_names, saved_modules, wrap_modules_to_save
+from ...injection.modules_to_save import modules_to_save_names, wrap_modules_to_save
 from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target,
-                                  replace_modules, selected_modules)
+                                  selected_modules, swap_modules)
 from ...nn.lora import LoRALinear, is_lora_target, lora_scaling
 from ...variants import checkpoint_key_pattern, peft_config_fields, variant_for_peft_config, variant_of_layers
+from ...nn.modules_to_save import ModulesToSave, saved_modules
+from .peft_directory import (CONFIG_NAME, WEIGHTS_NAME, check_save_arguments, read_config_json, read_tensors,
+                             write_adapter)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 # A LoRA variant's per-layer tensors (DoRA's lora_magnitude_vector), saved without ".weight" as PEFT does.
@@ -118,22 +115,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
             for key, tensor in wrapper.trainable_copy.state_dict().items():
                 tensors[f"{KEY_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
 
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-
-
-def check_save_arguments(model, directory, base_model_name_or_path, task_type) -> None:
-    """TypeError naming the argument for what ``save_lora`` / ``save_peft`` cannot take."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
-    if task_type is not None and not isinstance(task_type, str):
-        raise TypeError(f"task_type must be a str or None, got {type(task_type).__name__}")
+    write_adapter(directory, config, tensors)
 
 
 def load_lora(model: nn.Module, directory: str | os.PathLike,
@@ -149,7 +131,8 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
       they must be exactly the adapter's modules, with the config's rank,
       scaling and dropout; the saved weights are copied into them (in their
       dtype; ``lora_dtype`` must then be None) and trainability is left as is.
-    Weights are read with safetensors; ``adapter_model.bin`` pickles are refused.
+    Weights are read from safetensors, or from PEFT's legacy ``adapter_model.bin`` with
+    ``torch.load(weights_only=True)`` (any other pickle is refused).
     Nothing in the model changes when anything is rejected.
     """
     if not isinstance(model, nn.Module):
@@ -199,7 +182,7 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
 
     # Build every layer before swapping any in, so a bad tensor leaves the model untouched.
     built = {name: make(name, model.get_submodule(name)) for name in names}
-    replace_modules(model, _exact_names_regex(names), lambda name, module: built[name])
+    swap_modules(model, names, lambda name, module: built[name])
     _load_modules_to_save(model, saved_plan)
     mark_only_lora_trainable(model)
     return model
@@ -308,23 +291,6 @@ def _check_shapes(name: str, layer: nn.Module, pair: dict) -> None:
             )
 
 
-def read_config_json(directory: str | os.PathLike) -> dict:
-    """``adapter_config.json`` of ``directory`` as a dict, unvalidated (any ``peft_type``)."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {CONFIG_NAME}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return config
-
-
 def read_lora_config(directory: str | os.PathLike) -> dict:
     """The validated ``adapter_config.json`` of ``directory`` as a dict (defaults filled in)."""
     config = read_config_json(directory)
@@ -375,29 +341,20 @@ def _none_if_empty(value):
 
 def _read_weights(directory, modules_to_save=None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """``({module path: {"lora_A": tensor, "lora_B": tensor}}, {modules_to_save tensor name: tensor})``
-    from the safetensors file (names without the ``base_model.model.`` prefix)."""
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(directory, PICKLE_WEIGHTS_NAME)):
-            raise ValueError(
-                f"{os.fspath(directory)!r} has only {PICKLE_WEIGHTS_NAME}, a pickle, which fastpeft does not load; "
-                f"re-save the adapter with safetensors ({WEIGHTS_NAME})"
-            )
-        raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {WEIGHTS_NAME}")
+    from the directory's weights (names without the ``base_model.model.`` prefix)."""
     weights: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     saved: dict[str, torch.Tensor] = {}
     unexpected = []
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            match = _KEY_RE.match(key) or _VARIANT_KEY_RE.match(key)
-            if match is None:
-                inner = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
-                if inner is not None and modules_to_save and is_under_modules_to_save(inner, modules_to_save):
-                    saved[inner] = f.get_tensor(key)
-                else:
-                    unexpected.append(key)
-                continue
-            weights[match["module"]][match["which"]] = f.get_tensor(key)
+    for key, tensor in read_tensors(directory).items():
+        match = _KEY_RE.match(key) or _VARIANT_KEY_RE.match(key)
+        if match is None:
+            inner = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
+            if inner is not None and modules_to_save and is_under_modules_to_save(inner, modules_to_save):
+                saved[inner] = tensor
+            else:
+                unexpected.append(key)
+            continue
+        weights[match["module"]][match["which"]] = tensor
     if unexpected:
         raise ValueError(f"{WEIGHTS_NAME} holds tensors that are not plain LoRA A/B weights: {unexpected[:5]}")
     for name, pair in weights.items():
@@ -453,7 +410,3 @@ def _target_modules(model: nn.Module, lora_names: list[str]) -> list[str]:
     selected = {n for n, _ in model.named_modules()
                 if n and not n.startswith(inside_lora) and matches_target(n, leaves)}
     return leaves if selected == set(lora_names) else sorted(lora_names)
-
-
-def _exact_names_regex(names: list[str]) -> str:
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
