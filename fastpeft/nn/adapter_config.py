@@ -3,7 +3,7 @@
 ``BnConfig`` carries the same field names, defaults and meaning as AdapterHub
 ``adapters`` 1.3's ``BnConfig``, so a config saved there
 (``adapter_config.json``'s ``"config"``) loads here unchanged and the other way
-round (see ``docs/architecture.md``, "Bottleneck adapters"). Placement fields
+round (``fastpeft.integrations.adapterhub``). Placement fields
 (where the adapter sits and what it wraps): ``mh_adapter`` (after the attention
 sub-layer), ``output_adapter`` (after the feed-forward sub-layer),
 ``original_ln_before`` / ``original_ln_after`` (the block's own residual and

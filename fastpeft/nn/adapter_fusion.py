@@ -2,8 +2,8 @@
 
 At one adapter location, N adapters each produce their scaled up-projection
 ``u_i`` (``BottleneckAdapter.adapter_output``); the fusion layer attends over
-them with the block's hidden state as query (see ``docs/architecture.md``,
-"Bottleneck adapters"):
+them with the block's hidden state as query, as AdapterHub ``adapters`` 1.3's
+``BertFusion`` does:
 
     q = W_Q query + b_Q,  k_i = W_K u_i + b_K,  v_i = W_V u_i (value_before_softmax)
     p = softmax(dropout(q · k_i) / T),  out = Σ_i p_i v_i + residual

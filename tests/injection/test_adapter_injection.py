@@ -1,7 +1,7 @@
 """apply_adapter / apply_adapter_fusion / set_adapter_drop on tiny transformers models (CPU path).
 
 The placement formulas are checked at one location against float64 formulas
-written out here (docs/architecture.md, "Bottleneck adapters"); the swapped
+written out here and against AdapterHub's BottleneckLayer math (tests/adapter_reference.py); the swapped
 blocks are checked to reproduce the original model exactly when the adapter
 adds nothing; AdapterHub parity itself is in tests/integrations/adapterhub.
 """
