@@ -3,13 +3,13 @@
 The registries are derived (kernel modules from ``fastpeft.kernels``,
 benchmark ops from ``benchmarks/ops``, PEFT-layer kinds from ``PeftLayer``
 subclasses); these tests check that what they find is what exists, so an op
-added without its kernel module, CPU module, benchmark or layer protocol fails
-here.
+added without its declared contract (``fastpeft/ops/_contracts.py``), kernel
+module, CPU module, AOT launches, benchmark or layer protocol fails here.
 """
+import ast
 import importlib
 import inspect
 import pkgutil
-import re
 import sys
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from torch import nn
 import fastpeft
 from fastpeft import kernels
 from fastpeft.nn.base import PEFT_LAYER_KINDS, PeftLayer
+from fastpeft.ops._contracts import CONTRACTS, contract_functions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -32,30 +33,44 @@ def test_the_known_ops_are_found():
     assert {"lora", "nf4", "qlora"} <= set(op_names())
 
 
-def dispatched_functions(op: str) -> set[str]:
-    """What ``fastpeft.ops.<op>`` calls on the module ``implementation(...)`` returns (``impl.<name>(``)."""
-    source = inspect.getsource(importlib.import_module(f"fastpeft.ops.{op}"))
-    return set(re.findall(r"\bimpl\.(\w+)\(", source))
+def calls_on_the_implementation(op: str) -> set[str]:
+    """The functions ``fastpeft.ops.<op>`` calls on a name bound to ``implementation(...)`` (from its syntax tree)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(f"fastpeft.ops.{op}")))
+    bound = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "implementation"
+             for target in node.targets if isinstance(target, ast.Name)}
+    return {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in bound}
+
+
+def test_every_op_has_a_declared_contract():
+    assert set(CONTRACTS) == set(op_names()), "each op declares its contract in fastpeft/ops/_contracts.py"
 
 
 @pytest.mark.parametrize("op", op_names())
-def test_every_op_has_both_implementations_with_the_same_functions(op):
-    """The dispatch contract: kernels.<op> and cpu.<op> have every function the op dispatches to."""
-    cpu = importlib.import_module(f"fastpeft.cpu.{op}")
-    triton_module = importlib.import_module(f"fastpeft.kernels.{op}")
-    assert callable(triton_module.check_kernel_dtype)
-    op_functions = dispatched_functions(op)
-    assert op_functions, f"fastpeft.ops.{op} dispatches nothing through implementation()"
-    for name in op_functions:
-        assert callable(getattr(cpu, name, None)), f"fastpeft.cpu.{op} lacks {name}"
-        assert callable(getattr(triton_module, name, None)), f"fastpeft.kernels.{op} lacks {name}"
-        cpu_params = list(inspect.signature(getattr(cpu, name)).parameters)
-        triton_signature = inspect.signature(getattr(triton_module, name)).parameters
-        triton_params = list(triton_signature)
-        # The Triton side may add trailing launch-config overrides (with defaults) for its own tests.
-        extra = triton_params[len(cpu_params):]
-        assert triton_params[:len(cpu_params)] == cpu_params, f"{name}: {cpu_params} != {triton_params}"
-        assert all(triton_signature[e].default is not inspect.Parameter.empty for e in extra), (name, extra)
+def test_both_implementations_satisfy_the_contract(op):
+    """kernels.<op> and cpu.<op> define every function of the op's protocol with its parameters; the Triton side
+    may add trailing launch-config overrides (with defaults) for its own tests."""
+    contract = contract_functions(op)
+    assert contract, f"{op}: an empty contract"
+    for module in (f"fastpeft.cpu.{op}", f"fastpeft.kernels.{op}"):
+        implementation = importlib.import_module(module)
+        for name, declared in contract.items():
+            function = getattr(implementation, name, None)
+            assert callable(function), f"{module} lacks {name}"
+            params = list(inspect.signature(function).parameters.values())
+            names, declared_names = [p.name for p in params], list(declared.parameters)
+            assert names[:len(declared_names)] == declared_names, f"{module}.{name}: {names} != {declared_names}"
+            assert all(p.default is not inspect.Parameter.empty for p in params[len(declared_names):]), (module, name)
+    assert callable(importlib.import_module(f"fastpeft.kernels.{op}").check_kernel_dtype)
+
+
+@pytest.mark.parametrize("op", op_names())
+def test_every_op_calls_only_its_contract_on_the_implementation(op):
+    called = calls_on_the_implementation(op)
+    assert called, f"fastpeft.ops.{op} dispatches nothing through implementation()"
+    assert called <= set(contract_functions(op)), f"fastpeft.ops.{op} calls {called - set(contract_functions(op))}"
 
 
 @pytest.mark.parametrize("op", op_names())

@@ -1,9 +1,10 @@
 """How every op reaches its implementation: one dispatch contract, one eager fast path.
 
-Dispatch contract (``docs/architecture.md``, "Ops"): an op ``<op>`` has a
-Triton module ``fastpeft.kernels.<op>`` and a CPU module
-``fastpeft.cpu.<op>`` that export the same plain functions (e.g.
-``<op>_forward`` / ``<op>_backward``) with the same arguments and results.
+Dispatch contract (``docs/architecture.md``, "Backends and dispatch"): an op
+``<op>`` has a Triton module ``fastpeft.kernels.<op>`` and a CPU module
+``fastpeft.cpu.<op>`` that export the same plain functions with the same
+arguments and results, declared once per op as a protocol in
+``fastpeft.ops._contracts``.
 ``implementation(op, device, dtype)`` returns the module the backend rule of
 ``fastpeft._backend`` picks for tensors on ``device``; the op calls the
 function it needs on it. Nothing falls back from one module to the other.

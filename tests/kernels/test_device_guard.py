@@ -7,35 +7,27 @@ recorder stands in for ``on_device_of`` and every kernel launch is replaced by
 a probe: each launch must happen inside a device context, and the context must
 be the one of the launcher's input tensor.
 
-The launchers under test are not listed by hand: they are the functions each
-op dispatches to (``impl.<name>(`` on the module ``implementation`` returns,
-and the direct ``triton_<op>.<name>(`` calls of the debug helpers), so a new op
-or a new dispatched function fails here until it has a call below.
+The launchers under test are not listed by hand: they are the functions of
+each op's declared dispatch contract (``fastpeft/ops/_contracts.py``), so a
+new op or a new contract function fails here until it has a call below.
 """
 import contextlib
 import importlib
-import inspect
 import pkgutil
-import re
 
 import pytest
 import torch
 
 from fastpeft import kernels
 from fastpeft.kernels import adapter, lora, nf4, prefix_attention, qlora
+from fastpeft.ops._contracts import contract_functions
 from fastpeft.quant.nf4 import NF4Weight
 from op_registry import op_names
 
 
 def dispatched_launchers() -> set[tuple[str, str]]:
-    """``(op, function)`` for every Triton function an op calls: ``impl.<f>(`` and ``triton_<op>.<f>(``."""
-    found = set()
-    for op in op_names():
-        source = inspect.getsource(importlib.import_module(f"fastpeft.ops.{op}"))
-        names = set(re.findall(r"\bimpl\.(\w+)\(", source)) | set(re.findall(rf"\btriton_{op}\.(\w+)\(", source))
-        found |= {(op, name) for name in names if callable(getattr(importlib.import_module(f"fastpeft.kernels.{op}"),
-                                                                   name, None))}
-    return found
+    """``(op, function)`` for every function of every op's dispatch contract."""
+    return {(op, name) for op in op_names() for name in contract_functions(op)}
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
