@@ -77,11 +77,14 @@ def _tanh_grad(x: Tensor) -> Tensor:
     return 1.0 - t * t
 
 
-_RELU = Activation(RELU, torch.relu_, lambda x: (x > 0).to(x.dtype))
+# Derivatives as torch's backward gives them: relu passes the gradient at NaN (threshold_backward), relu6
+# does not (torch.clamp's, and relu6's own vectorized backward), leaky relu's slope in x's dtype (fp64 for
+# fp64, not 0.01 rounded to fp32).
+_RELU = Activation(RELU, torch.relu_, lambda x: (x <= 0).logical_not_().to(x.dtype))
 _GELU = Activation(GELU, F.gelu, _gelu_grad)
 _GELU_TANH = Activation(GELU_TANH, lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh_grad)
 _LEAKY = Activation(LEAKY_RELU, lambda x: F.leaky_relu_(x, LEAKY_SLOPE),
-                    lambda x: torch.where(x > 0, 1.0, LEAKY_SLOPE).to(x.dtype))
+                    lambda x: torch.where(x > 0, x.new_ones(()), x.new_full((), LEAKY_SLOPE)))
 
 ACTIVATIONS: dict[str, Activation] = {
     "relu": _RELU,

@@ -105,7 +105,9 @@ def adapter_backward(dy: Tensor, x2d: Tensor, down_weight: Tensor, up_weight: Te
         d_scale = terms.sum(0) if scale.dim() == 1 else terms.sum()
     if need_dx or need_down_weight or need_down_bias:
         dz = torch.mm(ds, up_weight)
-        da = dz.to(pre.dtype).mul_(fn.derivative(pre)).to(dtype)
+        act_grad = fn.derivative(pre)
+        # Where the derivative is 0 the gradient is exactly 0, as torch's relu backward selects (not 0 · inf).
+        da = dz.to(pre.dtype).mul_(act_grad).masked_fill_(act_grad == 0, 0.0).to(dtype)
         if need_dx:
             dx = torch.mm(da, down_weight)
         if need_down_weight:

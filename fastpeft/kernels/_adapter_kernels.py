@@ -37,9 +37,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import activations
 from ._common import SEED_ARGS, TOKEN_ARGS, keep_mask_per_element, mma
 
 # --- activations (ids: fastpeft.activations) -----------------------------------------------------------
+# The table's ids as constexprs (a @triton.jit function reads a global only when it is a tl.constexpr).
+ACT_RELU = tl.constexpr(activations.RELU)
+ACT_GELU = tl.constexpr(activations.GELU)
+ACT_GELU_TANH = tl.constexpr(activations.GELU_TANH)
+ACT_QUICK_GELU = tl.constexpr(activations.QUICK_GELU)
+ACT_SILU = tl.constexpr(activations.SILU)
+ACT_TANH = tl.constexpr(activations.TANH)
+ACT_SIGMOID = tl.constexpr(activations.SIGMOID)
+ACT_LEAKY_RELU = tl.constexpr(activations.LEAKY_RELU)
+ACT_IDENTITY = tl.constexpr(activations.IDENTITY)
+ACT_MISH = tl.constexpr(activations.MISH)
+ACT_RELU6 = tl.constexpr(activations.RELU6)
+ACT_LEAKY_SLOPE = tl.constexpr(activations.LEAKY_SLOPE)
 
 
 @triton.jit
@@ -60,58 +74,59 @@ def _gelu_tanh_inner(x):
 @triton.jit
 def activate(x, ACT: tl.constexpr):
     """``act(x)`` for fp32 ``x``."""
-    if ACT == 0:  # relu
-        y = tl.maximum(x, 0.0)
-    elif ACT == 1:  # gelu (erf)
+    if ACT == ACT_RELU:
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
+    elif ACT == ACT_GELU:  # gelu (erf)
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 2:  # gelu, tanh form
+    elif ACT == ACT_GELU_TANH:  # gelu, tanh form
         y = 0.5 * x * (1.0 + _gelu_tanh_inner(x))
-    elif ACT == 3:  # quick_gelu
+    elif ACT == ACT_QUICK_GELU:
         y = x * tl.sigmoid(1.702 * x)
-    elif ACT == 4:  # silu / swish
+    elif ACT == ACT_SILU:  # silu / swish
         y = x * tl.sigmoid(x)
-    elif ACT == 5:  # tanh
+    elif ACT == ACT_TANH:
         y = _tanh(x)
-    elif ACT == 6:  # sigmoid
+    elif ACT == ACT_SIGMOID:
         y = tl.sigmoid(x)
-    elif ACT == 7:  # leaky relu, slope 0.01
-        y = tl.where(x > 0.0, x, 0.01 * x)
-    elif ACT == 8:  # identity
+    elif ACT == ACT_LEAKY_RELU:
+        y = tl.where(x > 0.0, x, ACT_LEAKY_SLOPE * x)
+    elif ACT == ACT_IDENTITY:
         y = x
-    elif ACT == 9:  # mish
+    elif ACT == ACT_MISH:
         y = x * _tanh(_softplus(x))
     else:  # relu6
-        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        y = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                       propagate_nan=tl.PropagateNan.ALL)
     return y
 
 
 @triton.jit
 def activate_grad(x, ACT: tl.constexpr):
     """``act'(x)`` for fp32 ``x``."""
-    if ACT == 0:
-        d = tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 1:
+    if ACT == ACT_RELU:
+        d = tl.where(x <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's threshold_backward
+    elif ACT == ACT_GELU:
         d = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-    elif ACT == 2:
+    elif ACT == ACT_GELU_TANH:
         t = _gelu_tanh_inner(x)
         d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-    elif ACT == 3:
+    elif ACT == ACT_QUICK_GELU:
         s = tl.sigmoid(1.702 * x)
         d = s + 1.702 * x * s * (1.0 - s)
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         s = tl.sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
-    elif ACT == 5:
+    elif ACT == ACT_TANH:
         t = _tanh(x)
         d = 1.0 - t * t
-    elif ACT == 6:
+    elif ACT == ACT_SIGMOID:
         s = tl.sigmoid(x)
         d = s * (1.0 - s)
-    elif ACT == 7:
-        d = tl.where(x > 0.0, 1.0, 0.01)
-    elif ACT == 8:
+    elif ACT == ACT_LEAKY_RELU:
+        d = tl.where(x > 0.0, 1.0, ACT_LEAKY_SLOPE)
+    elif ACT == ACT_IDENTITY:
         d = tl.full(x.shape, 1.0, tl.float32)
-    elif ACT == 9:
+    elif ACT == ACT_MISH:
         t = _tanh(_softplus(x))
         d = t + x * (1.0 - t * t) * tl.sigmoid(x)
     else:
@@ -207,7 +222,8 @@ def _adapter_forward_kernel(
     if STORE_PRE:
         pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :]
         tl.store(pre_ptrs, pre, mask=in_rows[:, None] & in_b[None, :] & (pid_n == 0))
-    z = activate(pre, ACT).to(y_ptr.dtype.element_ty)
+    # Padding lanes exact 0: an infinite x makes them 0 · inf = NaN, which the up-projection would spread.
+    z = tl.where(in_b[None, :], activate(pre, ACT), 0.0).to(y_ptr.dtype.element_ty)
 
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(pid_n * BLOCK_N, H, n_step):
@@ -278,7 +294,9 @@ def _adapter_backward_rows_kernel(
             dz = mma(ds.to(dtype), up_w, dz, DOT_PRECISION, UPCAST)
 
     if NEED_DA:
-        da = dz * activate_grad(pre, ACT)
+        act_grad = activate_grad(pre, ACT)
+        # Exact 0 where act' is 0 (torch's relu backward selects, no 0 · inf) and in the padding lanes.
+        da = tl.where(in_b[None, :] & (act_grad != 0.0), dz * act_grad, 0.0)
         tl.store(da_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :], da,
                  mask=in_rows[:, None] & in_b[None, :])
         if NEED_DX:

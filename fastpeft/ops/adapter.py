@@ -33,11 +33,13 @@ import torch
 from torch import Tensor
 
 from .._backend import Backend, select_backend
-from .._validation import FLOAT_DTYPES, check_dim, check_probability, check_same_device, check_same_dtype, check_tensor
+from .._validation import (FLOAT_DTYPES, check_device, check_dim, check_probability, check_same_device,
+                           check_same_dtype, check_scaling, check_tensor)
 from ..cpu import adapter as adapter_cpu
-from ._autograd import gradients, needs
+from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
+from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
-from ._dropout_seed import draw_seed, seed_value
+from ._dropout_seed import check_seed, draw_seed, seed_value
 from ..activations import activation as lookup_activation
 
 _SIX_TENSORS = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # custom ops need a fixed arity
@@ -118,6 +120,8 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         return y2d.view(x.shape)
 
     @staticmethod
+    @once_differentiable
+    @outside_autocast
     def backward(ctx, dy):
         need = needs(ctx, _INPUTS)
         names = _GRADIENTS
@@ -150,7 +154,17 @@ def bottleneck_adapter(x: Tensor, down_weight: Tensor, up_weight: Tensor, down_b
     ``activation``: a transformers ``ACT2FN`` name (see
     ``fastpeft.activations.ACTIVATIONS``). Dropout is applied only when
     ``training`` is true. Returns x's shape and dtype.
+
+    Under ``torch.autocast`` the op casts like torch's ``linear``: every
+    floating tensor (x, the weights and biases, the residual, a tensor
+    scaling; not fp64) runs in the autocast dtype and gradients flow back to
+    each in its own dtype (``fastpeft.ops._autocast``). First derivatives
+    only: a double backward or a forward-mode (``jvp``) tangent raises.
     """
+    autocast = any_autocast_enabled()
+    if autocast:
+        x, down_weight, up_weight, down_bias, up_bias, residual, scaling = autocast_inputs(
+            x, down_weight, up_weight, down_bias, up_bias, residual, scaling)
     hidden = _validate(x, down_weight, up_weight, down_bias, up_bias, residual)
     lookup_activation(activation)
     scale, scaling = _scaling(scaling, x, hidden)
@@ -158,8 +172,20 @@ def bottleneck_adapter(x: Tensor, down_weight: Tensor, up_weight: Tensor, down_b
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
+    if not autocast:
+        return _run(x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, activation, dropout_p,
+                    seed)
+    with autocast_off(x.device.type):
+        return _run(x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, activation, dropout_p,
+                    seed)
+
+
+def _run(x, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, activation, dropout_p, seed):
+    """``BottleneckAdapterFunction.apply``, or its forward alone when no gradient can be asked for. Inside a
+    forward-AD level the Function runs (it has no ``jvp``), so dual inputs raise rather than lose their
+    tangents in a kernel."""
     tensors = (x, down_weight, up_weight, down_bias, up_bias, residual, scale)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or forward_ad_active():
         store_pre = any(t is not None and t.requires_grad for t in tensors[:5] + (scale,))
         return BottleneckAdapterFunction.apply(*tensors, scaling, activation.lower(), dropout_p, seed, store_pre)
     # Inference: no autograd node, no saved pre-activation.
@@ -215,12 +241,14 @@ def _scaling(scaling, x: Tensor, hidden: int) -> tuple[Optional[Tensor], float]:
                          f"or [{hidden}] (hidden size)")
     if isinstance(scaling, bool) or not isinstance(scaling, Real):
         raise TypeError(f"scaling must be a float or a tensor, got {type(scaling).__name__}")
-    return None, float(scaling)
+    return None, check_scaling("scaling", scaling)
 
 
 def adapter_dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     """The boolean keep-mask ``[M, H]`` the selected backend applies for ``seed`` (for tests and debugging)."""
-    device = torch.device(device)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    seed = check_seed("seed", seed)
+    device = check_device("device", device)
     if select_backend(device) is Backend.TRITON:
         from ..kernels import adapter as triton_adapter
 
