@@ -57,6 +57,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastpeft.kernels._common import TARGET_SMS
+
 from . import sass_loops
 from .aot_spec import uninterpreted_environment
 
@@ -68,8 +70,8 @@ SM_REGISTERS = 65536
 SM_THREADS = 2048
 SM_CTAS = 32
 MAX_REGISTERS = 255
-# SMs of the GPU each arch is judged for: A100 (sm_80) 108, H100 SXM (sm_90) 132.
-SM_COUNT = {80: 108, 90: 132}
+# SMs of the GPU each arch is judged for: A100 (sm_80) 108, H100 SXM (sm_90) the launch plans' target.
+SM_COUNT = {80: 108, 90: TARGET_SMS}
 
 
 GRID_BELOW_SMS = "headline grid below one CTA per SM"

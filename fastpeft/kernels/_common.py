@@ -45,6 +45,9 @@ from .._backend import triton_interpreter_enabled
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_DTYPES = tuple(TRITON_DTYPE)
+# SMs of the largest GPU the launch plans fill (H100 SXM; an A100 has 108): a launch at a benchmark shape
+# should have at least this many programs. The kernel report's grid gate judges sm_90 against it.
+TARGET_SMS = 132
 SEED_LIMIT = 2**62  # fastpeft.ops draws dropout seeds in [0, SEED_LIMIT)
 SEED_ARGS = ["seed_lo", "seed_hi"]  # never specialised: every seed shares one compiled kernel
 # The token count changes from call to call: not specialised either (no recompile for M = 1 or for an M that

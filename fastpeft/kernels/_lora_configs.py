@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LaunchConfig, cdiv
+from ._common import TARGET_SMS, LaunchConfig, cdiv
 
 # Rank chunk: the rank r is processed in chunks of this many columns. r <= 16
 # takes one 16-wide chunk (16 is the smallest tensor-core K), larger r 64-wide
@@ -29,9 +29,9 @@ GEMM_RANK_BLOCK = 16
 # sm_90 (4 before), with the same CTAs/SM as four for fp16/bf16.
 GEMM_UNROLLED_RANK_STEPS = 2
 
-# Programs a launch should have to fill the largest GPU we target (H100 SXM: 132 SMs; A100 has 108). The
-# kernel report's grid gate checks every launch at a benchmark headline shape against it.
-FILL_PROGRAMS = 132
+# Programs a launch should have to fill the largest GPU we target (``_common.TARGET_SMS``). The kernel report's
+# grid gate checks every launch at a benchmark headline shape against it.
+FILL_PROGRAMS = TARGET_SMS
 
 
 # Rank-output kernels ([rows, r] or [cols, r]) use block_m for the rows/cols tile and block_k for

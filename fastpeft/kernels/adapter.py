@@ -49,7 +49,7 @@ from ._common import (LaunchConfig, cdiv, dot_precision, dropout_args, interpret
 check_kernel_dtype = _common.check_kernel_dtype
 
 MAX_BOTTLENECK = 256
-TARGET_PROGRAMS = 132  # about one wave on an H100; more column groups below this many row blocks
+TARGET_PROGRAMS = _common.TARGET_SMS  # about one wave on an H100; more column groups below this many row blocks
 _MIN_SPLIT_ROWS = 512  # a reduce split keeps at least this many rows
 SPLIT_K_MIN = 256  # columns of x per program of the split-K down-projection
 MAX_DOWN_SPLITS = 16
