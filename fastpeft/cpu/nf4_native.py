@@ -95,11 +95,7 @@ def _check_weight(w) -> NF4Weight:
         raise TypeError(f"w must be an NF4Weight, got {type(w).__name__}")
     if w.device.type != "cpu":
         raise ValueError(f"w is on {w.device}; the CPU NF4 kernels need it on the CPU")
-    if len(w.shape) != 2:
-        raise ValueError(f"w must hold a 2-D weight (N, K) for a matmul, got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if k % w.blocksize:
-        raise ValueError(f"w: K ({k}) must be a multiple of blocksize ({w.blocksize}) for the fused NF4 matmul")
+    w.check_matmul_layout("w")
     return w
 
 

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 import triton
 
+from ..quant.nf4 import NF4Weight
 from ._common import LaunchConfig, check_kernel_dtype, dot_precision, interpreter_upcast, launcher, split_seed
 from ._nf4_kernels import _nf4_dequant_kernel, _nf4_matmul_kernel, _nf4_matmul_t_kernel
-from ._nf4_layout import check_nf4_layout
 from .nf4_gemv import GEMV_MAX_M, LORA_RANK_BLOCK, launch_gemv
 
 __all__ = ["check_kernel_dtype", "nf4_dequantize", "nf4_forward", "nf4_input_grad", "nf4_matmul",
@@ -70,7 +70,7 @@ def backward_config(m: int, blocksize: int, dtype: torch.dtype = torch.float16,
 
 def _check_layout(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
                   blocksize: int) -> None:
-    check_nf4_layout(packed, absmax, code, n, k, blocksize)
+    NF4Weight.check_packed_layout(packed, absmax, code, n, k, blocksize)
     if blocksize & (blocksize - 1):  # the GEMMs' tiles hold whole blocks or whole parts of one
         raise ValueError(f"blocksize={blocksize} must be a power of two")
 

@@ -34,9 +34,9 @@ from typing import Optional
 import torch
 import triton
 
+from ..quant.nf4 import NF4Weight
 from ._common import TRITON_DTYPE, LaunchConfig, launcher
 from ._nf4_gemv_kernels import _nf4_decode_gemv_kernel
-from ._nf4_layout import check_nf4_layout
 
 __all__ = ["GEMV_MAX_M", "gemv_config", "launch_gemv", "nf4_gemv"]
 
@@ -76,7 +76,7 @@ def _check_layout(x2d, packed, absmax, code, n: int, k: int, blocksize: int) -> 
         raise ValueError(f"x2d must be [M, {k}], got {tuple(x2d.shape)}")
     if x2d.dtype not in TRITON_DTYPE:
         raise TypeError(f"x2d must be float32, float16 or bfloat16, not {x2d.dtype}")
-    check_nf4_layout(packed, absmax, code, n, k, blocksize)
+    NF4Weight.check_packed_layout(packed, absmax, code, n, k, blocksize)
 
 
 # x's elements 2j and 2j + 1 meet byte j of the weight: the kernel reads them as one word.

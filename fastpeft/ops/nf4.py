@@ -175,19 +175,5 @@ def validate_nf4_weight(name: str, w) -> None:
     """Checks an ``NF4Weight`` for the NF4 kernels: 2-D, K divisible by blocksize, consistent state."""
     if not isinstance(w, NF4Weight):
         raise TypeError(f"{name} must be a fastpeft.quant.NF4Weight, got {type(w).__name__}")
-    if len(w.shape) != 2:
-        raise ValueError(f"{name} must be a 2-D [out_features, in_features] weight, got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if k % w.blocksize:
-        raise ValueError(f"{name}: in_features={k} is not divisible by blocksize={w.blocksize}; the NF4 kernels "
-                         "need every quantization block inside one row (re-quantize with a blocksize dividing it)")
-    if not isinstance(w.packed, Tensor) or w.packed.dtype != torch.uint8:
-        raise TypeError(f"{name}.packed must be a uint8 tensor, got "
-                        f"{getattr(w.packed, 'dtype', type(w.packed).__name__)}")
-    if w.packed.numel() * 2 != n * k:
-        raise ValueError(f"{name}.packed has {w.packed.numel()} bytes; shape {tuple(w.shape)} needs {n * k // 2}")
-    absmax = w.absmax_float()
-    if absmax.dtype != torch.float32 or absmax.numel() != n * k // w.blocksize:
-        raise ValueError(f"{name}: quantization state does not match the weight: {absmax.numel()} "
-                         f"{absmax.dtype} block scales for {n * k // w.blocksize} blocks of {w.blocksize}")
-    check_same_device(f"{name}.packed", w.packed, **{f"{name}.absmax": absmax, f"{name}.code": w.code})
+    w.check_matmul_layout(name)
+    check_same_device(f"{name}.packed", w.packed, **{f"{name}.absmax": w.absmax_float(), f"{name}.code": w.code})

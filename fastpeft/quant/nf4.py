@@ -388,6 +388,47 @@ class NF4Weight:
                 self._absmax_float = self.absmax
         return self._absmax_float
 
+    # -- the matmul kernels' layout ------------------------------------------
+    @staticmethod
+    def check_packed_layout(packed, absmax, code, n: int, k: int, blocksize: int, name: str = "") -> None:
+        """The layout every NF4 matmul kernel reads (Triton, native CPU), for an ``[n, k]`` weight in parts.
+
+        Each quantization block lies inside one row (``k`` a multiple of an
+        even ``blocksize``); ``packed`` is contiguous uint8 with ``n·k/2``
+        bytes, ``absmax`` contiguous fp32 with one scale per block, ``code``
+        contiguous fp32 with 16 values. A wrong dtype raises TypeError, a wrong
+        size or layout ValueError, naming the argument (``name.packed`` when
+        ``name`` is given). The launchers run it on their arguments, the ops on
+        a weight (``check_matmul_layout``), so the kernels never read past a
+        buffer.
+        """
+        prefix = f"{name}." if name else ""
+        if blocksize <= 0 or blocksize % 2 or k % blocksize:
+            raise ValueError(f"{name or 'weight'}: in_features={k} is not divisible by blocksize={blocksize}: it must "
+                             "be a multiple of blocksize (an even number), so that every quantization block lies "
+                             "inside one row (re-quantize with a blocksize dividing it)")
+        for part, value, dtype, count in (("packed", packed, torch.uint8, n * k // 2),
+                                          ("absmax", absmax, torch.float32, n * k // blocksize),
+                                          ("code", code, torch.float32, 16)):
+            if not isinstance(value, Tensor) or value.dtype != dtype:
+                got = getattr(value, "dtype", type(value).__name__)
+                raise TypeError(f"{prefix}{part} must be a {dtype} tensor, got {got}")
+            if value.numel() != count:
+                what = "bytes" if part == "packed" else "values"
+                raise ValueError(f"{prefix}{part} has {value.numel()} {what}; a [{n}, {k}] weight with blocksize "
+                                 f"{blocksize} needs {count} (the quantization state does not match the weight)")
+            if not value.is_contiguous():
+                raise ValueError(f"{prefix}{part} must be contiguous")
+
+    def check_matmul_layout(self, name: str = "w") -> None:
+        """This weight as the NF4 matmul kernels read it: 2-D ``[out_features, in_features]``, then
+        ``check_packed_layout`` of its packed bytes, fp32 block scales and codebook."""
+        if len(self.shape) != 2:
+            raise ValueError(f"{name} must be a 2-D [out_features, in_features] weight, got shape {tuple(self.shape)}")
+        n, k = self.shape
+        packed = self.packed.reshape(-1) if isinstance(self.packed, Tensor) else self.packed
+        NF4Weight.check_packed_layout(packed, self.absmax_float(), self.code, n, k, self.blocksize, name)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The weight in ``dtype`` (default: the original dtype), equal to bitsandbytes' dequantize_4bit."""
         dtype = self.dtype if dtype is None else dtype

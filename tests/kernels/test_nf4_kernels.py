@@ -226,9 +226,9 @@ def test_launcher_guards():
         K.nf4_matmul(x, packed, absmax, code, 8, 128, 96)
     with pytest.raises(ValueError, match="power of two"):
         K.nf4_matmul(torch.randn(2, 96), packed[:384], absmax[:16], code, 8, 96, 48)
-    with pytest.raises(ValueError, match="packed"):
+    with pytest.raises(TypeError, match="packed"):  # a wrong dtype is a TypeError (NF4Weight.check_packed_layout)
         K.nf4_matmul(x, packed.to(torch.int16), absmax, code, 8, 128, 64)
-    with pytest.raises(ValueError, match="absmax"):
+    with pytest.raises(TypeError, match="absmax"):
         K.nf4_matmul(x, packed, absmax.half(), code, 8, 128, 64)
     with pytest.raises(ValueError, match="code"):
         K.nf4_matmul(x, packed, absmax, code[:8].contiguous(), 8, 128, 64)
