@@ -105,6 +105,11 @@ def _scale_args(scaling: float, scale: Optional[Tensor], fallback: Tensor) -> di
     return dict(scale_ptr=scale.contiguous(), scale=1.0, SCALE=1 if scale.dim() == 0 else 2)
 
 
+def _dense(vector: Optional[Tensor]) -> Optional[Tensor]:
+    """A bias with stride 1 (a view with another stride is copied: ``[b]`` or ``[H]`` elements)."""
+    return vector if vector is None else vector.contiguous()
+
+
 def _dot_args(dtype: torch.dtype) -> dict:
     return dict(DOT_PRECISION=dot_precision(dtype), UPCAST=interpreter_upcast(dtype))
 
@@ -117,7 +122,9 @@ def adapter_forward(x2d: Tensor, down_weight: Tensor, up_weight: Tensor, down_bi
 
     ``x2d``, ``residual2d`` and the weights may have any strides; ``scale``
     (``[]`` or ``[H]``, x's dtype) replaces the float ``scaling`` when given.
+    The kernels read the vectors (biases, scale) with stride 1: they are made contiguous here.
     """
+    down_bias, up_bias = _dense(down_bias), _dense(up_bias)
     m, h = x2d.shape
     b = down_weight.shape[0]
     config = configs(b, x2d.dtype)[0]
@@ -195,6 +202,7 @@ def adapter_backward(dy: Tensor, x2d: Tensor, down_weight: Tensor, up_weight: Te
     and ``x2d`` may have any strides. Gradients have the dtype (and shape) of
     their inputs; ``d_scale`` only when ``scale`` is given.
     """
+    up_bias = _dense(up_bias)
     m, h = x2d.shape
     b = down_weight.shape[0]
     _, rows_config, _ = configs(b, dy.dtype)
