@@ -8,6 +8,7 @@ from fastpeft.kernels._common import dot_precision
 from fastpeft.kernels.adapter import adapter_backward, adapter_forward, configs, dropout_mask
 
 from ..aot_spec import launch_label, module_specs
+from ..headline_shapes import distinct, gpu_shapes
 
 KERNEL_MODULE = "fastpeft.kernels.adapter"
 
@@ -47,14 +48,16 @@ def aot_launches() -> None:
 
 # The GPU benchmark's shapes (benchmarks/ops/adapter.py: bf16, Pfeiffer with reduction 16, a training step):
 # launched again as headline launches, whose grids the kernel report's grid gate checks.
-HEADLINE_HIDDEN = (768, 4096)
-HEADLINE_TOKENS = (1, 512, 4096)
+_HEADLINE = gpu_shapes("adapter", "default")
+HEADLINE_HIDDEN = distinct(_HEADLINE, "H")
+HEADLINE_TOKENS = distinct(_HEADLINE, "tokens")
+_BOTTLENECK = dict(distinct(_HEADLINE, "H", "b"))
 
 
 def _aot_headline_launches() -> None:
     dtype = torch.bfloat16
     for h in HEADLINE_HIDDEN:
-        b = h // 16
+        b = _BOTTLENECK[h]
         down_w, up_w, down_b, up_b = (torch.empty(shape, dtype=dtype) for shape in ((b, h), (h, b), (b,), (h,)))
         for m in HEADLINE_TOKENS:
             x, dy = torch.empty((m, h), dtype=dtype), torch.empty((m, h), dtype=dtype)

@@ -8,6 +8,7 @@ from fastpeft.kernels._lora_kernels import _lora_split_sum_kernel
 from fastpeft.kernels.lora import dropout_mask, lora_backward, lora_forward
 
 from ..aot_spec import launch_label, module_specs
+from ..headline_shapes import distinct, gpu_shapes
 
 KERNEL_MODULE = "fastpeft.kernels.lora"
 # The sum of a split reduction's fp32 partials (``kernels.lora.sum_partials``): an epilogue (``aot_spec.epilogue_kernels``).
@@ -27,9 +28,10 @@ AOT_SHAPES = ((16, 4096, 4096), (64, 4096, 4096), (512, 4096, 4096), (2048, 4096
               (4096, 1024, 1024))
 # The GPU shapes of the benchmark (benchmarks/ops/lora.py, level "full": tokens x (K, N) x r), launched as
 # headline shapes: the kernel report requires each of their grids to fill the GPU (at least one CTA per SM).
-HEADLINE_TOKENS = (1, 16, 512, 4096, 8192)
-HEADLINE_FEATURES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))
-HEADLINE_RANKS = (8, 16, 64)
+_HEADLINE = gpu_shapes("lora", "full")
+HEADLINE_TOKENS = distinct(_HEADLINE, "tokens")
+HEADLINE_FEATURES = distinct(_HEADLINE, "K", "N")
+HEADLINE_RANKS = distinct(_HEADLINE, "r")
 
 
 def aot_launches() -> None:

@@ -8,6 +8,7 @@ from fastpeft.kernels.nf4 import nf4_dequantize, nf4_forward, nf4_input_grad
 from fastpeft.kernels.nf4_gemv import GEMV_MAX_M
 
 from ..aot_spec import launch_label, module_specs
+from ..headline_shapes import distinct, gpu_shapes
 
 KERNEL_MODULE = "fastpeft.kernels.nf4"
 
@@ -19,7 +20,7 @@ AOT_FEATURES = 4096
 AOT_TOKENS = (1, 2, 4, 8, 16, 256, 2048)
 # The GPU benchmark's shapes (benchmarks/ops/nf4.py and qlora.py: bf16, K = N = 4096): launched again as headline
 # launches, whose grids the kernel report's grid gate checks.
-HEADLINE_TOKENS = (1, 16, 512, 4096)
+HEADLINE_TOKENS = distinct(gpu_shapes("nf4", "full", K=AOT_FEATURES, N=AOT_FEATURES), "tokens")
 HEADLINE_DTYPE = torch.bfloat16
 
 

@@ -9,6 +9,7 @@ from fastpeft.kernels.prefix_attention import (backward_configs, forward_config,
                                                prefix_attention_forward, row_delta)
 
 from ..aot_spec import launch_label, module_specs
+from ..headline_shapes import distinct, gpu_shapes
 
 KERNEL_MODULE = "fastpeft.kernels.prefix_attention"
 
@@ -53,10 +54,11 @@ def _aot_headline_launches() -> None:
     """The GPU benchmark's shapes (benchmarks/ops/prefix_attention.py: bf16, Hq = 32, Hkv = 8, 4096 keys, one
     decode step or 4096 / 16384 tokens in 4096-token sequences, causal) as headline launches: the kernel
     report's grid gate checks their grids."""
-    dtype, hq, hkv, seq = torch.bfloat16, 32, 8, 4096
-    for d in (64, 128):
-        for p in (10, 30, 128):
-            for batch, sq in ((1, 1), (1, seq), (4, seq)):
+    shapes = gpu_shapes("prefix_attention", "default")
+    dtype, ((hq, hkv, seq),) = torch.bfloat16, distinct(shapes, "Hq", "Hkv", "seq")
+    for d in distinct(shapes, "D"):
+        for p in distinct(shapes, "P"):
+            for batch, sq in ((max(1, t // seq), min(t, seq)) for t in distinct(shapes, "tokens")):
                 q = torch.zeros(batch, sq, hq, d, dtype=dtype).transpose(1, 2)
                 k = torch.zeros(batch, seq, hkv, d, dtype=dtype).transpose(1, 2)
                 pk = torch.zeros(1, hkv, p, d, dtype=dtype)

@@ -9,7 +9,8 @@ from fastpeft.kernels.qlora import qlora_backward, qlora_forward
 
 from ..aot_spec import launch_label, module_specs
 from . import nf4
-from .nf4 import AOT_BLOCKSIZE, AOT_FEATURES, HEADLINE_DTYPE, HEADLINE_TOKENS, aot_weight
+from ..headline_shapes import distinct, gpu_shapes
+from .nf4 import AOT_BLOCKSIZE, AOT_FEATURES, HEADLINE_DTYPE, aot_weight
 
 KERNEL_MODULE = "fastpeft.kernels.qlora"
 
@@ -18,6 +19,7 @@ KERNEL_MODULE = "fastpeft.kernels.qlora"
 # dropout.
 AOT_RANKS = (8, 16, 64)
 AOT_TOKENS = nf4.AOT_TOKENS
+HEADLINE = gpu_shapes("qlora", "default", K=AOT_FEATURES, N=AOT_FEATURES)
 
 
 def aot_launches() -> None:
@@ -38,9 +40,10 @@ def aot_launches() -> None:
                     with launch_label(f"{t},r{r},m{m},{tag}", gemm):
                         qlora_backward(dy, x, *weight, n, k, AOT_BLOCKSIZE, lora_A, lora_B, h, 2.0, p, 1,
                                        True, False, False)
-    dtype, r = HEADLINE_DTYPE, 16  # the GPU benchmark's shapes (benchmarks/ops/qlora.py): r = 16, no dropout
+    dtype = HEADLINE_DTYPE  # the GPU benchmark's shapes at K = N = 4096 (benchmarks/ops/qlora.py), no dropout
+    (r,) = distinct(HEADLINE, "r")
     lora_A, lora_B = torch.empty((r, k), dtype=dtype), torch.empty((n, r), dtype=dtype)
-    for m in HEADLINE_TOKENS:
+    for m in distinct(HEADLINE, "tokens"):
         x, dy, h = torch.empty((m, k), dtype=dtype), torch.empty((m, n), dtype=dtype), torch.empty((m, r), dtype=dtype)
         with launch_label(f"bf16,r{r},m{m},fwd", m > GEMV_MAX_M, headline=True):
             qlora_forward(x, *weight, n, k, AOT_BLOCKSIZE, None, lora_A, lora_B, 2.0, 0.0, 1)
