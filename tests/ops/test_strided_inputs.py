@@ -12,6 +12,7 @@ import torch
 
 from fastpeft.ops import bottleneck_adapter, dora_linear, lora_linear, nf4_linear, prefix_attention, qlora_linear
 from fastpeft.quant import NF4Weight
+from lane_device import lane_generator
 
 OFFSET = 3
 
@@ -48,7 +49,7 @@ _NF4 = {}
 
 def _nf4_weight():
     if not _NF4:
-        _NF4["w"] = NF4Weight.from_float(torch.randn(24, 64, generator=torch.Generator().manual_seed(1)) * 0.1,
+        _NF4["w"] = NF4Weight.from_float(torch.randn(24, 64, generator=lane_generator(1)) * 0.1,
                                          blocksize=64)
     return _NF4["w"]
 
