@@ -48,8 +48,8 @@ def dora_forward_with_base(base_forward: Callable, x2d, bias, lora_A, lora_B, sc
     c = scale.to(z.dtype)
     if keep_z:
         y = torch.mul(z, c) if bias is None else torch.addcmul(bias, z, c)
-    else:
-        y = z.mul_(c) if bias is None else z.mul_(c).add_(bias)
+    else:  # in place, with the same kernels (the same bits) as above
+        y = z.mul_(c) if bias is None else torch.addcmul(bias, z, c, out=z)
         z = None
     if dropout_p != 0.0:
         y.add_(base_forward(x2d - x_dropped))

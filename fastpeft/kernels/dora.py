@@ -6,20 +6,22 @@ has the same functions and states the maths (``z = x' Wᵀ + s·(x' Aᵀ) Bᵀ``
 ``y = c ⊙ z + b`` [``+ (x − x') Wᵀ`` with dropout], backward through LoRA's
 launches on ``g = c ⊙ dy``, ``dm = Σ_rows(dy ⊙ z) / ‖·‖``).
 
-This first form runs LoRA's fused launches unchanged (no bias, no dropout
-inside them: the dropped ``x'`` is formed once with the kernels' own mask) and
-the column scale, bias, ``dm`` and the dropout-only base product as torch
-ops. It adds no kernel of its own, so it has no AOT variants yet
-(``aot_launches`` records none): the scale in the fused GEMM's epilogue and
-``dm`` as a reduction are the next step (``docs/architecture.md``, "How to
-add a LoRA variant").
+LoRA's fused launches run unchanged (no bias, no dropout inside them: the
+dropped ``x'`` is formed once with the kernels' own mask). The backward's
+``g = c ⊙ dy`` and ``dm`` come from one pass over ``dy`` and ``z``
+(``_dora_grad_scale_kernel``: column sums per row split, added in a fixed
+order). The forward's column scale and bias, and the dropout-only base
+product, are still torch ops: the scale in the fused GEMM's epilogue is the
+next step (``docs/architecture.md``, "How to add a LoRA variant"). AOT
+launches: ``gates/aot/dora.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._common import check_kernel_dtype, launcher
+from ._common import TARGET_SMS, cdiv, check_kernel_dtype, launcher
+from ._dora_kernels import _dora_grad_scale_kernel
 from .lora import dropout_mask, lora_backward, lora_forward
 
 __all__ = ["check_kernel_dtype", "dora_backward", "dora_forward"]
@@ -50,11 +52,11 @@ def dora_forward(x2d, weight, bias, lora_A, lora_B, scale, scaling: float, dropo
 def dora_backward(dy, x2d, weight, lora_A, lora_B, h, z, scale, norm, scaling: float, dropout_p: float, seed: int,
                   need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool):
     """Returns ``(dx, dA, dB, dm)``; an entry not asked for is ``None`` (dm in fp32)."""
-    dm = (dy * z).sum(0, dtype=torch.float32).div_(norm) if need_dm else None
-    if not (need_dx or need_dA or need_dB):
+    need_g = need_dx or need_dA or need_dB
+    g, dm = dora_grad_scale(dy, z if need_dm else None, scale, norm, need_g)
+    if not need_g:
         return None, None, None, dm
     x_dropped, keep_scale = _dropped(x2d, dropout_p, seed)
-    g = dy * scale.to(dy.dtype)
     dx, dA, dB = lora_backward(g, x_dropped, weight, lora_A, lora_B, h, scaling, 0.0, 0, need_dx, need_dA, need_dB)
     if need_dx and keep_scale is not None:  # dx = dy W + drop'(dx' − dy W), dx' the gradient of x'
         dy_w = torch.mm(dy, weight)
@@ -62,9 +64,26 @@ def dora_backward(dy, x2d, weight, lora_A, lora_B, h, z, scale, norm, scaling: f
     return dx, dA, dB, dm
 
 
-def aot_launches() -> None:
-    """No kernel of this module's own yet: its launches are ``fastpeft.kernels.lora``'s (reported there)."""
+GRAD_SCALE_BLOCK_M, GRAD_SCALE_BLOCK_N = 32, 128
 
 
-def aot_specs():
-    return []
+def dora_grad_scale(dy, z, scale, norm, write_g: bool):
+    """``(g = c ⊙ dy or None, dm = Σ_rows(dy ⊙ z) / norm in fp32, or None when z is None)`` in one pass."""
+    m, n = dy.shape
+    if dy.stride(1) != 1:
+        dy = dy.contiguous()
+    g = torch.empty((m, n), dtype=dy.dtype, device=dy.device) if write_g else None
+    has_z = z is not None
+    if m == 0 or n == 0:
+        return g, (torch.zeros(n, dtype=torch.float32, device=dy.device) if has_z else None)
+    col_tiles = cdiv(n, GRAD_SCALE_BLOCK_N)
+    # Row splits until the grid has a program per SM (never more splits than row tiles).
+    splits = max(1, min(cdiv(m, GRAD_SCALE_BLOCK_M), cdiv(TARGET_SMS, col_tiles)))
+    rows_per_split = cdiv(m, splits)
+    partials = torch.empty((splits, n), dtype=torch.float32, device=dy.device) if has_z else None
+    _dora_grad_scale_kernel[(col_tiles, splits)](
+        dy, z if has_z else dy, scale, g if write_g else dy, partials if has_z else scale, m, n, rows_per_split,
+        dy.stride(0), z.stride(0) if has_z else 0, WRITE_G=write_g, HAS_Z=has_z,
+        BLOCK_M=GRAD_SCALE_BLOCK_M, BLOCK_N=GRAD_SCALE_BLOCK_N, num_warps=4, num_stages=1)
+    return g, (partials.sum(0).div_(norm) if has_z else None)
+

@@ -96,8 +96,17 @@ _CHILD = textwrap.dedent('''
                         prefix_attention.prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, None,
                                                                    out, lse, causal, None, True, True, True)
 
+    def dora_calls():
+        from fastpeft.kernels import dora
+        for dtype in DTYPES:
+            for m in TOKENS:
+                for n in (192, 4096):
+                    dy, z, v = torch.empty(m, n, dtype=dtype), torch.empty(m, n, dtype=dtype), torch.empty(n)
+                    for has_z, write_g in ((True, True), (False, True), (True, False)):
+                        dora.dora_grad_scale(dy, z if has_z else None, v, v, write_g)
+
     MODULE_CALLS = {"fastpeft.kernels.lora": lora_calls, "fastpeft.kernels.nf4": nf4_calls,
-                    "fastpeft.kernels.nf4_gemv": nf4_gemv_calls,
+                    "fastpeft.kernels.nf4_gemv": nf4_gemv_calls, "fastpeft.kernels.dora": dora_calls,
                     "fastpeft.kernels.qlora": qlora_calls, "fastpeft.kernels.adapter": adapter_calls,
                     "fastpeft.kernels.prefix_attention": prefix_attention_calls}
     keys = all_spec_keys()
@@ -131,7 +140,7 @@ def test_every_kernel_module_is_exercised(coverage):
     assert coverage["modules"] == coverage["kernel_modules"]
 
 
-@pytest.mark.parametrize("module", ["lora", "nf4", "nf4_gemv", "qlora", "adapter", "prefix_attention"])
+@pytest.mark.parametrize("module", ["lora", "nf4", "nf4_gemv", "qlora", "adapter", "prefix_attention", "dora"])
 def test_every_launch_has_a_spec(coverage, module):
     result = coverage["per_module"][f"fastpeft.kernels.{module}"]
     assert result["launches"] > 10

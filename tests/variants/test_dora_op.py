@@ -95,3 +95,15 @@ def test_bad_magnitude_raises_value_error_naming_it():
     with pytest.raises(ValueError, match="weight_norm_sq"):
         dora_linear(ops["x"], ops["weight"], ops["lora_A"], ops["lora_B"], ops["magnitude"], 1.0,
                     weight_norm_sq=torch.ones(3, dtype=torch.float64))
+
+
+def test_no_grad_forward_skips_the_function_and_equals_it():
+    """The inference path (no autograd node, z not kept) gives the training path's output bit for bit."""
+    ops = operands(dtype=torch.float32)
+    args = (ops["x"], ops["weight"], ops["lora_A"], ops["lora_B"], ops["magnitude"], 1.5, ops["bias"])
+    with_graph = dora_linear(*args)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        without = dora_linear(*args)
+    assert without.grad_fn is None
+    assert torch.equal(without, with_graph.detach())
