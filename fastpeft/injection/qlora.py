@@ -74,13 +74,13 @@ def apply_qlora(model: nn.Module, target_modules: TargetModules, r: int = 8, lor
     an ``in_features`` not divisible by the blocksize or an fp4 ``Linear4bit``,
     TypeError for a target of another type; every target is checked before
     any is converted, so the model is untouched when anything is rejected.
-    ``use_dora=True`` (QDoRA) raises ValueError while the DoRA variant has no
-    NF4-base forward.
+    ``use_dora=True`` makes every layer QDoRA (DoRA on the NF4 base,
+    ``fastpeft.variants.dora``).
     """
     validate_lora_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
     variant = check_use_dora(use_dora)
     if not variant.supports("nf4"):
-        raise ValueError(f"use_dora={use_dora}: the {variant.name} variant does not support an NF4 base yet")
+        raise ValueError(f"use_dora={use_dora}: the {variant.name} variant does not support an NF4 base")
     check_lora_dtype(lora_dtype)
     check_blocksize(blocksize)
     check_double_quant(double_quant)

@@ -8,13 +8,26 @@ the layer while the frozen weight is unchanged (same storage, same version
 counter, same dtype); any in-place change of W invalidates it.
 Merging, as PEFT: ``W' = c ⊙ (W + s·BA)`` with the norm of the unmerged
 weight, kept for ``unmerge`` (``W = W' / c − s·BA``).
+
+QDoRA (an NF4 base, ``QLoRALinear``) composes the NF4 ops: ``A Wᵀ`` for the
+factored norm is ``nf4_linear`` on the rows of A, ``z`` is ``qlora_linear``
+without bias on x (or on the dropped x, plus ``nf4_linear(x − x')`` for
+PEFT's base recomputation), and autograd carries ``c ⊙ dy`` and
+``dm = Σ_rows(dy ⊙ z) / ‖·‖`` through the product. W is dequantised only
+inside the NF4 kernels, except once per weight version for the cached
+``‖W_i‖²``. Its dropout mask is torch's (``F.dropout``), not the fused ops'
+seeded one.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.dora import dora_linear, dora_weight_norm, norm_dtype, weight_row_norm_sq
+from torch.nn import functional as F
+
+from ..ops.dora import dora_linear, dora_weight_norm, factored_weight_norm, norm_dtype, weight_row_norm_sq
+from ..ops.nf4 import nf4_linear
+from ..ops.qlora import qlora_linear
 from .base import LoraVariant
 
 
@@ -41,6 +54,19 @@ class DoRA(LoraVariant):
         return dora_linear(x, weight, lora_A, lora_B, magnitude, layer.scaling, bias, layer.lora_dropout,
                            layer.training, weight_norm_sq=cached_weight_norm_sq(layer, weight.dtype))
 
+    def forward_nf4(self, layer, x, w_nf4, bias, lora_A, lora_B):
+        dtype = lora_A.dtype
+        magnitude = layer._parameters["lora_magnitude_vector"]
+        with torch.no_grad():
+            a_w = nf4_linear(lora_A.detach(), w_nf4)
+            norm = factored_weight_norm(cached_weight_norm_sq(layer, dtype), a_w, lora_A, lora_B, layer.scaling)
+        scale = (magnitude.to(norm.dtype) / norm).to(dtype)
+        p = layer.lora_dropout if layer.training else 0.0
+        x_dropped = x if p == 0.0 else F.dropout(x, p, True)
+        z = qlora_linear(x_dropped, w_nf4, lora_A, lora_B, layer.scaling)
+        y = z * scale if bias is None else torch.addcmul(bias, z, scale)
+        return y if p == 0.0 else y + nf4_linear(x - x_dropped, w_nf4)
+
     @torch.no_grad()
     def merged(self, layer, weight):
         acc = norm_dtype(weight.dtype)
@@ -64,12 +90,13 @@ def cached_weight_norm_sq(layer, dtype: torch.dtype) -> torch.Tensor:
 
 def cached_row_norm_sq(owner, raw: torch.Tensor, weight_out_in, dtype: torch.dtype) -> torch.Tensor:
     """``‖W_i‖²`` cached on ``owner`` under the identity of ``raw`` (the tensor holding W: storage, version
-    counter, dtype, device); ``weight_out_in(dtype)`` gives W as ``[out, in]`` when it must be computed."""
+    counter, dtype, device); ``weight_out_in(dtype)`` gives W as ``[out, in]`` in the norm's dtype (dequantised
+    for an NF4 base) when it must be computed."""
     key = (raw.data_ptr(), raw._version, raw.dtype, raw.device, norm_dtype(dtype))
     cached = owner.__dict__.get("_dora_weight_norm_sq")
     if cached is not None and cached[0] == key:
         return cached[1]
-    value = weight_row_norm_sq(weight_out_in(raw.dtype)).to(norm_dtype(dtype))
+    value = weight_row_norm_sq(weight_out_in(norm_dtype(dtype)))
     owner.__dict__["_dora_weight_norm_sq"] = (key, value)
     return value
 

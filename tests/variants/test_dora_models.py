@@ -126,8 +126,6 @@ def test_use_dora_on_an_unsupported_layer_raises_before_any_change():
     with pytest.raises(ValueError, match="use_dora"):
         fastpeft.apply_lora(model, ["0", "1"], use_dora=True)
     assert isinstance(model[0], nn.Linear) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="use_dora"):
-        fastpeft.apply_qlora(nn.Sequential(nn.Linear(64, 8)), ["0"], use_dora=True)
     with pytest.raises(TypeError, match="use_dora"):
         fastpeft.apply_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], use_dora=1)
 
