@@ -68,12 +68,13 @@ def _eligible(t: torch.Tensor) -> bool:
 
 
 def outside_autocast(backward):
-    """Decorates a Function's ``backward(ctx, dy)``: a backward run inside an autocast region must not recast."""
+    """Decorates a Function's ``backward(ctx, dy, ...)``: a backward run inside an autocast region must not
+    recast (the device is the first gradient's)."""
     @functools.wraps(backward)
-    def run(ctx, dy):
+    def run(ctx, dy, *more):
         if not any_autocast_enabled():
-            return backward(ctx, dy)
+            return backward(ctx, dy, *more)
         with autocast_off(dy.device.type):
-            return backward(ctx, dy)
+            return backward(ctx, dy, *more)
 
     return run

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .._backend import Backend, select_backend
 from .._validation import FLOAT_DTYPES, check_probability, check_same_device, check_same_dtype, check_tensor
-from ._autograd import forward_ad_active, gradients, needs
+from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
+from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 
 OP = "prefix_attention"
@@ -104,6 +105,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
+    @outside_autocast
     def backward(ctx, dout, _dlse):
         q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
         need = needs(ctx, PREFIX_ATTENTION_INPUTS)
@@ -150,14 +153,26 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     Attention dropout is not implemented: ``dropout_p > 0`` with
     ``training=True`` raises ValueError (with ``training=False`` it is ignored,
     as in ``torch.nn.functional.dropout``).
+
+    Under ``torch.autocast`` q, k, v and the prefix run in the autocast dtype
+    (not fp64), as torch's ``scaled_dot_product_attention`` does; gradients
+    flow back to each in its own dtype (``fastpeft.ops._autocast``). First
+    derivatives only: a double backward raises.
     """
+    autocast = any_autocast_enabled()
+    if autocast:
+        q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     dropout_p = check_probability("dropout_p", dropout_p)
     if training and dropout_p > 0.0:
         raise ValueError(f"prefix_attention does not implement attention dropout (dropout_p={dropout_p} with "
                          "training=True); pass dropout_p=0.0 or training=False")
     _validate(q, k, v, prefix_k, prefix_v, key_padding_mask)
     scale = _check_scale(scale, q.shape[-1])
-    out, lse = _run(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale)
+    if not autocast:
+        out, lse = _run(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale)
+    else:
+        with autocast_off(q.device.type):
+            out, lse = _run(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
