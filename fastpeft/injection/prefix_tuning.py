@@ -53,29 +53,34 @@ from ._prefix_attention_function import ATTN_IMPLEMENTATION, bind_attention, reg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Position shift hooks (forward pre-hooks with kwargs: they return the changed (args, kwargs))
+# Position shift hooks (forward pre-hooks with kwargs: they return the changed (args, kwargs)). Module-level
+# functions bound with functools.partial, never closures, so a prefix-tuned model pickles (torch.save).
 # ----------------------------------------------------------------------------------------------------------------
 
 def _shift_rotary_positions(shift: int) -> Callable:
     """``rotary_emb(x, position_ids)``: ``position_ids + shift``."""
-    def hook(module, args, kwargs):
-        if "position_ids" in kwargs:
-            kwargs["position_ids"] = kwargs["position_ids"] + shift
-        else:
-            args = (args[0], args[1] + shift, *args[2:])
-        return args, kwargs
-    return hook
+    return partial(_rotary_positions_hook, shift=shift)
+
+
+def _rotary_positions_hook(module, args, kwargs, *, shift: int):
+    if "position_ids" in kwargs:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    else:
+        args = (args[0], args[1] + shift, *args[2:])
+    return args, kwargs
 
 
 def _shift_embedding_input(shift: int) -> Callable:
     """A position ``nn.Embedding`` (GPT-2's ``wpe``): ``ids + shift``."""
-    def hook(module, args, kwargs):
-        if "input" in kwargs:
-            kwargs["input"] = kwargs["input"] + shift
-        else:
-            args = (args[0] + shift, *args[1:])
-        return args, kwargs
-    return hook
+    return partial(_embedding_input_hook, shift=shift)
+
+
+def _embedding_input_hook(module, args, kwargs, *, shift: int):
+    if "input" in kwargs:
+        kwargs["input"] = kwargs["input"] + shift
+    else:
+        args = (args[0] + shift, *args[1:])
+    return args, kwargs
 
 
 def _shift_bert_embeddings(shift: int) -> Callable:
@@ -83,25 +88,43 @@ def _shift_bert_embeddings(shift: int) -> Callable:
 
     BertModel/RobertaModel call their embeddings with keywords only.
     """
-    def hook(module, args, kwargs):
-        if args:
-            raise TypeError(f"{type(module).__name__} was called with positional arguments; prefix tuning's "
-                            "position shift expects the keyword call BertModel/RobertaModel make")
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + shift
-        else:
-            kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
-        return args, kwargs
-    return hook
+    return partial(_bert_embeddings_hook, shift=shift)
 
 
-def _check_prefix_forward(model, args, kwargs, *, dynamic_cache: type):
+def _bert_embeddings_hook(module, args, kwargs, *, shift: int):
+    if args:
+        raise TypeError(f"{type(module).__name__} was called with positional arguments; prefix tuning's "
+                        "position shift expects the keyword call BertModel/RobertaModel make")
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    else:
+        kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
+    return args, kwargs
+
+
+class _PrefixForwardCheck:
     """Model forward pre-hook: the prefix attention is still in use, and the cache is one it handles.
 
     The attention function reads the prefix, so another attention implementation would silently ignore it.
     Its causal mask is bottom-right aligned over the keys it gets: right for transformers' ``DynamicCache``
     (the default), wrong for caches with empty slots (``StaticCache``) or windows.
+
+    A module-level class (a model holding it pickles); unpickling registers the attention function with
+    transformers again, so a model loaded with ``torch.load`` in a fresh process runs.
     """
+
+    def __init__(self, dynamic_cache: type):
+        self.dynamic_cache = dynamic_cache
+
+    def __setstate__(self, state: dict) -> None:
+        register_attention_function()
+        self.__dict__.update(state)
+
+    def __call__(self, model, args, kwargs):
+        _check_prefix_forward(model, args, kwargs, dynamic_cache=self.dynamic_cache)
+
+
+def _check_prefix_forward(model, args, kwargs, *, dynamic_cache: type):
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise RuntimeError(f"prefix tuning needs attn_implementation {ATTN_IMPLEMENTATION!r}, but the model now uses "
                            f"{model.config._attn_implementation!r}: the prefix would be ignored; call "
@@ -240,7 +263,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     from transformers import DynamicCache
 
-    model.register_forward_pre_hook(partial(_check_prefix_forward, dynamic_cache=DynamicCache), with_kwargs=True)
+    model.register_forward_pre_hook(_PrefixForwardCheck(DynamicCache), with_kwargs=True)
     return model
 
 
