@@ -1,4 +1,7 @@
-"""AOT launches of ``fastpeft.kernels.adapter``: what the kernel report compiles for the adapter kernels (see ``gates.aot_spec``)."""
+"""AOT launches of ``fastpeft.kernels.adapter``: what the kernel report compiles for the adapter kernels.
+
+See ``gates.aot_spec``.
+"""
 from __future__ import annotations
 
 import torch

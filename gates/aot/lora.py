@@ -1,4 +1,7 @@
-"""AOT launches of ``fastpeft.kernels.lora``: what the kernel report compiles for the LoRA kernels (see ``gates.aot_spec``)."""
+"""AOT launches of ``fastpeft.kernels.lora``: what the kernel report compiles for the LoRA kernels.
+
+See ``gates.aot_spec``.
+"""
 from __future__ import annotations
 
 import torch
@@ -11,14 +14,15 @@ from ..aot_spec import launch_label, module_specs
 from ..headline_shapes import distinct, gpu_shapes
 
 KERNEL_MODULE = "fastpeft.kernels.lora"
-# The sum of a split reduction's fp32 partials (``kernels.lora.sum_partials``): an epilogue (``aot_spec.epilogue_kernels``).
+# The sum of a split reduction's fp32 partials (``kernels.lora.sum_partials``): an epilogue
+# (``aot_spec.epilogue_kernels``).
 EPILOGUE_KERNELS = (_lora_split_sum_kernel,)
 
 # What the report launches: r = 8 (PEFT's default; not a multiple of 16, so R carries no divisibility hint)
 # and r = 4 (the same variants as r = 8, reported under r8), 16, 32, 64 and 128. The fused GEMM pads r to a
 # power of two of 16-wide chunks (``_lora_configs.gemm_rank_steps``, a constexpr), unrolls up to two and loops
-# over the rest, so each of 16, 32, 64 and 128 is a variant of its own; the shrink and reduce kernels compile alike for every r >= 64. The shapes
-# (M, K, N) reach every plan of ``_lora_configs``: M = 16 (decode: split shrink with 16-wide steps, 16x16
+# over the rest, so each of 16, 32, 64 and 128 is a variant of its own; the shrink and reduce kernels compile
+# alike for every r >= 64. The shapes (M, K, N) reach every plan of ``_lora_configs``: M = 16 (decode: split shrink with 16-wide steps, 16x16
 # GEMM tiles, 16-column reductions), 64 (split shrink over 16-row tiles), 512 (split shrink over 64-row
 # tiles, the 64-row GEMM tile), 2048 (the largest GEMM tile) at K = N = 4096, and K = N = 1024 with
 # M = 512 (64-column reductions, unsplit) and M = 4096 (unsplit 16-row shrink, split reductions and their one

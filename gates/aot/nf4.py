@@ -1,4 +1,7 @@
-"""AOT launches of ``fastpeft.kernels.nf4``: what the kernel report compiles for the NF4 GEMMs (see ``gates.aot_spec``)."""
+"""AOT launches of ``fastpeft.kernels.nf4``: what the kernel report compiles for the NF4 GEMMs.
+
+See ``gates.aot_spec``.
+"""
 from __future__ import annotations
 
 import torch

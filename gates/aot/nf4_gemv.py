@@ -1,4 +1,7 @@
-"""AOT launches of ``fastpeft.kernels.nf4_gemv``: what the kernel report compiles for the decode GEMV (see ``gates.aot_spec``)."""
+"""AOT launches of ``fastpeft.kernels.nf4_gemv``: what the kernel report compiles for the decode GEMV.
+
+See ``gates.aot_spec``.
+"""
 from __future__ import annotations
 
 import torch

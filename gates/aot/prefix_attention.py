@@ -1,4 +1,7 @@
-"""AOT launches of ``fastpeft.kernels.prefix_attention``: what the kernel report compiles for prefix attention (see ``gates.aot_spec``)."""
+"""AOT launches of ``fastpeft.kernels.prefix_attention``: what the kernel report compiles for prefix attention.
+
+See ``gates.aot_spec``.
+"""
 from __future__ import annotations
 
 import torch
