@@ -29,8 +29,18 @@ x's dtype with fp32 accumulation. Only the rounding of the results (``y``, ``h``
 ``dx``, ``dA``, ``dB``) to x's dtype remains, so the fp32 branch is more
 accurate than torch's own bf16 LoRA.
 
-Dropout mask: not stored. It is regenerated in backward from the integer seed
-with a ``torch.Generator`` on the tensors' device (``dropout_mask``).
+Dropout: the keep-mask of ``seed`` (``dropout_mask``: ``torch.rand`` of a
+``torch.Generator`` seeded with it, ``>= p``) is drawn once per forward as 0/1
+values in the branch's dtype (``keep_values``); ``1/(1-p)`` goes into the
+GEMMs' ``alpha`` (``h = (1/(1-p)) · (x ∘ keep) Aᵀ``), never into a pass of its
+own. The forward leaves the mask on ``h`` (``KEEP_ATTR``), which the autograd op
+saves for backward, so backward draws no second mask: ``dA`` multiplies
+``x ∘ keep`` by ``s/(1-p)`` in its GEMM and ``dx`` adds ``(s/(1-p)) · (dh A) ∘ keep``
+in one ``addcmul_``. A backward given an ``h`` without the mask (torch.compile's
+graph, or an ``h`` made elsewhere) regenerates it from the seed: the same bits.
+Drawing the mask costs about 2 ns per element (torch's CPU generator), most of
+dropout's cost; the mask kept lives as long as ``h`` (4 bytes per element of x
+in fp32, what PEFT's ``nn.Dropout`` also keeps besides the dropped x).
 """
 from __future__ import annotations
 
@@ -81,6 +91,25 @@ def apply_dropout(x2d: torch.Tensor, dropout_p: float, seed: int) -> torch.Tenso
     return x2d * keep * (1.0 / (1.0 - dropout_p))
 
 
+KEEP_ATTR = "_fastpeft_dropout_keep"  # the forward's keep values, left on h for backward (module docstring)
+
+
+def keep_values(shape, dropout_p: float, seed: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """``dropout_mask`` as 1.0 (kept) / 0.0 in ``dtype``: compared in place in the random draw's own buffer."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    keep = torch.rand(shape, generator=generator, device=device).ge_(dropout_p)
+    return in_dtype(keep, dtype)
+
+
+def _saved_keep(h: torch.Tensor, x2d: torch.Tensor, dropout_p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's keep values left on ``h``, else the same values drawn again from ``seed``."""
+    keep = getattr(h, KEEP_ATTR, None)
+    if keep is None or keep.shape != x2d.shape:
+        keep = keep_values(x2d.shape, dropout_p, seed, x2d.device, dtype)
+    return in_dtype(keep, dtype)
+
+
 def lora_forward(x2d, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Returns ``(y [M, N] in x's dtype, h [M, r] in lora_h_dtype)``."""
     y = base_output(x2d, weight, bias)
@@ -105,12 +134,21 @@ def add_lora_term(y, x2d, lora_A, lora_B, scaling: float, dropout_p: float, seed
     """``y += s · h Bᵀ`` in place for any base output ``y``; returns ``h = drop(x) Aᵀ / (1-p)``."""
     work = branch_dtype(x2d, y.shape[1], FP32_BRANCH_MAX_FORWARD)
     x_work = in_dtype(x2d, work)
-    h = F.linear(x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed), in_dtype(lora_A, work))
+    keep = None
+    if dropout_p == 0.0:
+        h = F.linear(x_work, in_dtype(lora_A, work))
+    else:  # h = (1/(1-p)) · (x ∘ keep) Aᵀ, the 1/(1-p) in the GEMM's accumulator
+        keep = keep_values(x2d.shape, dropout_p, seed, x2d.device, work)
+        h = scaled_mm(x_work * keep, in_dtype(lora_A, work).t(), 1.0 / (1.0 - dropout_p),
+                      x_work.new_empty(()))
     if work is y.dtype:
         y.addmm_(h, in_dtype(lora_B, work).t(), alpha=scaling)
     else:  # one rounding of y + s · h Bᵀ, the sum formed in fp32
         y.add_(F.linear(h, in_dtype(lora_B, work)), alpha=scaling)
-    return in_dtype(h, lora_h_dtype(x2d.dtype))
+    h = in_dtype(h, lora_h_dtype(x2d.dtype))
+    if keep is not None:
+        setattr(h, KEEP_ATTR, keep)
+    return h
 
 
 def scaled_mm(a, b, scaling: float, like):
@@ -146,15 +184,18 @@ def lora_backward_with_base(base_input_grad, dy, x2d, lora_A, lora_B, h, scaling
         dB = in_dtype(scaled_mm(dy_work.t(), in_dtype(h, work), scaling, _like(lora_B, work)), lora_B.dtype)
     if need_dx or need_dA:
         dh = torch.mm(dy_work, in_dtype(lora_B, work))
+        # dropout: the forward's mask, 1/(1-p) folded into each GEMM's alpha or the addcmul's value
+        keep = None if dropout_p == 0.0 else _saved_keep(h, x2d, dropout_p, seed, work)
+        s = scaling if keep is None else scaling / (1.0 - dropout_p)
         if need_dA:
             x_work = in_dtype(x2d, work)
-            x_dropped = x_work if dropout_p == 0.0 else apply_dropout(x_work, dropout_p, seed)
-            dA = in_dtype(scaled_mm(dh.t(), x_dropped, scaling, _like(lora_A, work)), lora_A.dtype)
+            dA = in_dtype(scaled_mm(dh.t(), x_work if keep is None else x_work * keep, s, _like(lora_A, work)),
+                          lora_A.dtype)
         if need_dx:
             dx = base_input_grad(dy)
             a_work = in_dtype(lora_A, work)
-            if dropout_p != 0.0:
-                dx.add_(apply_dropout(torch.mm(dh, a_work), dropout_p, seed), alpha=scaling)
+            if keep is not None:  # dx + s/(1-p) · (dh A) ∘ keep, one pass, one rounding
+                dx.addcmul_(torch.mm(dh, a_work), keep, value=s)
             elif work is dx.dtype:
                 dx.addmm_(dh, a_work, alpha=scaling)
             else:  # one rounding of dx + s · dh A, the sum formed in fp32

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastpeft.cpu import lora as lora_cpu
 from fastpeft.ops import lora_linear
+from fastpeft.ops._dropout_seed import draw_seed, seed_value
 from lane_device import lane_device
 from numerics import assert_close_to_ref
 
@@ -105,6 +106,49 @@ def test_dropout_forward_and_backward_use_one_mask(dtype, m):
     for name, got, r, t in zip(("dx", "dA", "dB"), (dx, dA, dB), ref_grads, peer_grads):
         assert got.dtype == dtype, name
         assert_close_to_ref(got, r, t, tiny=1e-7, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, FORWARD_ROWS + 1, BACKWARD_ROWS + 1])
+def test_dropout_mask_kept_by_forward_is_the_seeds_and_backward_is_bit_identical_without_it(dtype, m):
+    """The forward leaves its keep values on h: they are dropout_mask's bits, and a backward that must
+    regenerate them (an h without them) gives the same bits as one that reuses them."""
+    x, w, b, a, bb = _tensors(m, dtype, bias=True)
+    s, p, seed = 0.8, 0.3, 4321
+    _, h = lora_cpu.lora_forward(x, w, b, a, bb, s, p, seed)
+    kept = getattr(h, lora_cpu.KEEP_ATTR)
+    assert torch.equal(kept != 0, lora_cpu.dropout_mask((m, K), p, seed, lane_device()))
+    dy = torch.randn(m, N).to(dtype)
+    reused = lora_cpu.lora_backward(dy, x, w, a, bb, h, s, p, seed, True, True, True)
+    bare = h.detach().clone()
+    assert getattr(bare, lora_cpu.KEEP_ATTR, None) is None
+    regenerated = lora_cpu.lora_backward(dy, x, w, a, bb, bare, s, p, seed, True, True, True)
+    for name, got, want in zip(("dx", "dA", "dB"), reused, regenerated):
+        assert torch.equal(got, want), name
+
+
+def test_dropout_mask_reaches_backward_through_the_op(monkeypatch):
+    """lora_linear draws one mask per training step (none in backward), and its gradients equal the CPU
+    functions' own."""
+    x, w, b, a, bb = _tensors(BACKWARD_ROWS + 1, torch.float32, bias=True)
+    s, p = 1.1, 0.2
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    draws = []
+    drawing = lora_cpu.keep_values
+    monkeypatch.setattr(lora_cpu, "keep_values", lambda *args: draws.append(args) or drawing(*args))
+    torch.manual_seed(11)
+    y = lora_linear(leaves[0], w, leaves[1], leaves[2], s, bias=b, dropout_p=p, training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert len(draws) == 1
+    monkeypatch.undo()
+    torch.manual_seed(11)
+    seed = seed_value(draw_seed(p))  # the op's seed: its first draw from the default generator
+    want_y, h = lora_cpu.lora_forward(x, w, b, a, bb, s, p, seed)
+    assert torch.equal(y.detach(), want_y)
+    want = lora_cpu.lora_backward(dy, x, w, a, bb, h.detach().clone(), s, p, seed, True, True, True)
+    for name, got, expected in zip(("dx", "dA", "dB"), leaves, want):
+        assert torch.equal(got.grad, expected), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
