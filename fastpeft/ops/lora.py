@@ -12,9 +12,10 @@ fine-tuning) gets a correct gradient from plain torch GEMMs. The backward is
 not itself differentiable: a double backward raises.
 
 Dropout follows HF PEFT: the mask is applied to x before ``A`` only, kept
-elements are scaled by ``1/(1-p)``. The mask is never stored: each call draws
-an int64 seed from torch's default CPU generator (so ``torch.manual_seed``
-makes runs repeatable) and backward regenerates the same mask from it.
+elements are scaled by ``1/(1-p)``. Each call draws an int64 seed from
+torch's default CPU generator (so ``torch.manual_seed`` makes runs
+repeatable); backward uses the same mask: Triton regenerates it from the seed,
+the CPU path keeps its forward's (``fastpeft.cpu.lora``).
 """
 from __future__ import annotations
 
