@@ -122,3 +122,16 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_empty_like(*a, **kw)))
+
+
+def set_mode(monkeypatch, mode: str) -> None:
+    """Force one CPU mode of fastpeft.cpu.prefix_attention: "torch" (no C++ kernel), "merged" (flash + prefix
+    merge) or "direct" (one C++ pass at any length)."""
+    from fastpeft.cpu import prefix_attention as prefix_attention_cpu
+
+    if mode == "torch":
+        monkeypatch.setattr(prefix_attention_cpu, "_direct_ops", lambda dtype: None)
+    elif mode == "merged":
+        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 0)
+    else:
+        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 1 << 30)

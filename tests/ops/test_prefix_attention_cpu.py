@@ -17,7 +17,7 @@ import torch
 from fastpeft.cpu import prefix_attention as prefix_attention_cpu
 from fastpeft.ops.prefix_attention import prefix_attention
 from numerics import assert_close_to_ref, rel_err
-from prefix_attention_cases import Case, make_inputs, poison_empty, reference
+from prefix_attention_cases import Case, make_inputs, poison_empty, reference, set_mode
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 BASE = Case(b=2, hq=6, hkv=2, sq=5, skv=23, p=5, d=40)
@@ -53,15 +53,6 @@ def poisoned(monkeypatch):
     yield
     if ops:
         ops.prefix_attention_poison_outputs(before)
-
-
-def set_mode(monkeypatch, mode: str) -> None:
-    if mode == "torch":
-        monkeypatch.setattr(prefix_attention_cpu, "_direct_ops", lambda dtype: None)
-    elif mode == "merged":
-        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 0)
-    else:
-        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 1 << 30)
 
 
 def run(inputs, causal, names=NAMES):

@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 
-from fastpeft.cpu import prefix_attention as prefix_attention_cpu
 from fastpeft.ops.prefix_attention import prefix_attention
-from prefix_attention_cases import Case, make_inputs, reference
+from prefix_attention_cases import Case, make_inputs, reference, set_mode
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 CASE = Case(b=2, hq=4, hkv=2, sq=6, skv=9, p=3, d=16, causal=True)
@@ -38,16 +37,10 @@ POISONS = {
 
 
 def _set_mode(monkeypatch, mode):
-    if mode == "triton":
-        monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-        return
-    monkeypatch.setenv("FASTPEFT_BACKEND", "cpu")
-    if mode == "torch":
-        monkeypatch.setattr(prefix_attention_cpu, "_direct_ops", lambda dtype: None)
-    elif mode == "merged":
-        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 0)
-    else:
-        monkeypatch.setattr(prefix_attention_cpu, "DIRECT_MAX_QUERY_ROWS", 1 << 30)
+    """The Triton kernels, or one CPU mode."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton" if mode == "triton" else "cpu")
+    if mode != "triton":
+        set_mode(monkeypatch, mode)
 
 
 def _same_nonfinite(got, want, what):
