@@ -5,6 +5,7 @@
 Layout, by job: ``suite/`` (the machinery: ``spec`` what an op declares, ``harness``
 timing, ``memory``, ``ceilings``, ``precision``, ``runner``, ``kernel_report``,
 ``machine``, ``cli``), ``report/`` (``tables``, ``outputs``, ``plots``,
-``readme``), ``ops/`` (one spec per op) and ``standalone/`` (programs run on their
+``readme``, ``train_step``), ``ops/`` (one spec per op), ``models/`` (whole-model training steps:
+``--op train_step``) and ``standalone/`` (programs run on their
 own: ``python -m benchmarks.standalone.<name>``).
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..suite.ceilings import matmul_text
 from ..suite.runner import ABOVE_CEILING, NOISY
+from . import train_step
 from .tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, kernel_report_table,
                      op_mode_table, render_markdown)
 
@@ -115,6 +116,16 @@ def headline_sections(ops: list, rows: list) -> list:
     return out
 
 
+def train_step_sections(rows: list) -> list:
+    """``[(title, markdown table with its notes)]``: the training-step level, one table per dtype."""
+    out = []
+    for dtype in train_step.dtypes_in(rows):
+        header, body, notes = train_step.table(rows, dtype)
+        text = render_markdown(header, body) + "".join(f"\n- {n}" if i else f"\n\n- {n}" for i, n in enumerate(notes))
+        out.append((train_step.title(dtype), text))
+    return out
+
+
 HEADLINE_EXPLAINED = (
     "Headline tables, one per op and input dtype: per mode, the frozen base layer's time, fastpeft's time over it "
     "(`fastpeft/base`, the overhead; for NF4 the dense layer), and fastpeft's speedup over each other provider at "
@@ -148,6 +159,11 @@ def summary_markdown(ops: list, rows: list, meta: dict, ceilings: dict, report: 
     if flagged_headline:
         out += [""] + flag_lines(flagged_headline)
     for title, table in headline_sections(ops, rows):
+        out += ["", f"## Headline: {title}", "", table]
+    sections = train_step_sections(rows)
+    if sections:
+        out += ["", train_step.LEGEND]
+    for title, table in sections:
         out += ["", f"## Headline: {title}", "", table]
     for op in ops:
         for dtype in dtypes_in(rows, op.name):

@@ -25,6 +25,11 @@ def markers(device_type: str) -> tuple:
     return f"<!-- benchmark-results:{device_type}:start -->", f"<!-- benchmark-results:{device_type}:end -->"
 
 
+def train_step_key(device_type: str) -> str:
+    """The README block of the training-step level (its own result set, beside the kernel ops' block)."""
+    return f"{device_type}-train-step"
+
+
 def check_target(out_dir: Path, device_type: str, readme: Path = None, results_root: Path = None) -> str:
     """``out_dir`` as the README names it (``benchmarks/results/<tag>``); exits with the reason when the README
     cannot name it: not a folder of benchmarks/results, ignored by git, or no block to rewrite in the README."""
@@ -57,13 +62,13 @@ def _git_ignored(path: Path) -> bool:
     return result.returncode == 0
 
 
-def block(result_set: str, meta: dict, ceilings: dict, sections: list, n_flagged: int = 0) -> str:
-    """The README text for one result set: where it is, machine, command, ceilings, headline tables,
-    and how many headline rows are flagged (listed in its summary.md)."""
+def block(result_set: str, meta: dict, ceilings, sections: list, n_flagged: int = 0, what: str = "result set") -> str:
+    """The README text for one result set: where it is, machine, command, ceilings (None: left out),
+    headline tables, and how many headline rows are flagged (listed in its summary.md)."""
     kind = "CPU" if meta["device"] == "cpu" else "GPU"
-    lines = [f"Committed {kind} result set (`{result_set}/`), copied from its `summary.md` by "
+    lines = [f"Committed {kind} {what} (`{result_set}/`), copied from its `summary.md` by "
              f"`python -m benchmarks --update-readme`. {machine_line(meta)}",
-             "", f"Command: `{meta['command']}`", "", ceilings_line(ceilings)]
+             "", f"Command: `{meta['command']}`"] + (["", ceilings_line(ceilings)] if ceilings else [])
     if n_flagged:
         lines += ["", f"{n_flagged} headline row(s) of this run are flagged (`~` noisy, `^` faster than a measured "
                       f"ceiling); `{result_set}/summary.md` lists them."]

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..models import train_step
 from ..ops import OP_MODULES, load_ops
 from ..report import readme
-from ..report.outputs import (flag_lines, headline_sections, summary_markdown, write_csv, write_json,
-                              write_kernel_report_csv)
+from ..report import train_step as train_step_report
+from ..report.outputs import (flag_lines, headline_sections, summary_markdown, train_step_sections, write_csv,
+                              write_json, write_kernel_report_csv)
 from ..report.plots import plot_all
 from ..report.tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, op_mode_table,
                              render_text)
@@ -65,7 +67,9 @@ def parse_args(argv):
     level.add_argument("--quick", dest="level", action="store_const", const="quick", help="smallest shapes, few reps")
     level.add_argument("--full", dest="level", action="store_const", const="full", help="more ranks and shapes")
     p.set_defaults(level="default")
-    p.add_argument("--op", nargs="+", choices=OP_MODULES, help="ops to run (default: all)")
+    p.add_argument("--op", nargs="+", choices=OP_MODULES + (train_step.OP_NAME,),
+                   help=f"ops to run (default: all); {train_step.OP_NAME} is one training step of a whole model "
+                        f"per PEFT method vs its peer (CPU)")
     p.add_argument("--providers", nargs="+", help="providers to run (the baseline and reference always run)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="modes to run (default: each op's modes)")
     p.add_argument("--tokens", type=_int_list, help="token counts, e.g. 1,16,2048 (replaces the level's)")
@@ -116,12 +120,21 @@ def main(argv=None) -> int:
     device = machine.choose_device(args.device)
     refuse_interpreter_on_gpu(device)
     out_dir = args.out or new_run_folder(device)
-    readme_target = readme.check_target(out_dir, device.type) if args.update_readme else None
+    readme_target = readme.check_target(out_dir, device.type) if args.update_readme and args.op != [
+        train_step.OP_NAME] else None
     policy = POLICIES[(device.type, args.level)]
-    ops = load_ops(args.op)
+    run_train_step = args.op is None or train_step.OP_NAME in args.op
+    kernel_ops = None if args.op is None else [n for n in args.op if n != train_step.OP_NAME]
+    ops = load_ops(kernel_ops) if kernel_ops != [] else []
+    if run_train_step and device.type != "cpu":
+        print(f"{train_step.OP_NAME}: skipped on {device.type} (the training-step level runs on a CPU)", flush=True)
+        run_train_step = False
+    if args.update_readme and run_train_step:
+        readme.check_target(out_dir, readme.train_step_key(device.type))
     tasks = plan(ops, device.type, args.level, args.modes, args.tokens, args.dims,
                  machine.default_dtype(device), args.dtype)
-    dtypes = list(dict.fromkeys(t.dtype for t in tasks))
+    train_dtypes = [d for d in (args.dtype or train_step.DTYPES) if d in train_step.DTYPES] if run_train_step else []
+    dtypes = list(dict.fromkeys([t.dtype for t in tasks] + [DTYPES[d] for d in train_dtypes]))
     dtype_names = [str(d).replace("torch.", "") for d in dtypes]
     providers = {op.name: selected_providers(op, args.providers) for op in ops}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +171,10 @@ def main(argv=None) -> int:
             _print_op(task.op, rows, device, meta, progress)
     if progress is not None:
         progress.close()
+    if run_train_step:
+        print(f"\n{train_step.OP_NAME}: {train_step.TITLE}, interleaved rounds...", flush=True)
+        rows += train_step.run(args.level, train_dtypes, progress=None if args.no_progress else (
+            lambda text: print(f"  {text}", flush=True)))
 
     report = _kernel_report(args.kernel_report, device, out_dir)
     _remove_previous_outputs(out_dir)
@@ -177,8 +194,14 @@ def main(argv=None) -> int:
         readme.write(device.type, readme.block(readme_target, meta, ceilings.as_dict(),
                                                headline_sections(ops, rows), len(flagged_headline)))
         print(f"rewrote the {device.type} benchmark block of {readme.README} from {readme_target}", flush=True)
+    if args.update_readme and run_train_step:
+        key = readme.train_step_key(device.type)
+        readme.write(key, readme.block(readme.check_target(out_dir, key), meta, None, train_step_sections(rows),
+                                       what="training-step result set"))
+        print(f"rewrote the {key} benchmark block of {readme.README}", flush=True)
 
     _print_headlines(ops, rows)
+    _print_train_step(rows)
     for line in flag_lines(flagged_headline, limit=10, where=f" (all in {out_dir / 'summary.md'})"):
         print(line, flush=True)
     failures = failures_in(rows)
@@ -231,6 +254,16 @@ def _print_op(op, rows, device, meta, progress) -> None:
             text = [f"\n{op.title} - {mode} - {dtype} on {device}{threads}",
                     render_text(header, body)] + [f"  {n}" for n in notes]
             _echo(progress, "\n".join(text))
+
+
+def _print_train_step(rows) -> None:
+    if not train_step_report.dtypes_in(rows):
+        return
+    for dtype in train_step_report.dtypes_in(rows):
+        header, body, notes = train_step_report.table(rows, dtype)
+        print(f"\n{train_step_report.title(dtype)}\n" + render_text(header, body)
+              + "".join(f"\n  {n}" for n in notes), flush=True)
+    print(f"\n{train_step_report.LEGEND}", flush=True)
 
 
 def _print_headlines(ops, rows) -> None:
