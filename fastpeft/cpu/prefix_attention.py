@@ -239,8 +239,12 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional
 
 
 def _finite(out: Tensor, lse: Tensor) -> bool:
-    """No NaN or inf in ``out`` and none in ``lse`` but the -inf of rows without keys."""
-    return bool(torch.isfinite(out).all()) and bool((lse < math.inf).all())
+    """No NaN or inf in ``out`` and none in ``lse`` but the -inf of rows without keys.
+
+    One reduction over ``out`` (a NaN or inf reaches its fp32 sum; an overflowing sum only sends a finite
+    call down the exact path) and a comparison over the ``[B, Hq, Sq]`` LSE."""
+    return bool(torch.isfinite(out.sum(dtype=torch.float32 if out.dtype != torch.float64 else None))) \
+        and bool((lse < math.inf).all())
 
 
 def _sequence_partial(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
