@@ -43,15 +43,7 @@ def adapter_module_math(params: dict, cfg: dict, hidden_states, residual_input, 
     ``residual_input`` of None is ``ParallelAdapter.forward`` (no residual).
     """
     x = hidden_states
-    h = hidden_states
-    if cfg["ln_before"]:
-        h = F.layer_norm(h, h.shape[-1:], params["adapter_norm_before.weight"], params["adapter_norm_before.bias"])
-    linear = "adapter_down.1" if cfg["ln_before"] else "adapter_down.0"
-    down = reference_activation(cfg["non_linearity"])(F.linear(h, params[f"{linear}.weight"],
-                                                               params[f"{linear}.bias"]))
-    up = F.linear(down, params["adapter_up.weight"], params["adapter_up.bias"])
-    scaling = params["scaling"] if "scaling" in params else cfg["scaling"]
-    output = up * scaling
+    output = adapter_up_output(params, cfg, hidden_states)
     if keep is not None:
         output = output * keep.to(output.dtype).view(output.shape) / (1.0 - cfg["dropout"])
     if cfg["use_gating"]:

@@ -122,7 +122,6 @@ for _old, _new in (("pfeiffer", "seq_bn"), ("houlsby", "double_seq_bn"), ("paral
                    ("scaled_parallel", "scaled_par_bn")):
     ADAPTER_PRESETS[_old] = ADAPTER_PRESETS[_new]
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(BnConfig))
 
 
 def resolve_bn_config(config: Union[str, Mapping, BnConfig] = "seq_bn", **overrides) -> BnConfig:
@@ -132,27 +131,41 @@ def resolve_bn_config(config: Union[str, Mapping, BnConfig] = "seq_bn", **overri
     key (it must be ``"bottleneck"`` or None). Raises ValueError naming an
     unknown preset or field, or a field with a bad or unsupported value.
     """
-    if isinstance(config, BnConfig):
-        values = config.to_dict()
-    elif isinstance(config, str):
-        if config not in ADAPTER_PRESETS:
-            raise ValueError(f"config: unknown adapter preset {config!r}; presets: {sorted(ADAPTER_PRESETS)}")
-        values = dict(ADAPTER_PRESETS[config])
-    elif isinstance(config, Mapping):
-        values = dict(config)
-        architecture = values.pop("architecture", None)
+    if isinstance(config, Mapping):
+        config = dict(config)
+        architecture = config.pop("architecture", None)
         if architecture not in (None, "bottleneck"):
             raise ValueError(f"config: architecture {architecture!r} is not a bottleneck adapter")
-    else:
-        raise TypeError(f"config must be a preset name, a dict or a BnConfig, got {type(config).__name__}")
-    values.update(overrides)
-    unknown = sorted(k for k in values if k not in _FIELDS)
-    if unknown:
-        raise ValueError(f"config: unknown adapter config field(s) {unknown}; known fields: {list(_FIELDS)}")
+    values = config_values(config, BnConfig, ADAPTER_PRESETS, "adapter", overrides)
     missing = [k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in values]
     if missing:
         raise ValueError(f"config: required adapter config field(s) {missing} not given")
     return BnConfig(**values)
+
+
+def config_values(config, cls: type, presets: Mapping, what: str, overrides: Mapping) -> dict:
+    """The fields of a ``cls`` config given as a preset name, a dict or a ``cls``, ``overrides`` applied.
+
+    ValueError for an unknown preset or field (named, with the known ones),
+    TypeError for any other kind of ``config``. Shared by the adapter and
+    AdapterFusion configs.
+    """
+    if isinstance(config, cls):
+        values = config.to_dict()
+    elif isinstance(config, str):
+        if config not in presets:
+            raise ValueError(f"config: unknown {what} preset {config!r}; presets: {sorted(presets)}")
+        values = dict(presets[config])
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    else:
+        raise TypeError(f"config must be a preset name, a dict or a {cls.__name__}, got {type(config).__name__}")
+    values.update(overrides)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in values if k not in fields)
+    if unknown:
+        raise ValueError(f"config: unknown {what} config field(s) {unknown}; known fields: {fields}")
+    return values
 
 
 def _check_bool(name: str, value) -> None:

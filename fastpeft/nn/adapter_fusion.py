@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .._validation import check_probability
 from .adapter import bert_init
+from .adapter_config import config_values
 from .base import PeftLayer
 
 TEMPERATURE_START = 50.0
@@ -72,27 +73,12 @@ FUSION_PRESETS = {
                     residual_before=False, temperature=False, value_before_softmax=True, value_initialized=True,
                     dropout_prob=None),
 }
-_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterFusionConfig))
 
 
 def resolve_fusion_config(config: Union[str, Mapping, AdapterFusionConfig] = "dynamic",
                           **overrides) -> AdapterFusionConfig:
     """A validated ``AdapterFusionConfig`` from a preset name, a dict or a config; ValueError names unknown fields."""
-    if isinstance(config, AdapterFusionConfig):
-        values = config.to_dict()
-    elif isinstance(config, str):
-        if config not in FUSION_PRESETS:
-            raise ValueError(f"config: unknown AdapterFusion preset {config!r}; presets: {sorted(FUSION_PRESETS)}")
-        values = dict(FUSION_PRESETS[config])
-    elif isinstance(config, Mapping):
-        values = dict(config)
-    else:
-        raise TypeError(f"config must be a preset name, a dict or an AdapterFusionConfig, got {type(config).__name__}")
-    values.update(overrides)
-    unknown = sorted(k for k in values if k not in _FIELDS)
-    if unknown:
-        raise ValueError(f"config: unknown AdapterFusion config field(s) {unknown}; known fields: {list(_FIELDS)}")
-    return AdapterFusionConfig(**values)
+    return AdapterFusionConfig(**config_values(config, AdapterFusionConfig, FUSION_PRESETS, "AdapterFusion", overrides))
 
 
 class AdapterFusion(PeftLayer):

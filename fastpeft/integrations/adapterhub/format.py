@@ -71,17 +71,6 @@ def _base_relative(model: nn.Module, state: dict) -> dict:
     return dict(state)
 
 
-def _key_prefix(model: nn.Module) -> str:
-    """What prefixes base-model-relative keys in ``model.state_dict()``."""
-    base = base_model_of(model)
-    if base is model:
-        return ""
-    for name, module in model.named_children():
-        if module is base:
-            return name + "."
-    return ""
-
-
 def read_adapter_config(path: str | os.PathLike) -> tuple[BnConfig, dict]:
     """``(BnConfig, metadata)`` of an AdapterHub adapter directory (legacy activation names renamed as AdapterHub)."""
     meta = _read_config(check_directory(path), CONFIG_NAME)
