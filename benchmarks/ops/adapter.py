@@ -5,7 +5,7 @@ bottleneck of ``H // 16`` with biases, scaling 1.0, dropout 0, and the adapter
 input as its own residual (pre-LN placement ``x + h + A(x + h)``).
 
 Providers:
-- ``eager``: AdapterHub 1.3's ``Adapter.forward`` math, faithfully, as the
+- ``adapterhub``: AdapterHub 1.3's ``Adapter.forward`` math, faithfully, as the
   same separate eager modules (``Sequential(Linear, activation)``,
   ``Linear``, ``up * scaling``, ``nn.Dropout``, ``+ residual``); the
   baseline the ratios divide by;
@@ -142,14 +142,15 @@ OP = OpBench(
     name="adapter",
     title="Bottleneck adapter (Pfeiffer, reduction 16)",
     providers=[
-        Provider("eager", _eager, missing_import("transformers")),
+        Provider("adapterhub", _eager, missing_import("transformers")),
         Provider("fastpeft", _fastpeft, missing_import("fastpeft.ops.adapter"), ours=True),
         Provider("compile", _compiled, missing_import("transformers")),
     ],
     shapes=_shapes,
     make_case=_make_case,
     work=_work,
-    baseline="eager",
-    reference="eager",
-    headline=("eager", "fastpeft", "compile"),
+    baseline="adapterhub",
+    reference="adapterhub",
+    headline=("adapterhub", "fastpeft", "compile"),
+    baseline_is_peer=True,
 )

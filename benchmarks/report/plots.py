@@ -1,7 +1,9 @@
 """PNG plots: fastpeft's speedup over each peer at equal precision against the token count, one file per op.
 
 One panel per mode (columns) and compute precision (rows); one line per
-(peer, shape group). The y axis is peer time / fastpeft time on a log scale, so
+(peer, shape group); an op with more than ``MAX_GROUPS_PER_PANEL`` shape groups
+gets one panel row per (precision, group), one line per peer. Legends sit right
+of the panels; the ratio axis has a few labelled ticks however narrow its range. The y axis is peer time / fastpeft time on a log scale, so
 2x faster and 2x slower are the same distance from the labelled 1.0 line
 ("same speed as fastpeft"): above it fastpeft is faster. Error bars span the
 ratio of the interquartile ranges (peer q25 / fastpeft q75 to peer q75 /
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 from ..suite.precision import BANDS, short  # noqa: E402
 
@@ -41,8 +44,8 @@ def speedup_series(rows: list, op: str, mode: str) -> dict:
             if r["op"] == op and r["mode"] == mode and r["role"] == "fastpeft" and r["status"] == "ok"}
     panels = {}
     for r in rows:
-        if (r["op"] != op or r["mode"] != mode or r["role"] != "peer" or r.get("fastpeft_speedup") is None
-                or r.get("fastpeft_speedup") == ""):
+        if (r["op"] != op or r["mode"] != mode or r["role"] not in ("peer", "baseline")
+                or r.get("fastpeft_speedup") is None or r.get("fastpeft_speedup") == ""):
             continue
         speedup = float(r["fastpeft_speedup"])
         fast = ours.get((r["shape"], r.get("speedup_vs", r["dtype"])))
@@ -57,10 +60,50 @@ def speedup_series(rows: list, op: str, mode: str) -> dict:
     return {p: {k: sorted(v) for k, v in s.items()} for p, s in panels.items()}
 
 
-def _ratio_ticks(ax) -> None:
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+# Candidate ratio ticks: fine steps near 1 for narrow ranges, then 1-2-5 decades.
+_NICE_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0,
+                2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+_DECADE_RATIOS = tuple(m * 10.0 ** e for e in range(-3, 4) for m in (1, 2, 5))
+MAX_TICKS = 7
+MAX_GROUPS_PER_PANEL = 3  # more shape groups than this: one panel per group (prefix attention's 6)
+TITLE_CHARS_PER_INCH = 11
+
+
+def _ratio_ticks(ax, values) -> None:
+    """Log-scale ratio axis with 1.0 and a few labelled ticks inside the data's range, however narrow."""
+    lo, hi = min(min(values), 1.0), max(max(values), 1.0)
+    lo, hi = lo / 1.08, hi * 1.08
+    ax.set_ylim(lo, hi)
+    if hi / lo > 20:  # wide: 1-2-5 per decade, or decades alone when those are too many
+        ticks = [v for v in _DECADE_RATIOS if lo <= v <= hi]
+        if len(ticks) > MAX_TICKS + 1:
+            ticks = [v for v in ticks if f"{v:g}".lstrip("0.").startswith("1")]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        return
+    step = (hi / lo) ** (1.0 / MAX_TICKS)  # neighbouring labels at least this factor apart
+    ticks = [1.0]
+    for v in _NICE_RATIOS:  # upwards from 1
+        if v > ticks[-1] * step * 0.999 and v <= hi:
+            ticks.append(v)
+    for v in reversed(_NICE_RATIOS):  # downwards from 1
+        if v < ticks[0] / step * 1.001 and v >= lo:
+            ticks.insert(0, v)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _panels(by_mode: dict, modes: list) -> list:
+    """``[(precision, group or None)]`` panel rows: one per precision, or one per (precision, shape group)
+    when an op has more shape groups than fit on one panel's legend."""
+    precisions = sorted({p for m in modes for p in by_mode[m]}, key=lambda p: _ORDER.get(p, len(_ORDER)))
+    groups = list(dict.fromkeys(g for m in modes for s in by_mode[m].values() for _, g in s))
+    if len(groups) <= MAX_GROUPS_PER_PANEL:
+        return [(p, None) for p in precisions]
+    return [(p, g) for p in precisions for g in groups
+            if any(key[1] == g for m in modes for key in by_mode[m].get(p, {}))]
 
 
 def plot_op(rows: list, op: str, title: str, modes: list, path: Path, subtitle: str = "") -> bool:
@@ -69,38 +112,49 @@ def plot_op(rows: list, op: str, title: str, modes: list, path: Path, subtitle: 
     modes = [m for m in modes if by_mode[m]]
     if not modes:
         return False
-    precisions = sorted({p for m in modes for p in by_mode[m]}, key=lambda p: _ORDER.get(p, len(_ORDER)))
+    panels = _panels(by_mode, modes)
     labels = sorted({key for m in modes for series in by_mode[m].values() for key in series})
-    colors = {key: f"C{i % 10}" for i, key in enumerate(labels)}  # one colour per series in every panel
+    per_group = any(group is not None for _, group in panels)
+    # one colour per series in every panel (per peer when each panel holds one shape group)
+    names = sorted({label for label, _ in labels}) if per_group else labels
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     tokens = sorted({t for m in modes for series in by_mode[m].values() for pts in series.values() for t, *_ in pts})
-    fig, axes = plt.subplots(len(precisions), len(modes), figsize=(5.5 * len(modes), 4.2 * len(precisions)),
-                             squeeze=False)
-    for i, precision in enumerate(precisions):
+    width = 5.0 * len(modes) + 2.6  # room for the legends right of the panels
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(width, 3.6 * len(panels)), squeeze=False)
+    for i, (precision, only_group) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
-            series = by_mode[mode].get(precision, {})
-            for (label, group), points in series.items():
+            series = {k: v for k, v in by_mode[mode].get(precision, {}).items()
+                      if only_group is None or k[1] == only_group}
+            values = [1.0]
+            for (label, group), points in sorted(series.items()):
                 xs, ys, lows, highs = zip(*points)
+                values += list(lows) + list(highs) + list(ys)
                 err = [[max(y - lo, 0) for y, lo in zip(ys, lows)], [max(hi - y, 0) for y, hi in zip(ys, highs)]]
+                name = f"vs {label}" + (f" ({group})" if group and not per_group else "")
                 ax.errorbar(xs, ys, yerr=err, marker="o", markersize=6 if len(xs) > 1 else 8, capsize=3,
-                            color=colors[(label, group)], label=f"vs {label}" + (f" ({group})" if group else ""))
+                            color=colors[label if per_group else (label, group)], label=name)
             ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
             ax.annotate("same speed as fastpeft", xy=(0.01, 1.0), xycoords=("axes fraction", "data"),
                         xytext=(0, 3), textcoords="offset points", fontsize=8)
             ax.set_xscale("log", base=2)
             ax.set_xticks(tokens, [str(t) for t in tokens])
             ax.set_yscale("log")
-            _ratio_ticks(ax)
+            _ratio_ticks(ax, [v for v in values if v > 0])
             ax.set_xlabel("tokens (M)")
-            ax.set_ylabel("peer time / fastpeft time (above 1: fastpeft faster)")
-            ax.set_title(f"{mode}, {short(precision)} compute")
-            ax.grid(True, which="both", alpha=0.3)
+            ax.set_ylabel("peer time / fastpeft time\n(above 1: fastpeft faster)", fontsize=9)
+            ax.set_title(f"{mode}, {short(precision)} compute" + (f"\n{only_group}" if only_group else ""),
+                         fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
             if series:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
             else:
                 ax.text(0.5, 0.5, "no peer at this precision", transform=ax.transAxes, ha="center")
-    fig.suptitle(f"{title}: fastpeft speedup at equal precision" + (f" — {subtitle}" if subtitle else ""))
-    fig.tight_layout()
+    heading = f"{title}: fastpeft speedup at equal precision" + (f" — {subtitle}" if subtitle else "")
+    heading = textwrap.fill(heading, int(width * TITLE_CHARS_PER_INCH))
+    fig.suptitle(heading, fontsize=11)
+    title_inches = 0.2 * (heading.count("\n") + 1) + 0.05
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_inches / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

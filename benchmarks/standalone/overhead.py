@@ -4,7 +4,7 @@
 train-mode forward+backward) of:
 
 - ``base``: the bare frozen base: ``F.linear`` on the dense weight (LoRA), the
-  native NF4 kernels called directly (QLoRA); in fwd+bwd the base's input
+  native NF4 kernels called directly (QLoRA); in forward+backward the base's input
   gradient too (``dy · W``): what any LoRA layer must pay at least;
 - ``fastpeft``: ``fastpeft.nn.LoRALinear`` / ``QLoRALinear`` on the same weights;
 - ``peft``: HF PEFT's ``lora.Linear`` over an ``nn.Linear`` (LoRA), PEFT's
@@ -12,8 +12,10 @@ train-mode forward+backward) of:
 
 Timings are interleaved: each round runs ``--calls`` calls of every provider,
 in a rotating order, so machine load hits all of them alike; the table gives
-medians over rounds and *paired* medians (per round) of the ratio to PEFT and
-of the overhead above ``base``. On a shared machine the per-call instruction
+medians over rounds (± the interquartile range in % of the median), and
+*paired* medians (per round) of ``peft/fastpeft`` (PEFT's time over fastpeft's:
+above 1, fastpeft is faster; the suite's direction) and of the overhead above
+``base`` (signed µs). On a shared machine the per-call instruction
 count is the steadier figure: ``--callgrind`` runs each provider under
 valgrind's callgrind (one thread, instrumentation only around the timed
 calls, the cyclic garbage collector paused there) and prints instructions
@@ -38,8 +40,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MODES = ("fwd", "fwdbwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the suite's names
+MODES = ("forward", "forward+backward")
 PROVIDERS = ("base", "fastpeft", "peft")
 SCALING = 2.0
 BLOCKSIZE = 64
@@ -134,7 +136,7 @@ def _qlora_layer(provider: str, weight, lora_A, lora_B, train: bool) -> Callable
 
 def build_step(op: str, provider: str, dtype, mode: str, tokens: int, k: int, n: int, r: int) -> Callable[[], None]:
     """One call of ``provider``'s layer: ``y = layer(x)`` (eval) or ``layer(x).backward(dy)`` (train)."""
-    train = mode == "fwdbwd"
+    train = mode == "forward+backward"
     weight, lora_A, lora_B = _weights(k, n, r, dtype)
     make = _lora_layer if op == "lora" else _qlora_layer
     layer = make(provider, weight, lora_A, lora_B, train)
@@ -174,21 +176,30 @@ def _paired(samples: dict, f) -> float:
     return statistics.median(f(*per_round) for per_round in zip(*samples.values()))
 
 
+def _spread(values: list) -> tuple:
+    """Median and interquartile range in % of the median."""
+    s = sorted(values)
+    med = statistics.median(s)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 4 else (s[0], med, s[-1])
+    return med, 100 * (q[2] - q[0]) / abs(med) if med else float("nan")
+
+
 def report_timings(op, dtype_name, mode, tokens, samples: dict) -> list[str]:
-    """One line per provider: median µs, IQR, ratio to peft, overhead above base."""
+    """One line per provider: median µs ± IQR %, then PEFT's time over fastpeft's (per round, on the peer's
+    line) and the signed overhead above ``base`` (per round)."""
     names = list(samples)
+    rounds = list(zip(*samples.values()))
     idx = {name: i for i, name in enumerate(names)}
     lines = []
     for name in names:
-        s = sorted(samples[name])
-        med = statistics.median(s)
-        q = statistics.quantiles(s, n=4) if len(s) >= 4 else (s[0], med, s[-1])
-        cells = [f"{op:5s} {dtype_name:4s} {mode:6s} M={tokens:<4d} {name:8s} {med * 1e6:9.1f} us",
-                 f"iqr {100 * (q[2] - q[0]) / med:5.1f}%"]
-        if "peft" in idx:
-            cells.append(f"x{_paired(samples, lambda *t: t[idx[name]] / t[idx['peft']]):5.2f} vs peft")
-        if "base" in idx:
-            cells.append(f"+{_paired(samples, lambda *t: t[idx[name]] - t[idx['base']]) * 1e6:7.1f} us above base")
+        med, iqr = _spread(samples[name])
+        cells = [f"{op:5s} {dtype_name:8s} {mode:16s} M={tokens:<4d} {name:8s} {med * 1e6:9.1f} us ±{iqr:3.0f}%"]
+        if name not in ("fastpeft", "base") and "fastpeft" in idx:
+            ratio, ratio_iqr = _spread([t[idx[name]] / t[idx["fastpeft"]] for t in rounds])
+            cells.append(f"{name}/fastpeft {ratio:5.2f}x ±{ratio_iqr:3.0f}%")
+        if name != "base" and "base" in idx:
+            above = statistics.median(t[idx[name]] - t[idx["base"]] for t in rounds)
+            cells.append(f"{above * 1e6:+8.1f} us above base")
         lines.append("  ".join(cells))
     return lines
 
@@ -316,10 +327,14 @@ def read_counts(folder: str, calls: int) -> dict:
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.standalone.overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--op", nargs="+", choices=("lora", "qlora"), default=["lora", "qlora"])
-    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
-    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--op", nargs="+", choices=("lora", "qlora"), default=["lora", "qlora"],
+                   help="layers to measure (default: both)")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
+                   help="input and weight dtypes (default: float32 bfloat16)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
+                   help="forward: eval-mode call without grad; forward+backward: train-mode call and backward "
+                        "(default: both)")
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 64], help="token counts M (default: 1 64)")
     p.add_argument("--k", type=int, default=2048, help="in_features (default 2048)")
     p.add_argument("--n", type=int, default=2048, help="out_features (default 2048)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
@@ -328,7 +343,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="calls per provider per round (default: about 20 ms of work); with --callgrind, "
                         "instrumented calls (default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="base (the bare frozen base), fastpeft, peft (default: all three)")
     p.add_argument("--profile", choices=PROVIDERS, help="print a cProfile of this provider's calls instead")
     p.add_argument("--callgrind", action="store_true", help="instructions per call under callgrind (one thread)")
     p.add_argument("--_count", action="store_true", help=argparse.SUPPRESS)
@@ -361,7 +377,7 @@ def main(argv=None) -> int:
             if per.get("base") is not None:
                 cells += [f"{p}-base {(c - per['base']) / 1e3:8.1f}k" for p, c in per.items()
                           if p != "base" and c is not None]
-            print(f"{op:5s} {dtype_name:4s} {mode:6s} M={tokens:<4d} " + "  ".join(cells), flush=True)
+            print(f"{op:5s} {dtype_name:8s} {mode:16s} M={tokens:<4d} " + "  ".join(cells), flush=True)
         return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={args.k} N={args.n} r={args.r}, "
           f"{args.rounds} rounds", flush=True)

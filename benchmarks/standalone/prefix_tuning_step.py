@@ -1,6 +1,6 @@
 """One prefix-tuning training step of a Llama-style model: fastpeft vs HF PEFT.
 
-    python -m benchmarks.standalone.prefix_tuning_step [--device cpu|cuda] [--dtypes fp32,bf16] [--batch 2] [--seq 512]
+    python -m benchmarks.standalone.prefix_tuning_step [--device cpu|cuda] [--dtypes float32,bfloat16] [--batch 2] [--seq 512]
                                             [--prefix 20] [--reps 7] [--out results.json]
 
 The model is built from a config (no download): 4 layers, hidden 512, 8 query
@@ -18,8 +18,9 @@ once, in a rotating order, so load drifts hit all of them alike):
 - ``fastpeft+ckpt``: fastpeft after ``model.gradient_checkpointing_enable()``;
 - ``peft+ckpt``: not runnable, PEFT raises; the table shows its error.
 
-Reported per variant: median step time (and quartiles), the step time over
-PEFT's, and memory: ``saved MB`` is what autograd keeps between forward and
+Reported per variant: median step time (and quartiles), ``peft/variant`` (PEFT's
+step time over the variant's: above 1, the variant is faster, as the suite's
+``peer/fastpeft``), and memory: ``saved MB`` is what autograd keeps between forward and
 backward (``benchmarks/suite/memory.py``; gradient checkpointing's recompute inputs
 are not autograd-saved tensors, so it is a lower bound there); on CPU ``peak
 MB`` is the process's resident-set peak during one step above its size before
@@ -42,7 +43,7 @@ from ..suite.harness import summarize
 from ..suite.machine import choose_device, metadata
 from ..suite.memory import cuda_peak_bytes, saved_bytes
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the suite's names
 MB = 2 ** 20
 
 
@@ -188,7 +189,7 @@ def run(dtype_name: str, device: torch.device, batch: int, seq: int, prefix: int
         else:
             t = summarize(v.samples)
             row.update(median_ms=t.median_s * 1e3, q25_ms=t.q25_s * 1e3, q75_ms=t.q75_s * 1e3, reps=t.reps,
-                       vs_peft=t.median_s / peft_median, saved_mb=v.saved_mb, peak_mb=v.peak_mb,
+                       peft_speedup=peft_median / t.median_s, saved_mb=v.saved_mb, peak_mb=v.peak_mb,
                        first_loss=v.first_loss)
         rows.append(row)
     del variants, runnable, steps
@@ -197,7 +198,7 @@ def run(dtype_name: str, device: torch.device, batch: int, seq: int, prefix: int
 
 
 def render(rows: list) -> str:
-    header = ["dtype", "variant", "median ms", "q25-q75 ms", "vs PEFT", "saved MB", "peak MB", "loss"]
+    header = ["dtype", "variant", "median ms", "q25-q75 ms", "peft/variant", "saved MB", "peak MB", "loss"]
     body = []
     for r in rows:
         if "error" in r:
@@ -205,7 +206,7 @@ def render(rows: list) -> str:
             continue
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         body.append([r["dtype"], r["variant"], f"{r['median_ms']:.1f}", f"{r['q25_ms']:.1f}-{r['q75_ms']:.1f}",
-                     f"{r['vs_peft']:.2f}x", fmt(r["saved_mb"]), fmt(r["peak_mb"]), f"{r['first_loss']:.5f}"])
+                     f"{r['peft_speedup']:.2f}x", fmt(r["saved_mb"]), fmt(r["peak_mb"]), f"{r['first_loss']:.5f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -214,10 +215,11 @@ def render(rows: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--prefix", type=int, default=20)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated model dtypes: float32, bfloat16, float16 (default: float32,bfloat16)")
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--prefix", type=int, default=20, help="virtual tokens P (default 20)")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per variant")
     parser.add_argument("--out", default=None, help="write rows and machine metadata as JSON")
     args = parser.parse_args(argv)

@@ -308,7 +308,7 @@ def add_speedups(op: OpBench, rows: list) -> None:
         if r["provider"] == op.ours:
             r["fastpeft_speedup"], r["speedup_vs"] = 1.0, r["dtype"]
             continue
-        if r["role"] != "peer":
+        if r["role"] != "peer" and not (r["role"] == "baseline" and op.baseline_is_peer):
             continue
         plain = same_inputs.get((r["shape"], r["mode"], r["dtype"]))
         if plain is not None:

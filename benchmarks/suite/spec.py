@@ -87,6 +87,8 @@ class OpBench:
     - ``dtypes(device_type, level)``: names of the input dtypes to run
       (``"float32"``, ``"bfloat16"``, ``"float16"``); None runs the device's
       default (bfloat16 on CUDA, float32 on CPU). ``--dtype`` overrides it.
+    - ``baseline_is_peer``: the baseline is itself what a user would otherwise run (AdapterHub's math for
+      the adapter, not a frozen base layer): it also gets fastpeft's speedup over it, and a plot line.
     """
 
     name: str
@@ -102,6 +104,7 @@ class OpBench:
     x_key: str = "tokens"
     headline: tuple = ()
     dtypes: Optional[Callable[[str, str], tuple]] = None
+    baseline_is_peer: bool = False
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

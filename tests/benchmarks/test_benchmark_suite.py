@@ -58,6 +58,9 @@ def test_quick_suite_writes_a_new_run_folder_and_leaves_the_repository_alone(tmp
                           cwd=REPO_ROOT).returncode == 0, "run folders must be ignored by git"
 
     rows = _read_csv(out / "results.csv")
+    train_rows = [r for r in rows if r["op"] == "train_step"]  # the default run's training-step level
+    assert train_rows and {r["status"] for r in train_rows} == {OK}, [r["note"] for r in train_rows if r["note"]]
+    rows = [r for r in rows if r["op"] != "train_step"]
     expected = 0
     for op in load_ops():
         chosen = selected_providers(op, providers)  # the baseline and reference always run
@@ -96,13 +99,14 @@ def test_quick_suite_writes_a_new_run_folder_and_leaves_the_repository_alone(tmp
     assert data["ceilings"]["copy_gbps"] > 0
     assert set(data["ceilings"]["matmul_gflops"]) == {"float32", "bfloat16"}
     assert all(v > 0 for v in data["ceilings"]["matmul_gflops"].values())
-    assert len(data["results"]) == expected
+    assert len(data["results"]) == expected + len(train_rows)
     assert "without a GPU" in data["kernel_report"]["unavailable"]  # skipped by default on a CPU machine
 
     summary = (out / "summary.md").read_text()
     assert meta["command"] in summary and "load average" in summary
     for title in ("## Headline: LoRA linear, float32", "## Headline: QLoRA linear (NF4 base + LoRA), bfloat16",
-                  "## LoRA linear: forward+backward, bfloat16", "## NF4 linear (QLoRA base layer): forward, float32"):
+                  "## LoRA linear: forward+backward, bfloat16", "## NF4 linear (QLoRA base layer): forward, float32",
+                  "## Headline: Training step (forward, backward, AdamW) of a whole model, bfloat16 autocast"):
         assert title in summary
     assert "kernel report not included: skipped on a machine without a GPU" in summary
 
@@ -112,7 +116,8 @@ def test_quick_suite_writes_a_new_run_folder_and_leaves_the_repository_alone(tmp
     assert terminal.index("kernel report not included") < terminal.index("Headline: ")
 
     pngs = sorted(out.glob("*.png"))
-    assert [p.name for p in pngs][:1] == ["speedup_lora.png"]
+    # the adapter's plot has its AdapterHub line even when no other peer of it ran
+    assert {"speedup_lora.png", "speedup_adapter.png"} <= {p.name for p in pngs}
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
 
@@ -302,6 +307,43 @@ def test_speedup_plot_has_log_ratio_axes_error_bars_and_a_panel_per_mode_and_pre
     path = tmp_path / "p.png"
     assert plot_op(rows, "qlora", "QLoRA", ["forward", "backward"], path)
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_ratio_axis_labels_several_ticks_on_a_narrow_range_and_decades_on_a_wide_one():
+    import matplotlib.pyplot as plt
+
+    from benchmarks.report.plots import _ratio_ticks
+
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    _ratio_ticks(ax, [0.93, 1.12])
+    narrow = list(ax.get_yticks())
+    assert 1.0 in narrow and len(narrow) >= 3 and min(narrow) >= 0.93 / 1.1 and max(narrow) <= 1.12 * 1.1
+    _ratio_ticks(ax, [1.5, 180.0])
+    wide = list(ax.get_yticks())
+    assert 1.0 in wide and 100.0 in wide and 3 <= len(wide) <= 8
+    plt.close(fig)
+
+
+def test_an_op_with_many_shape_groups_gets_a_panel_per_group(tmp_path):
+    from benchmarks.report.plots import MAX_GROUPS_PER_PANEL, _panels
+
+    groups = [f"P={p}" for p in range(MAX_GROUPS_PER_PANEL + 1)]
+    by_mode = {"forward": {"float32": {("torch", g): [(1, 1.0, 1.0, 1.0)] for g in groups}}}
+    assert _panels(by_mode, ["forward"]) == [("float32", g) for g in groups]
+    few = {"forward": {"float32": {("torch", g): [(1, 1.0, 1.0, 1.0)] for g in groups[:2]}}}
+    assert _panels(few, ["forward"]) == [("float32", None)]
+
+
+def test_an_op_whose_baseline_is_a_peer_gets_its_speedup():
+    from benchmarks.suite.runner import add_speedups
+
+    op = load_ops(["adapter"])[0]
+    assert op.baseline_is_peer and op.baseline == "adapterhub"
+    rows = [dict(_row("fastpeft", "fastpeft", "float32", "float32", 5.0), op="adapter"),
+            dict(_row("adapterhub", "baseline", "float32", "float32", 10.0), op="adapter")]
+    add_speedups(op, rows)
+    assert rows[1]["fastpeft_speedup"] == 2.0
 
 
 def test_a_reference_that_cannot_run_in_float64_leaves_the_error_out_and_says_why(monkeypatch):

@@ -24,7 +24,7 @@ def _cpu_path(monkeypatch):
 
 def test_prefix_tuning_step_runs_and_variants_agree(tmp_path, capsys):
     out = tmp_path / "step.json"
-    code = prefix_tuning_step.main(["--device", "cpu", "--dtypes", "fp32", "--batch", "1", "--seq", "16",
+    code = prefix_tuning_step.main(["--device", "cpu", "--dtypes", "float32", "--batch", "1", "--seq", "16",
                                     "--prefix", "4", "--reps", "1", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_prefix_tuning_step_runs_and_variants_agree(tmp_path, capsys):
 
 
 def test_overhead_script_runs(capsys):
-    code = overhead.main(["--op", "lora", "--dtype", "fp32", "--tokens", "1", "--k", "32", "--n", "32",
+    code = overhead.main(["--op", "lora", "--dtype", "float32", "--tokens", "1", "--k", "32", "--n", "32",
                           "--rounds", "2", "--threads", "1"])
     assert code == 0
     assert "peft" in capsys.readouterr().out.lower()
