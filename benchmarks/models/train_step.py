@@ -137,8 +137,9 @@ def _peak_mb(step) -> tuple:
 
 
 def run_model(spec: ModelSpec, dtype: str, rounds: int, method_names: Optional[list] = None,
-              progress=None) -> list:
-    """Rows of one (model, dtype): every variant timed interleaved over ``rounds`` rounds."""
+              progress=None, clock=time.perf_counter) -> list:
+    """Rows of one (model, dtype): every variant timed interleaved over ``rounds`` rounds by ``clock``
+    (wall time; ``time.process_time``, the process's CPU time, is steadier on a loaded machine)."""
     size = {"batch": spec.batch, "seq": spec.seq}
     if spec.unavailable:
         return [_row(spec, dtype, Variant("floor", "torch", False, error=spec.unavailable), size, status="not available")]
@@ -161,9 +162,9 @@ def run_model(spec: ModelSpec, dtype: str, rounds: int, method_names: Optional[l
     for r in range(rounds):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
         for v in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[id(v)]()
-            v.samples.append(time.perf_counter() - t0)
+            v.samples.append(clock() - t0)
         if progress is not None:
             progress(f"{spec.name} {dtype} round {r + 1}/{rounds}")
     for v in runnable:
@@ -222,10 +223,10 @@ def _add_ratios(rows: list, _variants_by_row: dict) -> None:
 
 
 def run(level: str, dtypes: Optional[list] = None, method_names: Optional[list] = None, rounds: Optional[int] = None,
-        progress=None) -> list:
+        progress=None, clock=time.perf_counter) -> list:
     """Every row of the training-step level (CPU only: a GPU run of this level is not built yet)."""
     rows = []
     for spec in model_specs(level):
         for dtype in dtypes or DTYPES:
-            rows += run_model(spec, dtype, rounds or ROUNDS[level], method_names, progress)
+            rows += run_model(spec, dtype, rounds or ROUNDS[level], method_names, progress, clock)
     return rows
