@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..suite.spec import FORWARD, Built, Case, OpBench, Provider
-from .common import (both_precisions_on_cpu, case_tensors, lora_layer_work, missing_import, rotating_inputs,
-                     trainable, upstream_grad)
-from .lora import SCALING, peft_lora_layer
+from .common import both_precisions_on_cpu, case_tensors, missing_import, rotating_inputs, trainable, upstream_grad
+from .lora import SCALING
+from .lora import _peft as _peft_lora
+from .lora import _work  # the LoRA layer's ideal work; DoRA's norm (r·K·N) and scale passes are not counted
 
 
 def _shapes(device_type: str, level: str) -> list:
@@ -82,18 +83,6 @@ def _peft_dora(case: Case) -> Built:
             p.copy_(value)
     layer.train(case.mode != FORWARD)
     return Built(layer, params)
-
-
-def _peft_lora(case: Case) -> Built:
-    weight, lora_A, lora_B = case_tensors(case, "weight", "lora_A", "lora_B")
-    layer, params = peft_lora_layer(weight, lora_A, lora_B, SCALING, case.mode)
-    return Built(layer, params)
-
-
-def _work(shape: dict, mode: str, provider: str, dtype) -> tuple:
-    """Ideal (flops, bytes) of the LoRA layer; DoRA's norm (``r·K·N``) and scale passes are not counted."""
-    weight_bytes = shape["N"] * shape["K"] * torch.empty((), dtype=dtype).element_size()
-    return lora_layer_work(shape, mode, provider, dtype, weight_bytes)
 
 
 OP = OpBench(

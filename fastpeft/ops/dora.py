@@ -13,7 +13,9 @@ The norm never forms ``B·A`` (PEFT builds it through a ``[K, K]`` identity
 every call): ``‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ``,
 one ``[r, K] × [K, N]`` product plus rank-sized work, accumulated in fp32
 (fp64 for fp64 input). ``‖W_i‖²`` can be passed in (``weight_norm_sq``):
-the layers cache it while their frozen weight is unchanged
+the layers cache it while their frozen weight is unchanged, and the whole
+norm (``weight_norm``) while W, A and B are all unchanged (inference, where
+``A Wᵀ`` would otherwise cost r times a one-token forward)
 (``fastpeft.variants.dora``).
 """
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import (FLOAT_DTYPES, check_dim, check_lora_adapter, check_probability, check_same_device,
-                           check_same_dtype, check_scaling, check_tensor, lora_adapter_ok)
+from .._validation import check_dim, check_probability, check_same_device, check_same_dtype, check_scaling, check_tensor
 from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
+from .lora import _arguments_ok as _lora_arguments_ok
+from .lora import _validate as _validate_lora
 from .lora import lora_dropout_mask
 
 
@@ -174,35 +177,40 @@ def _weight_grad(dy2d, x2d, scale, dropout_p, seed):
 
 def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = False,
-                weight_norm_sq: Optional[Tensor] = None) -> Tensor:
+                weight_norm_sq: Optional[Tensor] = None, weight_norm: Optional[Tensor] = None) -> Tensor:
     """Fused DoRA linear (PEFT's semantics, see the module docstring).
 
     Shapes: ``x [..., K]``, ``weight [N, K]``, ``lora_A [r, K]``, ``lora_B [N, r]``,
     ``magnitude [N]``, ``bias [N]``; one device and one floating dtype (fp32,
     fp16, bf16; fp64 on the CPU path). ``weight_norm_sq [N]``: ``‖W_i‖²``
     (``weight_row_norm_sq(weight)``) when the caller caches it, else computed.
-    Dropout only when ``training``. Gradients flow to x, lora_A, lora_B,
+    ``weight_norm [N]``: the detached ``‖W + s·BA‖`` itself when the caller has it
+    (``dora_weight_norm``; then ``weight_norm_sq`` is not used). Both are in
+    ``norm_dtype(x.dtype)``. Dropout only when ``training``. Gradients flow to x, lora_A, lora_B,
     magnitude (and weight/bias when they require grad); never through the norm.
     """
     autocast = any_autocast_enabled()
     if autocast:
         x, weight, lora_A, lora_B, magnitude, bias = autocast_inputs(x, weight, lora_A, lora_B, magnitude, bias)
-    if not _arguments_ok(x, weight, lora_A, lora_B, magnitude, bias, weight_norm_sq):
-        _validate(x, weight, lora_A, lora_B, magnitude, bias, weight_norm_sq)
+    norms = (weight_norm_sq, weight_norm)
+    if not _arguments_ok(x, weight, lora_A, lora_B, magnitude, bias, norms):
+        _validate(x, weight, lora_A, lora_B, magnitude, bias, norms)
     scaling = check_scaling("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not training:
         dropout_p = 0.0
     seed = draw_seed(dropout_p)
     if not autocast:
-        return _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_norm_sq)
+        return _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, norms)
     with autocast_off(x.device.type):
-        return _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_norm_sq)
+        return _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, norms)
 
 
-def _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_norm_sq) -> Tensor:
+def _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, norms) -> Tensor:
     """``DoRALinearFunction.apply``, or its forward alone when no gradient can be asked for."""
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_norm_sq)
+    weight_norm_sq, norm = norms
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_norm_sq)
     if (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                         for t in (x, weight, lora_A, lora_B, magnitude, bias))) \
             or forward_ad_active():
@@ -213,38 +221,30 @@ def _run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, w
     return y2d if x2d is x else y2d.view(*x.shape[:-1], weight.shape[0])
 
 
-def _arguments_ok(x, weight, lora_A, lora_B, magnitude, bias, weight_norm_sq) -> bool:
+def _arguments_ok(x, weight, lora_A, lora_B, magnitude, bias, norms) -> bool:
     """True when ``_validate`` would pass (the cheap form run on every call)."""
-    try:
-        n, k = weight.shape
-        return (isinstance(weight, Tensor) and weight.dtype is x.dtype and weight.device == x.device
-                and lora_adapter_ok(x, lora_A, lora_B, bias, n, k)
-                and _vector_ok(magnitude, n, x, x.dtype)
-                and (weight_norm_sq is None or _vector_ok(weight_norm_sq, n, x, norm_dtype(x.dtype))))
-    except (AttributeError, TypeError, ValueError):
+    if not _lora_arguments_ok(x, weight, lora_A, lora_B, bias):
         return False
+    n = weight.shape[0]
+    return (_vector_ok(magnitude, n, x, x.dtype)
+            and all(t is None or _vector_ok(t, n, x, norm_dtype(x.dtype)) for t in norms))
 
 
 def _vector_ok(t, n: int, x: Tensor, dtype: torch.dtype) -> bool:
     return isinstance(t, Tensor) and t.shape == (n,) and t.dtype is dtype and t.device == x.device
 
 
-def _validate(x, weight, lora_A, lora_B, magnitude, bias, weight_norm_sq) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension [..., in_features]")
-    check_tensor("weight", weight, ndim=2)
-    check_same_device("x", x, weight=weight)
-    check_same_dtype("x", x, weight=weight)
-    check_lora_adapter(x, lora_A, lora_B, bias, *weight.shape)
+def _validate(x, weight, lora_A, lora_B, magnitude, bias, norms) -> None:
+    _validate_lora(x, weight, lora_A, lora_B, bias)
     check_magnitude(x, magnitude, weight.shape[0])
-    if weight_norm_sq is not None:
-        check_tensor("weight_norm_sq", weight_norm_sq, ndim=1)
-        check_same_device("x", x, weight_norm_sq=weight_norm_sq)
-        check_dim("weight_norm_sq", weight_norm_sq.shape[0], weight.shape[0], "length (out_features)")
-        if weight_norm_sq.dtype is not norm_dtype(x.dtype):
-            raise TypeError(f"weight_norm_sq must be {norm_dtype(x.dtype)} for {x.dtype} input "
-                            f"(weight_row_norm_sq gives it), got {weight_norm_sq.dtype}")
+    for name, t in zip(("weight_norm_sq", "weight_norm"), norms):
+        if t is None:
+            continue
+        check_tensor(name, t, ndim=1)
+        check_same_device("x", x, **{name: t})
+        check_dim(name, t.shape[0], weight.shape[0], "length (out_features)")
+        if t.dtype is not norm_dtype(x.dtype):
+            raise TypeError(f"{name} must be {norm_dtype(x.dtype)} for {x.dtype} input, got {t.dtype}")
 
 
 def check_magnitude(x: Tensor, magnitude, out_features: int) -> None:

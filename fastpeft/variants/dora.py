@@ -52,7 +52,7 @@ class DoRA(LoraVariant):
         if magnitude.dtype is not weight.dtype:
             magnitude = magnitude.to(weight.dtype)
         return dora_linear(x, weight, lora_A, lora_B, magnitude, layer.scaling, bias, layer.lora_dropout,
-                           layer.training, weight_norm_sq=cached_weight_norm_sq(layer, weight.dtype))
+                           layer.training, weight_norm=cached_norm(layer, weight, lora_A, lora_B))
 
     def forward_nf4(self, layer, x, w_nf4, bias, lora_A, lora_B):
         dtype = lora_A.dtype
@@ -81,6 +81,20 @@ class DoRA(LoraVariant):
         norm = layer.__dict__.pop("_dora_merged_norm")
         scale = (layer.lora_magnitude_vector.to(acc) / norm).unsqueeze(1)
         return (weight.to(acc) / scale - layer.delta_weight_out_in(acc)).to(weight.dtype)
+
+
+def cached_norm(layer, weight, lora_A, lora_B) -> torch.Tensor:
+    """``‖W + s·BA‖`` of a dense-base layer (operands in the compute dtype), recomputed only when W, A or B
+    changed: every step in training (the optimizer updates A and B in place), once in inference."""
+    weight_norm_sq = cached_weight_norm_sq(layer, weight.dtype)  # the key of W
+    pair = (layer.lora_A._parameters["weight"], layer.lora_B._parameters["weight"])
+    key = tuple((t.data_ptr(), t._version) for t in pair) + (weight.dtype, layer.scaling)
+    cached = layer.__dict__.get("_dora_norm")
+    if cached is not None and cached[0] == key and cached[2] is weight_norm_sq:
+        return cached[1]
+    norm = dora_weight_norm(weight, lora_A, lora_B, layer.scaling, weight_norm_sq)
+    layer.__dict__["_dora_norm"] = (key, norm, weight_norm_sq)
+    return norm
 
 
 def cached_weight_norm_sq(layer, dtype: torch.dtype) -> torch.Tensor:

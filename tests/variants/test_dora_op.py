@@ -1,4 +1,5 @@
-"""``fastpeft.ops.dora_linear`` on the CPU path: float64 gradcheck, the factored norm, the ‖W‖² cache, bad input."""
+"""``fastpeft.ops.dora_linear`` on the CPU path: float64 gradcheck, the factored norm, the ‖W‖² cache,
+bad input, the inference path."""
 import pytest
 import torch
 
@@ -86,6 +87,24 @@ def test_weight_norm_cache_follows_in_place_changes_of_the_base_weight():
     assert not torch.allclose(before, after)
 
 
+def test_norm_cache_is_reused_in_inference_and_recomputed_after_an_update_of_the_pair():
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(8, 6), r=2, variant="dora", init_lora_weights=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer(x)
+        norm = layer._dora_norm[1]
+        layer(x)
+        assert layer._dora_norm[1] is norm
+        layer.lora_B.weight.add_(0.5)
+        after = layer(x)
+    assert layer._dora_norm[1] is not norm
+    expected = reference(x.double(), layer.base_layer.weight.double(), layer.lora_A.weight.double(),
+                         layer.lora_B.weight.double(), layer.lora_magnitude_vector.double(),
+                         layer.base_layer.bias.double(), layer.scaling)
+    torch.testing.assert_close(after.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_magnitude_raises_value_error_naming_it():
     ops = {k: (v.detach() if v is not None else None) for k, v in operands().items()}
     with pytest.raises(ValueError, match="magnitude"):
@@ -107,3 +126,22 @@ def test_no_grad_forward_skips_the_function_and_equals_it():
         without = dora_linear(*args)
     assert without.grad_fn is None
     assert torch.equal(without, with_graph.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_output_and_gradients_against_float64(dtype):
+    """Norms accumulate in fp32; each result is rounded once to the input's dtype (budget: torch's unfused DoRA)."""
+    ops64 = {k: v.detach() for k, v in operands(n=40, k=48, r=8).items()}
+    low = {k: v.to(dtype).requires_grad_() for k, v in ops64.items()}
+    low_torch = {k: v.to(dtype).requires_grad_() for k, v in ops64.items()}
+    ref64 = {k: v.clone().requires_grad_() for k, v in ops64.items()}
+    names = ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
+    y = dora_linear(low["x"], low["weight"], low["lora_A"], low["lora_B"], low["magnitude"], 1.5, low["bias"])
+    y_torch = reference(*(low_torch[k] for k in names), 1.5)
+    y_ref = reference(*(ref64[k] for k in names), 1.5)
+    dy = torch.randn_like(y_ref)
+    for out, d in ((y, dy.to(dtype)), (y_torch, dy.to(dtype)), (y_ref, dy)):
+        out.backward(d)
+    assert_close_to_ref(y, y_ref, y_torch, what="y")
+    for name in names:
+        assert_close_to_ref(low[name].grad, ref64[name].grad, low_torch[name].grad, what=name)
