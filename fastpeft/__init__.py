@@ -11,12 +11,13 @@ reads and writes AdapterHub's checkpoints.
 """
 from . import nn, ops
 from .injection import (adapter_fusion_regularization_loss, adapter_parameters, apply_adapter, apply_adapter_fusion,
-                        apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_parameters, merge_lora,
-                        prompt_parameters, replace_modules, set_active_adapter, set_adapter_drop, unload_lora,
-                        unmerge_lora)
+                        apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_parameters,
+                        merge_and_unload, merge_lora, print_trainable_parameters, prompt_parameters, replace_modules,
+                        set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
 from .integrations.peft.checkpoints import load_peft, save_peft
 from .integrations.peft.lora_format import load_lora, save_lora
+from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .quant import NF4Weight
 
 __version__ = "0.1.0"
@@ -32,14 +33,18 @@ __all__ = [
     "apply_prefix_tuning",
     "apply_prompt_tuning",
     "apply_qlora",
+    "create_lorafa_optimizer",
+    "create_loraplus_optimizer",
     "load_adapter",
     "load_adapter_fusion",
     "load_lora",
     "load_peft",
     "lora_parameters",
+    "merge_and_unload",
     "merge_lora",
     "nn",
     "ops",
+    "print_trainable_parameters",
     "prompt_parameters",
     "replace_modules",
     "save_adapter",

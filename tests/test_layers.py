@@ -27,6 +27,7 @@ FLOORS = {
     "nn": 4,
     "injection": 5,
     "integrations": 6,
+    "optimizers": 6,  # LoRA+ / LoRA-FA optimizer helpers: read the injected LoRA layers
     "": 7,  # fastpeft/__init__.py: the public API
 }
 SIBLINGS = {"kernels", "cpu"}  # one floor, two implementations of it: never each other
