@@ -112,7 +112,15 @@ def check_lora_adapter(x: torch.Tensor, lora_A, lora_B, bias, out_features: int,
 
 
 def check_scaling(name: str, scaling) -> float:
-    """A finite real number (int or float, not bool or str) as float."""
+    """A finite real number (int or float, not bool or str) as float.
+
+    Under ``torch.compile`` the value may be a symbolic float (``dynamic=True``,
+    or automatic dynamic after a recompile), on which ``math.isfinite`` cannot
+    trace: the finiteness check becomes a runtime assertion of the graph.
+    """
+    if torch.compiler.is_compiling():
+        torch._check(abs(scaling) < math.inf, lambda: f"{name} must be finite")
+        return scaling
     if type(scaling) is float and math.isfinite(scaling):
         return scaling
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
