@@ -75,7 +75,7 @@ def _gelu_tanh_inner(x):
 def activate(x, ACT: tl.constexpr):
     """``act(x)`` for fp32 ``x``."""
     if ACT == ACT_RELU:
-        y = tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     elif ACT == ACT_GELU:  # gelu (erf)
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == ACT_GELU_TANH:  # gelu, tanh form
@@ -95,7 +95,8 @@ def activate(x, ACT: tl.constexpr):
     elif ACT == ACT_MISH:
         y = x * _tanh(_softplus(x))
     else:  # relu6
-        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        y = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                       propagate_nan=tl.PropagateNan.ALL)
     return y
 
 
@@ -103,7 +104,7 @@ def activate(x, ACT: tl.constexpr):
 def activate_grad(x, ACT: tl.constexpr):
     """``act'(x)`` for fp32 ``x``."""
     if ACT == ACT_RELU:
-        d = tl.where(x > 0.0, 1.0, 0.0)
+        d = tl.where(x <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's threshold_backward
     elif ACT == ACT_GELU:
         d = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == ACT_GELU_TANH:
@@ -221,7 +222,8 @@ def _adapter_forward_kernel(
     if STORE_PRE:
         pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :]
         tl.store(pre_ptrs, pre, mask=in_rows[:, None] & in_b[None, :] & (pid_n == 0))
-    z = activate(pre, ACT).to(y_ptr.dtype.element_ty)
+    # Padding lanes exact 0: an infinite x makes them 0 · inf = NaN, which the up-projection would spread.
+    z = tl.where(in_b[None, :], activate(pre, ACT), 0.0).to(y_ptr.dtype.element_ty)
 
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(pid_n * BLOCK_N, H, n_step):
@@ -292,7 +294,9 @@ def _adapter_backward_rows_kernel(
             dz = mma(ds.to(dtype), up_w, dz, DOT_PRECISION, UPCAST)
 
     if NEED_DA:
-        da = dz * activate_grad(pre, ACT)
+        act_grad = activate_grad(pre, ACT)
+        # Exact 0 where act' is 0 (torch's relu backward selects, no 0 · inf) and in the padding lanes.
+        da = tl.where(in_b[None, :] & (act_grad != 0.0), dz * act_grad, 0.0)
         tl.store(da_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :], da,
                  mask=in_rows[:, None] & in_b[None, :])
         if NEED_DX:
