@@ -16,16 +16,19 @@ from .adapter import (adapter_fusion_regularization_loss, adapter_layers, adapte
 from .adapter_architectures import ARCHITECTURES
 from .adapter_location import AdapterLayer
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
-                   merge_lora, unload_lora, unmerge_lora)
+                   merge_and_unload, merge_lora, unload_lora, unmerge_lora)
+from .lora_drop import LoraDropPlan, lora_drop
 from .prefix_tuning import apply_prefix_tuning, prefix_tuning_layer
 from .prompt_learning import prompt_parameters
 from .prompt_tuning import apply_prompt_tuning, prompt_tuning_layer
 from .qlora import apply_qlora
+from .trainable_parameters import print_trainable_parameters, trainable_parameter_counts
 from .targets import TargetModules, find_target_modules, matches_target, replace_modules
 
 __all__ = [
     "ARCHITECTURES",
     "AdapterLayer",
+    "LoraDropPlan",
     "TargetModules",
     "adapter_fusion_regularization_loss",
     "adapter_layers",
@@ -38,17 +41,21 @@ __all__ = [
     "apply_qlora",
     "check_lora_targets",
     "find_target_modules",
+    "lora_drop",
     "lora_modules",
     "lora_parameters",
     "mark_only_lora_trainable",
     "matches_target",
+    "merge_and_unload",
     "merge_lora",
     "prefix_tuning_layer",
+    "print_trainable_parameters",
     "prompt_parameters",
     "prompt_tuning_layer",
     "replace_modules",
     "set_active_adapter",
     "set_adapter_drop",
+    "trainable_parameter_counts",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -117,7 +117,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def lora_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters (``lora_A.weight``, ``lora_B.weight`` of each LoRA-kind layer)."""
-    return [p for _, m in lora_modules(model) for p in m.peft_parameters()]
+    # each parameter once: layers may share a pair (LoRA-drop)
+    return list(dict.fromkeys(p for _, m in lora_modules(model) for p in m.peft_parameters()))
 
 
 def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
@@ -145,18 +146,29 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """PEFT's name for ``merge_lora(model, unload=True)``: the merged model with its original architecture."""
+    return merge_lora(model, unload=True)
+
+
 def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer without merging: each goes back to its base layer; returns ``model``.
 
-    A ``LoRALinear`` gives back its base ``nn.Linear``/``Conv1D`` (unmerged
-    first if it was merged), a ``QLoRALinear`` its frozen ``NF4Linear``, a
-    ``modules_to_save`` wrapper its original module. For serving with the
-    update folded in, use ``merge_lora(model, unload=True)``.
+    A ``LoRALinear`` gives back its base ``nn.Linear``/``Conv1D``, a
+    ``QLoRALinear`` its frozen ``NF4Linear``, a ``modules_to_save`` wrapper its
+    original module. PEFT's habit ``merge_adapter()`` then ``unload()`` keeps
+    the merge: a merged ``LoRALinear`` gives back its base layer holding the
+    merged weight; a merged layer whose base cannot hold the merge (QLoRA's
+    NF4 bytes) is refused (ValueError, before anything changes) in favour of
+    ``merge_lora(model, unload=True)``, which serves the update folded in.
     """
     layers = lora_modules(model)
     _check_not_root(layers)
-    for _, layer in layers:
-        layer.unmerge()
+    cannot_keep = [name for name, layer in layers if layer.merged and not isinstance(layer, LoRALinear)]
+    if cannot_keep:
+        raise ValueError(f"LoRA layers {cannot_keep[:5]} are merged and their base layer cannot hold the merge; "
+                         "unload_lora would drop it: use fastpeft.merge_lora(model, unload=True) for the merged "
+                         "model, or unmerge_lora(model) first for the original one")
     _swap_back(model, [(name, layer, layer.base_layer) for name, layer in layers])
     _swap_back(model, [(name, wrapper, wrapper.original_module) for name, wrapper in saved_modules(model)])
     return model

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
+from ...injection.qlora import apply_qlora
 from ...injection.modules_to_save import modules_to_save_names, wrap_modules_to_save
 from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target,
                                   selected_modules, swap_modules)
@@ -104,8 +105,9 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     }
     tensors = {}
     for name, layer in layers:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        # copies: layers may share a pair (LoRA-drop), written under each name as PEFT expects
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().clone()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().clone()
         tensors.update({f"{KEY_PREFIX}{name}.{k}": t for k, t in layer.variant.checkpoint_tensors(layer).items()})
     saved = saved_modules(model)
     if saved:
@@ -188,12 +190,49 @@ def load_lora(model: nn.Module, directory: str | os.PathLike,
     return model
 
 
+def load_qlora(model: nn.Module, directory: str | os.PathLike, blocksize: int = 64, double_quant: bool = False,
+               lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load a (Q)LoRA adapter onto a base model in one call, quantising its targets to NF4 (in place).
+
+    ``PeftModel.from_pretrained`` on a 4-bit base, for fastpeft: the config's
+    targets, rank, alpha, dropout, rsLoRA and DoRA come from ``directory``;
+    ``apply_qlora`` builds the layers (``nn.Linear`` targets quantised with
+    ``blocksize``/``double_quant``, bitsandbytes ``Linear4bit`` nf4 targets kept
+    as they are) and ``load_lora`` copies the saved weights in; only the LoRA
+    parameters train, as after ``apply_qlora``. ``modules_to_save`` names the
+    model lacks are skipped, as PEFT skips them. The config and tensors are
+    read and checked before the model changes; per-module ranks or alphas
+    (``rank_pattern``/``alpha_pattern``) are refused (ValueError), since
+    ``apply_qlora`` builds one rank.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = read_lora_config(directory)
+    _read_weights(directory, config["modules_to_save"])
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config[key]:
+            raise ValueError(f"{CONFIG_NAME}: {key}={config[key]!r}: load_qlora builds one rank and alpha for "
+                             "every layer; apply_qlora per group of modules, then load_lora")
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; load_lora copies an adapter into them")
+    names = [n for n, _ in model.named_modules() if n]
+    listed = config["modules_to_save"] or []
+    present = [m for m in listed if any(is_under_modules_to_save(n, [m]) for n in names)] or None
+    apply_qlora(model, config["target_modules"], r=config["r"], lora_alpha=config["lora_alpha"],
+                lora_dropout=config["lora_dropout"], use_rslora=config["use_rslora"], init_lora_weights=False,
+                blocksize=blocksize, double_quant=double_quant, lora_dtype=lora_dtype,
+                exclude_modules=config["exclude_modules"], layers_to_transform=config["layers_to_transform"],
+                layers_pattern=config["layers_pattern"], modules_to_save=present,
+                use_dora=config["variant"].peft_config.get("use_dora", False))
+    return load_lora(model, directory)
+
+
 def _modules_to_save_plan(model: nn.Module, modules_to_save, saved_tensors: dict) -> list[tuple[str, dict]]:
     """``[(module name, its state dict from the file)]``, checked against the model before anything changes."""
     if not modules_to_save:
         return []
     plan = []
-    for name in modules_to_save_names(model, modules_to_save, allow_wrapped=True):
+    for name in modules_to_save_names(model, modules_to_save, allow_wrapped=True, skip_missing=True):
         module = model.get_submodule(name)
         target = module.trainable_copy if isinstance(module, ModulesToSave) else module
         prefix = f"{name}."
