@@ -16,7 +16,7 @@ from .injection import (adapter_fusion_regularization_loss, adapter_parameters, 
                         set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
 from .integrations.peft.checkpoints import load_peft, save_peft
-from .integrations.peft.lora_format import load_lora, save_lora
+from .integrations.peft.lora_format import load_lora, load_qlora, save_lora
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .quant import NF4Weight
 
@@ -39,6 +39,7 @@ __all__ = [
     "load_adapter_fusion",
     "load_lora",
     "load_peft",
+    "load_qlora",
     "lora_parameters",
     "merge_and_unload",
     "merge_lora",
