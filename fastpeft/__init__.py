@@ -11,7 +11,7 @@ reads and writes AdapterHub's checkpoints.
 """
 from . import nn, ops
 from .injection import (adapter_fusion_regularization_loss, adapter_parameters, apply_adapter, apply_adapter_fusion,
-                        apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_parameters,
+                        apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_drop, lora_parameters,
                         merge_and_unload, merge_lora, print_trainable_parameters, prompt_parameters, replace_modules,
                         set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
@@ -39,6 +39,7 @@ __all__ = [
     "load_adapter_fusion",
     "load_lora",
     "load_peft",
+    "lora_drop",
     "load_qlora",
     "lora_parameters",
     "merge_and_unload",
