@@ -15,6 +15,7 @@ from .injection import (adapter_fusion_regularization_loss, adapter_parameters, 
                         merge_and_unload, merge_lora, print_trainable_parameters, prompt_parameters, replace_modules,
                         set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
+from .integrations.peft.accelerate import accelerate, restore
 from .integrations.peft.checkpoints import load_peft, save_peft
 from .integrations.peft.lora_format import load_lora, load_qlora, save_lora
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
@@ -23,6 +24,7 @@ from .quant import NF4Weight
 __version__ = "0.1.0"
 
 __all__ = [
+    "accelerate",
     "NF4Weight",
     "__version__",
     "adapter_fusion_regularization_loss",
@@ -49,6 +51,7 @@ __all__ = [
     "print_trainable_parameters",
     "prompt_parameters",
     "replace_modules",
+    "restore",
     "save_adapter",
     "save_adapter_fusion",
     "save_lora",
