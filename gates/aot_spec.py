@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Optional
 
+from .tf32 import tf32_specs
+
 _ARCH_FOR_BINDING = 90  # specialisation does not depend on the arch; any CUDA target binds
 
 
@@ -256,7 +258,9 @@ def module_specs(module: str) -> tuple[KernelSpec, ...]:
         if other == module:
             break
         earlier.update(spec.key() for spec in module_specs(other))
-    specs = record_specs(aot_module(module).aot_launches)
+    launches = aot_module(module).aot_launches
+    specs = record_specs(launches)
+    specs += tf32_specs(launches, {spec.key() for spec in specs})  # gates/tf32.py
     return tuple(spec for spec in specs if spec.key() not in earlier)
 
 

@@ -117,6 +117,25 @@ KNOWN_SMALL_GRID: dict[str, str] = {
 }
 
 
+# TF32 variants (gates/tf32.py: fp32 launches with torch's TF32 setting on) that fail one check of the gate under
+# triton 3.8, by (name prefix, arch): the problem exempted (its text's start) and why. Only that problem of those
+# variants is exempt; the list may only shrink (tests/gates/test_tf32_report.py fails on an entry that no longer
+# shows).
+KNOWN_TF32: dict[tuple[str, int], tuple[str, str]] = {
+    ("nf4_matmul[tf32", 90): (SYNCHRONOUS_WGMMA,
+                              "at TF32 the dequantized weight, wgmma's register operand, is an fp32 tile converted "
+                              "to tf32 in registers every step, and triton 3.8 waits for each wgmma; fp16/bf16 (the "
+                              "QLoRA compute dtypes) stay asynchronous"),
+    ("nf4_matmul_t[tf32", 90): (SYNCHRONOUS_WGMMA, "as nf4_matmul: the fp32 weight tile is the register operand"),
+    ("prefix_attention_fwd[tf32,d128", 80): ("spills",
+                                             "fp32 Q/K/V tiles at d = 128 on sm_80 (mma.sync): the masked causal "
+                                             "variant spills 32 B; a smaller key block for fp32 d = 128 is the fix"),
+    ("prefix_attention_dkdv[tf32,d128", 80): ("spills", "as the forward: fp32 d = 128 tiles, 12 to 80 B spilled"),
+    ("prefix_attention_dkdv[tf32,d128", 90): ("spills", "the masked causal variant spills 40 B on sm_90 too (fp32 "
+                                                        "d = 128 tiles; the same fix)"),
+}
+
+
 @dataclass(frozen=True)
 class KernelReportRow:
     """One kernel config compiled for one arch: resources from the cubin, ``problems()`` for the gate."""
@@ -184,6 +203,8 @@ class KernelReportRow:
             out = [p for p in out if p != SYNCHRONOUS_WGMMA]
         if kernel in KNOWN_SMALL_GRID:
             out = [p for p in out if not p.startswith(GRID_BELOW_SMS)]
+        for problem in known_tf32_problems(self.name, self.arch):
+            out = [p for p in out if not p.startswith(problem)]
         return out
 
     def problems(self) -> list[str]:
@@ -205,6 +226,11 @@ class KernelReportRow:
         if self.headline_ctas and self.headline_ctas < self.sm_count:
             out.append(f"{GRID_BELOW_SMS} ({self.headline_ctas} < {self.sm_count} at {self.headline_label})")
         return out
+
+
+def known_tf32_problems(name: str, arch: int) -> list[str]:
+    """The problems ``KNOWN_TF32`` exempts for variant ``name`` on ``sm_<arch>``."""
+    return [problem for (prefix, a), (problem, _) in KNOWN_TF32.items() if a == arch and name.startswith(prefix)]
 
 
 def _tool(name: str) -> str:

@@ -31,7 +31,7 @@ def test_half_precision_adapter_variants_use_tensor_cores(adapter_rows):
     for r in adapter_rows:
         if "mask" in r.name:
             assert not r.is_gemm
-        elif "fp16" in r.name or "bf16" in r.name:
+        elif "fp16" in r.name or "bf16" in r.name or "[tf32" in r.name:  # tf32: gates/tf32.py
             assert r.is_gemm and r.tensor_core != "none", r.name
         else:
             assert not r.is_gemm, r.name
