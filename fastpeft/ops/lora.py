@@ -29,7 +29,7 @@ from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, 
                            check_scaling, check_tensor, lora_adapter_ok)
 from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
-from ._autograd import forward_ad_active, gradients, needs, once_differentiable
+from ._autograd import forward_ad_active, gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import check_seed, draw_seed, seed_value
 
@@ -96,13 +96,15 @@ class LoRALinearFunction(torch.autograd.Function):
         return y2d if x2d is x else y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
     @outside_autocast
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         scaling, dropout_p, x_shape, has_bias = ctx.state
         need = needs(ctx, LORA_INPUTS)
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        if torch.is_grad_enabled():  # create_graph=True: record the gradients for a second differentiation
+            return gradients(LORA_INPUTS, **differentiable_grads(need, x_shape, has_bias, dy2d, x2d, weight, lora_A,
+                                                                 lora_B, scaling, dropout_p, seed))
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
             grads = lora_input_grads(need, x_shape, *_backward(dy2d, x2d, weight, lora_A, lora_B, h, scaling,
@@ -113,6 +115,59 @@ class LoRALinearFunction(torch.autograd.Function):
         if need["bias"] and has_bias:
             grads["bias"] = dy2d.sum(0)
         return gradients(LORA_INPUTS, **grads)
+
+
+def _dropped(x2d: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    """``dropout(x2d)`` with the keep-mask the selected implementation drew for ``seed``, as torch ops."""
+    if dropout_p == 0.0:
+        return x2d
+    keep = implementation("lora", x2d.device, x2d.dtype).dropout_mask(x2d.shape, dropout_p, seed_value(seed),
+                                                                      x2d.device)
+    return x2d * (keep.to(x2d.dtype) / (1.0 - dropout_p))
+
+
+def composite_lora(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    """``lora_linear``'s forward as plain torch ops (dense ``weight [N, K]``), for forward-mode AD.
+
+    The fused op's Function has no ``jvp``; inside a forward-AD level the op
+    runs this instead, so tangents flow through torch's own rules (as through
+    PEFT's layer) rather than raising or being dropped.
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    y2d = torch.nn.functional.linear(x2d, weight, bias) \
+        + scaling * (_dropped(x2d, dropout_p, seed) @ lora_A.t()) @ lora_B.t()
+    return y2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def differentiable_grads(need: dict, x_shape, has_bias: bool, dy2d: Tensor, x2d: Tensor, weight: Tensor,
+                         lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+                         seed: Optional[Tensor]) -> dict:
+    """The asked-for gradients as torch ops on the saved inputs, for a ``create_graph=True`` backward.
+
+    LoRA is twice differentiable (PEFT's layer is): Hessian-vector products,
+    gradient penalties and ``allow_unused`` second derivatives must see the
+    real dependence of the gradients on x, W, A and B, which the fused
+    backward (run under no_grad) would hide. ``weight`` is the dense base
+    ``[N, K]`` (QLoRA passes its dequantized weight; its ``need`` has no
+    ``"weight"``). A plain backward never comes here.
+    """
+    xd = _dropped(x2d, dropout_p, seed)
+    dh = dy2d @ lora_B
+    grads = {}
+    if need["x"]:
+        dxd = _dropped(dh @ lora_A, dropout_p, seed) if dropout_p else dh @ lora_A
+        dx = dy2d @ weight + scaling * dxd
+        grads["x"] = dx if x_shape is None else dx.view(x_shape)
+    if need["lora_A"]:
+        grads["lora_A"] = scaling * (dh.t() @ xd)
+    if need["lora_B"]:
+        grads["lora_B"] = scaling * (dy2d.t() @ (xd @ lora_A.t()))
+    if need.get("weight"):
+        grads["weight"] = dy2d.t() @ x2d
+    if need["bias"] and has_bias:
+        grads["bias"] = dy2d.sum(0)
+    return grads
 
 
 def lora_input_grads(need: dict, x_shape, dx, dA, dB) -> dict:
@@ -163,12 +218,13 @@ def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> Tensor:
     Without an autograd graph to record (grad mode off, or no input needing a
     gradient) the Function's bookkeeping (its node, ``ctx``, saved tensors)
     would be thrown away: the forward runs directly, with the same result.
-    Inside a forward-AD level the Function runs (it has no ``jvp``, so dual
-    inputs raise rather than lose their tangents in a kernel).
+    Inside a forward-AD level the op runs as torch ops (``composite_lora``), so
+    tangents flow rather than being lost in a kernel.
     """
-    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad or
-                                     lora_B.requires_grad or (bias is not None and bias.requires_grad))) \
-            or forward_ad_active():
+    if forward_ad_active():
+        return composite_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad or
+                                    lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if x.dim() == 2:
         return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]

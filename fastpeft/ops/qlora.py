@@ -22,13 +22,13 @@ from torch import Tensor
 
 from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_scaling,
                            check_tensor, lora_adapter_ok)
-from ..quant.nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight, dequantize_nf4_reference
 from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
-from ._autograd import forward_ad_active, gradients, needs, once_differentiable
+from ._autograd import forward_ad_active, gradients, needs
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
-from .lora import lora_input_grads
+from .lora import composite_lora, differentiable_grads, lora_input_grads
 from .nf4 import nf4_weight_ok, validate_nf4_weight
 
 
@@ -106,13 +106,16 @@ class QLoRALinearFunction(torch.autograd.Function):
         return y2d if x2d is x else y2d.view(*x.shape[:-1], out_features)
 
     @staticmethod
-    @once_differentiable
     @outside_autocast
     def backward(ctx, dy):
         x2d, packed, absmax, code, lora_A, lora_B, h, seed = ctx.saved_tensors
         out_features, in_features, blocksize, scaling, dropout_p, x_shape, has_bias = ctx.state
         need = needs(ctx, QLORA_INPUTS)
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
+        if torch.is_grad_enabled():  # create_graph=True: record the gradients for a second differentiation
+            weight = dequantize_nf4_reference(packed, absmax, (out_features, in_features), blocksize, x2d.dtype)
+            return gradients(QLORA_INPUTS, **differentiable_grads(need, x_shape, has_bias, dy2d, x2d, weight, lora_A,
+                                                                  lora_B, scaling, dropout_p, seed))
         grads = {}
         if need["x"] or need["lora_A"] or need["lora_B"]:
             grads = lora_input_grads(need, x_shape, *_backward(dy2d, x2d, packed, absmax, code, out_features,
@@ -161,8 +164,11 @@ def _run(args: tuple) -> Tensor:
     """``QLoRALinearFunction.apply``, or its forward alone when no gradient can be asked for
     (see ``fastpeft.ops.lora._run``)."""
     x, bias, lora_A, lora_B = args[0], args[7], args[8], args[9]
-    if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                     or (bias is not None and bias.requires_grad))) or forward_ad_active():
+    if forward_ad_active():  # tangents through torch ops on the dequantized weight (see lora.composite_lora)
+        weight = dequantize_nf4_reference(args[1], args[2], (args[4], args[5]), args[6], x.dtype)
+        return composite_lora(x, weight, bias, lora_A, lora_B, *args[10:])
+    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return QLoRALinearFunction.apply(*args)
     if x.dim() == 2:
         return _forward(*args)[0]

@@ -190,14 +190,18 @@ def test_prefix_attention_without_autograd_equals_the_function(sq, dtype, monkey
     assert torch.equal(plain, recorded.detach()) and torch.equal(plain_lse, lse)
 
 
-def test_forward_ad_inputs_raise_instead_of_losing_their_tangent():
+def test_forward_ad_inputs_keep_their_tangent():
+    """Inside a forward-AD level the fast path never drops a tangent (tests/ops/test_lora_higher_order.py
+    checks the values against PEFT)."""
     import torch.autograd.forward_ad as fwAD
 
     t = _good_lora()
+    tx = torch.randn_like(t["x"])
     with fwAD.dual_level():
-        x = fwAD.make_dual(t["x"], torch.randn_like(t["x"]))
-        with pytest.raises(RuntimeError):
-            lora_op.lora_linear(x, t["weight"], t["lora_A"], t["lora_B"], 1.0)
+        x = fwAD.make_dual(t["x"], tx)
+        tangent = fwAD.unpack_dual(lora_op.lora_linear(x, t["weight"], t["lora_A"], t["lora_B"], 1.0)).tangent
+    expected = tx @ t["weight"].t() + (tx @ t["lora_A"].t()) @ t["lora_B"].t()
+    torch.testing.assert_close(tangent, expected)
 
 
 # ---- cached choices follow changes --------------------------------------------------------
@@ -256,7 +260,8 @@ def test_qlora_module_fast_path_matches_plain_torch():
 # ---- once_differentiable ------------------------------------------------------------------
 
 def test_double_backward_through_the_module_raises():
-    layer = LoRALinear.from_linear(nn.Linear(K, N), r=R, init_lora_weights=False)
+    """Through an op still marked once_differentiable (LoRA and QLoRA are twice differentiable)."""
+    layer = NF4Linear.from_linear(nn.Linear(K, N), blocksize=64)
     x = torch.randn(3, K, requires_grad=True)
     (dx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
