@@ -10,10 +10,11 @@ backend of HF PEFT; ``fastpeft.integrations.adapterhub``
 reads and writes AdapterHub's checkpoints.
 """
 from . import nn, ops
-from .injection import (adapter_fusion_regularization_loss, adapter_parameters, apply_adapter, apply_adapter_fusion,
+from .injection import (adapter_fusion_regularization_loss, adapter_parameters, apply_adalora, apply_adapter,
+                        apply_adapter_fusion,
                         apply_lora, apply_prefix_tuning, apply_prompt_tuning, apply_qlora, lora_drop, lora_parameters,
                         merge_and_unload, merge_lora, print_trainable_parameters, prompt_parameters, replace_modules,
-                        set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora)
+                        set_active_adapter, set_adapter_drop, unload_lora, unmerge_lora, update_and_allocate)
 from .integrations.adapterhub import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
 from .integrations.peft.accelerate import accelerate, restore
 from .integrations.peft.checkpoints import load_peft, save_peft
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "adapter_fusion_regularization_loss",
     "adapter_parameters",
+    "apply_adalora",
     "apply_adapter",
     "apply_adapter_fusion",
     "apply_lora",
@@ -60,4 +62,5 @@ __all__ = [
     "set_adapter_drop",
     "unload_lora",
     "unmerge_lora",
+    "update_and_allocate",
 ]

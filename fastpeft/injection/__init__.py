@@ -17,6 +17,7 @@ from .adapter_architectures import ARCHITECTURES
 from .adapter_location import AdapterLayer
 from .lora import (apply_lora, check_lora_targets, lora_modules, lora_parameters, mark_only_lora_trainable,
                    merge_and_unload, merge_lora, unload_lora, unmerge_lora)
+from .adalora import apply_adalora, update_and_allocate
 from .lora_drop import LoraDropPlan, lora_drop
 from .prefix_tuning import apply_prefix_tuning, prefix_tuning_layer
 from .prompt_learning import prompt_parameters
@@ -34,6 +35,7 @@ __all__ = [
     "adapter_layers",
     "adapter_parameters",
     "apply_adapter",
+    "apply_adalora",
     "apply_adapter_fusion",
     "apply_lora",
     "apply_prefix_tuning",
@@ -58,4 +60,5 @@ __all__ = [
     "trainable_parameter_counts",
     "unload_lora",
     "unmerge_lora",
+    "update_and_allocate",
 ]
