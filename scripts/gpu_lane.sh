@@ -182,7 +182,9 @@ else
     case $? in
         0) note "ok   kernel report: every variant passes the gate with this triton" ;;
         124) note "---- kernel report: out of time (${left}s)" ;;
-        *) note "FAIL kernel report: rows fail the gate with this triton (lane.log)"; STATUS=1 ;;
+        # Not a lane failure: CI gates triton 3.8 fully and 3.6 on a subset with its known differences; this is
+        # the whole report under the machine's own triton, for reading.
+        *) note "---- kernel report: rows fail the gate under this triton (kernel_report.json in extras.tar.gz)" ;;
     esac
 fi
 
