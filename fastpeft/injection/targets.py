@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from ..nn.base import PeftLayer
+from .regex_safety import check_regex
 
 TargetModules = Union[str, Iterable[str]]
 ALL_LINEAR = "all-linear"
@@ -67,6 +68,9 @@ class TargetSelection:
         if modules_to_save is not None:
             save = _normalize_names("modules_to_save", modules_to_save, regex=False)
             save = (save,) if isinstance(save, str) else save
+        for what, pieces in (("layers_pattern", patterns), ("modules_to_save", save)):
+            for piece in pieces or ():  # each is spliced into a regex (layer_index, is_under_modules_to_save)
+                check_regex(f"{what} entry", piece)
         return cls(targets, exclude, layers, patterns, save)
 
     def selects(self, name: str) -> bool:
@@ -88,10 +92,7 @@ def _normalize_names(what: str, value, regex: bool = True) -> Union[str, tuple[s
         if not value:
             raise ValueError(f"{what} is an empty string")
         if regex:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{what} is not a valid regular expression: {exc}") from None
+            check_regex(what, value)
         return value
     if isinstance(value, (bytes, dict)) or not isinstance(value, Iterable):
         raise TypeError(f"{what} must be a str (full-match regex) or a list of module names, "

@@ -29,6 +29,7 @@ from torch import nn
 
 from ...injection.lora import check_lora_targets, lora_modules, mark_only_lora_trainable
 from ...injection.qlora import apply_qlora
+from ...injection.regex_safety import check_regex
 from ...injection.modules_to_save import modules_to_save_names, wrap_modules_to_save
 from ...injection.targets import (ALL_LINEAR, TargetSelection, is_under_modules_to_save, matches_target,
                                   selected_modules, swap_modules)
@@ -366,6 +367,8 @@ def read_lora_config(directory: str | os.PathLike) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(out[key], dict):
             raise ValueError(f"{CONFIG_NAME}: {key} must be an object, got {out[key]!r}")
+        for pattern in out[key]:
+            check_regex(f"{CONFIG_NAME}: {key} key", pattern)
     try:
         TargetSelection.of(out["target_modules"], out["exclude_modules"], out["layers_to_transform"],
                            out["layers_pattern"], out["modules_to_save"])
