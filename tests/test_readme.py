@@ -33,14 +33,21 @@ def _headline_tables(markdown: str) -> list[str]:
 
 
 def test_readme_benchmark_figures_come_from_the_committed_results():
+    """Each benchmark block of the README (kernel ops; the training-step level) holds the headline tables
+    and the command of the committed result set it names, exactly as in that set's summary.md."""
     readme = README.read_text()
-    source = re.search(r"Committed CPU result set \(`(benchmarks/results/[^`]+)/`\)", readme)
-    assert source, "README must name the result set its benchmark table comes from"
-    summary = (README.parent / source.group(1) / "summary.md").read_text()
-    readme_tables = _headline_tables(readme)
-    assert readme_tables and all(readme_tables), "README has no headline tables"
-    assert readme_tables == _headline_tables(summary), (
-        f"README headline tables differ from {source.group(1)}/summary.md: "
-        f"rewrite them with python -m benchmarks --out {source.group(1)} --update-readme")
-    command = re.search(r"^Command: `(python -m benchmarks[^`]*)`", summary, flags=re.M).group(0)
-    assert command in readme
+    blocks = re.findall(r"<!-- benchmark-results:(\S+):start -->(.*?)<!-- benchmark-results:\S+:end -->", readme,
+                        flags=re.S)
+    named = [(key, block) for key, block in blocks if "Committed " in block]
+    assert any(key == "cpu" for key, _ in named), "README must name the result set its benchmark table comes from"
+    for key, block in named:
+        source = re.search(r"Committed CPU (?:[\w-]+ )?result set \(`(benchmarks/results/[^`]+)/`\)", block)
+        assert source, f"the {key} block must name its result set"
+        summary = (README.parent / source.group(1) / "summary.md").read_text()
+        readme_tables = _headline_tables(block)
+        assert readme_tables and all(readme_tables), f"the {key} block has no headline tables"
+        assert readme_tables == _headline_tables(summary), (
+            f"README {key} headline tables differ from {source.group(1)}/summary.md: "
+            f"rewrite them with python -m benchmarks --out {source.group(1)} --update-readme")
+        command = re.search(r"^Command: `(python -m benchmarks[^`]*)`", summary, flags=re.M).group(0)
+        assert command in block
