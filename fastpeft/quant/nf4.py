@@ -23,6 +23,7 @@ not always the exactly nearest code.
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import torch
@@ -483,13 +484,19 @@ def _read_quant_state_blob(key: str, blob) -> dict:
 
 
 def _check_shape(shape) -> torch.Size:
+    """A torch.Size of positive sizes whose element count fits int64 (torch's ``numel`` would wrap, e.g. to 0,
+    and a wrapped count would let a tiny ``packed`` pass for a huge weight)."""
     try:
-        size = torch.Size([int(s) for s in shape])
+        dims = [int(s) for s in shape]
     except (TypeError, ValueError):
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if len(size) == 0 or any(s <= 0 for s in size):
-        raise ValueError(f"shape must have at least one dimension and positive sizes, got {tuple(size)}")
-    return size
+    if len(dims) == 0 or any(s <= 0 for s in dims):
+        raise ValueError(f"shape must have at least one dimension and positive sizes, got {tuple(dims)}")
+    numel = math.prod(dims)
+    if numel > torch.iinfo(torch.int64).max:
+        raise ValueError(f"shape {tuple(dims)} has {numel} elements, more than an int64 can count "
+                         "(no tensor of that size can be allocated)")
+    return torch.Size(dims)
 
 
 def _check_tensor_arg(name: str, t, dtype: torch.dtype, device=None) -> None:
