@@ -39,6 +39,10 @@ class AdaLora(LoraVariant):
         else:
             existing.zero_()
 
+    def checkpoint_tensors(self, layer) -> dict:
+        raise ValueError("AdaLoRA layers save in PEFT's ADALORA layout (pruned ranks, rank_pattern), which "
+                         "save_lora does not write yet; merge_lora gives a plain model")
+
     def forward_dense(self, layer, x, weight, bias, lora_A, lora_B):
         lora_E = layer._parameters["lora_E"]
         effective_A = lora_A * (lora_E if lora_E.dtype is lora_A.dtype else lora_E.to(lora_A.dtype))

@@ -1,6 +1,8 @@
 """AdaLoRA (fastpeft.apply_adalora + update_and_allocate) against HF PEFT's AdaLoRA on twin tiny Llamas: the
 layer output and gradients, the loss with the orthogonality regulariser, SGD steps in lockstep through the
 budget schedule (the E masks / rank_pattern after each allocator step), and the errors raised before changes."""
+import os
+
 import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
@@ -85,3 +87,32 @@ def test_bad_schedule_raises_before_any_change(bad, match):
 def test_update_and_allocate_needs_an_adalora_model():
     with pytest.raises(ValueError, match="apply_adalora"):
         update_and_allocate(fastpeft.apply_lora(tiny_llama(), TARGETS, r=2), 0)
+
+
+def test_merge_keeps_the_output_and_save_lora_refuses_before_writing(tmp_path):
+    ours, _ = twins()
+    ids = token_ids()
+    with torch.no_grad():
+        want = ours.eval()(ids).logits
+        with pytest.raises(ValueError, match="ADALORA"):
+            fastpeft.save_lora(ours, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        fastpeft.merge_lora(ours)
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"], indirect=True)
+def test_layer_output_and_gradients_match_peft_svdlinear(backend):
+    assert os.environ["FASTPEFT_BACKEND"] == backend
+    ours, theirs = twins()
+    name, layer = adalora_layers(ours)[0]
+    peft_layer = theirs.base_model.model.get_submodule(name)
+    x = torch.randn(2, 5, layer.in_features)
+    y, y_ref = layer(x), peft_layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [layer.lora_A.weight, layer.lora_B.weight, layer.lora_E], dy)
+    grads_ref = torch.autograd.grad(y_ref, [getattr(peft_layer, k)["default"] for k in ("lora_A", "lora_B", "lora_E")],
+                                    dy)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
