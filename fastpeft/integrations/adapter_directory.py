@@ -30,11 +30,16 @@ def read_json(directory, name: str) -> dict:
     path = os.path.join(check_directory(directory), name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"directory {os.fspath(directory)!r} has no {name}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: not UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a usable JSON config: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data
@@ -45,7 +50,11 @@ def read_weights(directory, safetensors_name: str, pickle_name: str) -> dict[str
     directory = check_directory(directory)
     safe = os.path.join(directory, safetensors_name)
     if os.path.isfile(safe):
-        return load_file(safe, device="cpu")
+        try:
+            return load_file(safe, device="cpu")
+        except Exception as exc:  # safetensors' SafetensorError (truncated, bad header) or an OS error
+            raise ValueError(f"{safe}: not a readable safetensors file ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
     legacy = os.path.join(directory, pickle_name)
     if not os.path.isfile(legacy):
         raise FileNotFoundError(f"directory {directory!r} has neither {safetensors_name} nor {pickle_name}")

@@ -40,6 +40,9 @@ def load_prompt_learning(model: nn.Module, directory: str | os.PathLike, config:
     num_virtual_tokens = _positive_int(config, "num_virtual_tokens")
     tensors = read_tensors(directory)
     embeddings = _prompt_embeddings(tensors)
+    if embeddings.shape[0] != num_virtual_tokens:  # before the layer is built: its size comes from the config
+        raise ValueError(f"{CONFIG_NAME}: num_virtual_tokens={num_virtual_tokens} but {WEIGHTS_NAME} saves "
+                         f"{embeddings.shape[0]} virtual tokens ({PROMPT_WEIGHTS_KEY} {tuple(embeddings.shape)})")
     build, attach, kwargs = _method(peft_type, config)
     layer = build(model, num_virtual_tokens, inference_mode=True, **kwargs)
     _check_checkpoint_fits(config, layer, embeddings)
