@@ -22,6 +22,7 @@ from ..nn.adapter_config import BnConfig, resolve_bn_config
 from ..nn.adapter_fusion import AdapterFusion, AdapterFusionConfig, resolve_fusion_config
 from .adapter_architectures import architecture_of, base_model_of, hidden_size_of
 from .adapter_location import AdapterLayer
+from .modules_to_save import modules_to_save_names
 from .adapter_placement import layer_blocks, new_bottleneck_adapter, planned_adapter_locations, wrap_block
 
 
@@ -47,19 +48,25 @@ def _fusion_names(model: nn.Module) -> set[str]:
 
 
 def apply_adapter(model: nn.Module, config: Union[str, Mapping, BnConfig] = "seq_bn", name: str = "default",
-                  **overrides) -> nn.Module:
+                  modules_to_save: Optional[Sequence[str]] = None, **overrides) -> nn.Module:
     """Add a bottleneck adapter called ``name`` to ``model`` (in place) and make it the one that trains.
 
     ``config``: a preset (``seq_bn``, ``double_seq_bn``, ``par_bn``,
     ``scaled_par_bn``), a dict of AdapterHub ``BnConfig`` fields or a
     ``BnConfig``; ``overrides`` replace fields. The adapter becomes active;
-    every other parameter of the model (other adapters included) is frozen.
+    every other parameter of the model (other adapters included) is frozen,
+    except the modules ``modules_to_save`` names (PEFT's matching, e.g.
+    ``["classifier"]`` for a new head), which train with the adapter in place
+    (AdapterHub's ``train_adapter`` keeps a model's own head trainable the same
+    way; ``save_adapter`` writes the head as AdapterHub does).
     Raises ValueError (unknown field or preset, bad value, unsupported model
-    type, a name in use, ``leave_out`` beyond the last layer) or TypeError
-    (a block whose structure is not the expected one) before changing anything.
+    type, a name in use, ``leave_out`` beyond the last layer, a
+    ``modules_to_save`` entry matching no module) or TypeError (a block whose
+    structure is not the expected one) before changing anything.
     """
     cfg = resolve_bn_config(config, **overrides)
     _check_name(name)
+    heads = modules_to_save_names(model, modules_to_save) if modules_to_save is not None else []
     locations = planned_adapter_locations(model, cfg)
     if name in _adapter_names(model) or name in _fusion_names(model):
         raise ValueError(f"name: the model already has an adapter or fusion called {name!r}")
@@ -79,7 +86,8 @@ def apply_adapter(model: nn.Module, config: Union[str, Mapping, BnConfig] = "seq
     for _, _, path in locations:
         base.get_submodule(path).add_adapter(name, new[path], cfg)
     set_active_adapter(model, name)
-    _train_only(model, [p for a in new.values() for p in a.parameters()])
+    head_params = [p for head in heads for p in model.get_submodule(head).parameters()]
+    _train_only(model, [p for a in new.values() for p in a.parameters()] + head_params)
     return model
 
 

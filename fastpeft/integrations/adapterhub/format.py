@@ -39,6 +39,9 @@ from ..adapter_directory import check_directory, read_json, read_weights, write_
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
+HEAD_CONFIG_NAME = "head_config.json"
+HEAD_WEIGHTS_NAME = "model_head.safetensors"
+HEAD_PICKLE_WEIGHTS_NAME = "pytorch_model_head.bin"
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
 FUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
 FUSION_PICKLE_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
@@ -80,14 +83,20 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[BnConfig, dict]:
     return resolve_bn_config(config), meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, load_as: Optional[str] = None) -> str:
+def load_adapter(model: nn.Module, path: str | os.PathLike, load_as: Optional[str] = None,
+                 with_head: bool = True) -> str:
     """Load an AdapterHub adapter directory into ``model`` (in place): apply it, load its weights, freeze the base.
 
     Returns the adapter's name (``load_as``, or the saved name). Only the
     loaded adapter's parameters require grad afterwards, and it is active.
+    With ``with_head`` (AdapterHub's default) a saved static head
+    (``head_config.json`` + ``model_head.safetensors``, see ``save_adapter``)
+    is loaded into the model's head too.
     Every check (config, model type, hidden size, the exact set of weight names
-    and shapes) runs before the model is changed.
+    and shapes, the head's) runs before the model is changed.
     """
+    if not isinstance(with_head, bool):
+        raise TypeError(f"with_head must be a bool, got {type(with_head).__name__}")
     path = check_directory(path)
     cfg, meta = read_adapter_config(path)
     saved_name = meta.get("name")
@@ -104,10 +113,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, load_as: Optional[st
         for k, v in template.items():
             expected[f"{location}{marker}{k}"] = v.shape
     _check_keys(state, expected, path)
+    head = _saved_head(model, path) if with_head else {}
     apply_adapter(model, cfg, name=name)
     renamed = {k.replace(marker, f".adapters.{name}."): v for k, v in state.items()}
     _load_into_base(model, renamed)
+    if head:
+        model.load_state_dict(head, strict=False)
     return name
+
+
+def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """AdapterHub's static head: every entry of the model's state dict outside its base model (empty for a
+    bare model)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or base_model_of(model) is model:
+        return {}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
+
+
+def _saved_head(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """The head tensors saved in ``path``, checked against the model's head (empty when either has none: a bare
+    model loads only the adapter, as in AdapterHub)."""
+    if not _head_state(model) or not any(os.path.isfile(os.path.join(path, n)) for n in (HEAD_WEIGHTS_NAME, HEAD_PICKLE_WEIGHTS_NAME)):
+        return {}
+    meta = read_json(path, HEAD_CONFIG_NAME)
+    if meta.get("config") is not None:
+        raise ValueError(f"{path}/{HEAD_CONFIG_NAME}: a flex head (AdapterHub's model.heads) is not supported; "
+                         "fastpeft loads a model's own (static) head")
+    _check_model_matches(model, meta, path)
+    state = read_weights(path, HEAD_WEIGHTS_NAME, HEAD_PICKLE_WEIGHTS_NAME)
+    _check_keys(state, {k: v.shape for k, v in _head_state(model).items()}, path)
+    return state
 
 
 def _check_keys(state: dict, expected: dict, path: str) -> None:
@@ -145,18 +181,33 @@ def _meta(model: nn.Module, name: str, config: dict, **extra) -> dict:
             "version": ADAPTERHUB_VERSION, **extra}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", with_head: bool = True) -> None:
     """Write adapter ``name`` of ``model`` as an AdapterHub directory (``adapter_config.json`` + ``adapter.safetensors``).
 
     Keys are relative to ``model`` as given, as AdapterHub's would be for the
-    same model class.
+    same model class. With ``with_head`` (AdapterHub's default) a model with a
+    head (``...ForSequenceClassification``, ``...ForCausalLM``) also gets
+    AdapterHub's static-head files: ``head_config.json`` (``"config": null``,
+    labels) and ``model_head.safetensors`` with every tensor outside the base
+    model (``classifier.weight``...), so a head trained with the adapter
+    (``apply_adapter(..., modules_to_save=[...])``) reloads with it.
     """
+    if not isinstance(with_head, bool):
+        raise TypeError(f"with_head must be a bool, got {type(with_head).__name__}")
     architecture_of(model)
     configs = [layer.adapter_configs[name] for _, layer in adapter_layers(model) if name in layer.adapters]
     if not configs:
         raise ValueError(f"name: the model has no adapter called {name!r}")
     state = _adapter_state(model, f".adapters.{name}.")
     write_directory(path, CONFIG_NAME, _meta(model, name, configs[0].to_dict()), WEIGHTS_NAME, state)
+    head = _head_state(model) if with_head else {}
+    if head:
+        model_config = getattr(model, "config", None)
+        labels = {"label2id": dict(getattr(model_config, "label2id", None) or {})}
+        if getattr(model_config, "num_labels", None) is not None:
+            labels["num_labels"] = model_config.num_labels
+        head = {k: v.detach().to("cpu").clone().contiguous() for k, v in head.items()}
+        write_directory(path, HEAD_CONFIG_NAME, _meta(model, None, None, **labels), HEAD_WEIGHTS_NAME, head)
 
 
 def _fusion_layers(model: nn.Module, fusion_name: str) -> list[AdapterLayer]:
