@@ -226,16 +226,15 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, mask_row, b, hk
             lse2, delta = _row_stats(lse_ptr, delta_ptr, row_base, rows, Sq)
             s_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION, UPCAST)
             p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
-            # Padding rows, rows without keys and hidden keys get exact zeros (not 0 · inf when v or Δ is not
-            # finite), as the masked softmax's gradient gives them.
-            keep_t = (lse2 != float("inf"))[None, :]
             if not IS_PREFIX:
                 visible = _sequence_keys_visible(rows, cols, Sq, Skv, mask_row, stride_maskn, IS_CAUSAL, HAS_MASK)
-                keep_t = keep_t & tl.trans(visible)
-            p_t = tl.where(keep_t, p_t, 0.0)
+                p_t = tl.where(tl.trans(visible), p_t, 0.0)
+            p_t = tl.where((lse2 != float("inf"))[None, :], p_t, 0.0)  # padding rows, rows without keys
             dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION, UPCAST)
-            ds_t = tl.where(keep_t, p_t * (dp_t - delta[None, :]), 0.0)
+            # Exact zeros where p is (hidden keys, padding rows), not 0 · inf when v or Δ is not finite, as the
+            # masked softmax's gradient gives them; no mask kept live across the dots (register pressure).
+            ds_t = tl.where(p_t == 0.0, 0.0, p_t * (dp_t - delta[None, :]))
             dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
