@@ -12,12 +12,12 @@ import pytest
 import torch
 from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, token_ids
 from numerics import assert_close_to_ref
+from peft_fused_calls import count_fused_calls
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 
 import fastpeft
-import fastpeft.integrations.peft.backend as backend
 from fastpeft.integrations.peft import FastLoraLinear
 
 MODEL_TINY = 2e-6  # a few fp32 ulp of whole-model outputs (tests/integrations/test_peft_backend.py)
@@ -31,11 +31,7 @@ def _cpu_backend(monkeypatch):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    calls = []
-    for op in ("lora_linear", "dora_linear"):
-        original = getattr(backend, op)
-        monkeypatch.setattr(backend, op, lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k))
-    return calls
+    return count_fused_calls(monkeypatch, "lora_linear", "dora_linear")
 
 
 def _peft_model(build, targets, dtype=torch.float32, **config):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, token_ids
 from numerics import assert_close_to_ref, rel_err
+from peft_fused_calls import count_fused_calls
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
@@ -37,15 +38,7 @@ def _cpu_backend(monkeypatch):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    calls = []
-    original = backend.lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("dropout_p"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "lora_linear", counting)
-    return calls
+    return count_fused_calls(monkeypatch, "lora_linear")
 
 
 def _randomize(model, adapter="default"):
