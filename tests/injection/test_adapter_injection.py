@@ -372,6 +372,53 @@ def test_random_drop_applies_when_only_the_output_location_has_an_adapter(builde
     assert op_calls == []
 
 
+_DROP_PLACEMENTS = {
+    "seq_bn": "seq_bn", "par_bn": "par_bn", "scaled_par_bn": "scaled_par_bn", "double_seq_bn": "double_seq_bn",
+    "attention_only_seq": {"mh_adapter": True, "output_adapter": False, "reduction_factor": 4,
+                           "non_linearity": "relu"},
+    "attention_only_par": {"mh_adapter": True, "output_adapter": False, "is_parallel": True, "reduction_factor": 4,
+                           "non_linearity": "relu", "residual_before_ln": False},
+}
+
+
+@pytest.mark.parametrize("builder", [tiny_bert, tiny_llama, tiny_gpt2], ids=lambda b: b.__name__)
+@pytest.mark.parametrize("placement", _DROP_PLACEMENTS)
+def test_adapter_drop_applies_to_every_placement(builder, placement, op_calls, monkeypatch):
+    """Issue 19 item 4's siblings: the drop decision is the layer's whatever locations hold an adapter
+    (output-only sequential/parallel, attention-only, both): p=1 drops all in training, eval ignores p,
+    p=0.5 drops a layer's adapters together. The gate is backend-independent; the CPU path keeps it fast."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cpu")
+    layers = 2
+    model = builder()
+    apply_adapter(model, _DROP_PLACEMENTS[placement])
+    ids = token_ids()
+    model.eval()
+    with torch.no_grad():
+        _out(model, ids)
+    per_forward = len(op_calls)
+    assert per_forward >= layers  # the placement runs an adapter in every layer
+    set_adapter_drop(model, adapter_drop_p=1.0)
+    model.train()
+    op_calls.clear()
+    with torch.no_grad():
+        _out(model, ids)
+    assert op_calls == []
+    model.eval()
+    op_calls.clear()
+    with torch.no_grad():
+        _out(model, ids)
+    assert len(op_calls) == per_forward
+    set_adapter_drop(model, adapter_drop_p=0.5)
+    model.train()
+    counts = set()
+    for _ in range(12):
+        op_calls.clear()
+        with torch.no_grad():
+            _out(model, ids)
+        counts.add(len(op_calls))
+    assert counts <= {k * per_forward // layers for k in range(layers + 1)} and len(counts) >= 2
+
+
 def test_adapter_drop_bad_input():
     model = tiny_bert()
     with pytest.raises(ValueError, match="no adapters"):
