@@ -12,10 +12,12 @@ import pytest
 import torch
 from models import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, token_ids
 from numerics import assert_close_to_ref
+from optional_deps import requires
 from peft_fused_calls import count_fused_calls
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import load_file
+from torch import nn
 
 import fastpeft
 from fastpeft.integrations.peft import FastLoraLinear
@@ -114,3 +116,18 @@ def test_unservable_layers_are_refused_by_name_untouched():
     prompt = get_peft_model(tiny_llama(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
     with pytest.raises(ValueError, match="PROMPT_TUNING"):
         fastpeft.accelerate(prompt)
+
+
+@requires("bitsandbytes", "a bitsandbytes Linear4bit is the layer refused")
+def test_lora_on_a_bitsandbytes_linear4bit_is_refused_by_name():
+    import bitsandbytes as bnb
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+    q = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    model.append(q.to("cpu"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    classes = {n: type(m) for n, m in peft_model.named_modules()}
+    with pytest.raises(ValueError, match=r"model\.2: .*Linear4bit is not a plain nn\.Linear"):
+        fastpeft.accelerate(peft_model)
+    assert {n: type(m) for n, m in peft_model.named_modules()} == classes
