@@ -120,3 +120,23 @@ def test_forward_mode_jvp_matches_peft(kind):
     assert tangent is not None
     tol = dict(rtol=1e-9, atol=1e-9) if kind == "lora" else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tangent.double(), want, **tol)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_create_graph_gradients_equal_the_fused_backward_with_dropout(monkeypatch, backend):
+    """The recorded (create_graph) gradients use the very mask the fused forward drew, on either backend."""
+    from fastpeft.ops import lora_linear
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    x = torch.randn(5, 40, requires_grad=True)
+    w = torch.randn(7, 40)
+    a = torch.randn(3, 40, requires_grad=True)
+    b = torch.randn(7, 3, requires_grad=True)
+    dy = torch.randn(5, 7)
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(3)
+        y = lora_linear(x, w, a, b, 0.6, dropout_p=0.4, training=True)
+        grads.append(torch.autograd.grad(y, (x, a, b), dy, create_graph=create_graph))
+    for fused, recorded in zip(*grads):
+        assert recorded.grad_fn is not None
+        torch.testing.assert_close(recorded, fused, rtol=1e-5, atol=1e-5)
