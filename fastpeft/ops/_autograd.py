@@ -38,6 +38,13 @@ def once_differentiable(backward):
     differentiation raises. A plain backward already runs with grad mode off,
     where the wrapper has nothing to do but costs a ``no_grad`` context per
     call: this one calls ``backward`` directly then and torch's wrapper otherwise.
+
+    Torch's marker hangs off the incoming gradients only, so a second
+    differentiation with respect to the op's own inputs (``allow_unused=True``,
+    ``torch.autograd.functional.hvp``) would find no path and return None or
+    zeros, a silent wrong answer. Each gradient is therefore also tied to the
+    saved tensors and incoming gradients that require grad, through a node
+    that raises.
     """
     guarded = _torch_once_differentiable(backward)
     is_grad_enabled = torch.is_grad_enabled
@@ -45,10 +52,30 @@ def once_differentiable(backward):
     @functools.wraps(backward)
     def run(ctx, *grad_outputs):
         if is_grad_enabled():
-            return guarded(ctx, *grad_outputs)
+            inputs = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = guarded(ctx, *grad_outputs)
+            if not inputs:
+                return grads
+            single = not isinstance(grads, tuple)
+            tied = tuple(g if g is None else _NotTwiceDifferentiable.apply(g, *inputs)
+                         for g in ((grads,) if single else grads))
+            return tied[0] if single else tied
         return backward(ctx, *grad_outputs)
 
     return run
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Identity on a gradient, connected to the op's inputs; differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError("trying to differentiate twice a function that was marked with @once_differentiable: "
+                           "this fastpeft op has no second derivatives (LoRA and QLoRA do)")
 
 
 def forward_ad_active() -> bool:

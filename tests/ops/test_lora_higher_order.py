@@ -140,3 +140,28 @@ def test_create_graph_gradients_equal_the_fused_backward_with_dropout(monkeypatc
     for fused, recorded in zip(*grads):
         assert recorded.grad_fn is not None
         torch.testing.assert_close(recorded, fused, rtol=1e-5, atol=1e-5)
+
+
+def _dora_layer():
+    layer = LoRALinear(nn.Linear(IN, OUT).double(), r=R, lora_alpha=ALPHA, variant="dora")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer, (layer.lora_A.weight, layer.lora_B.weight)
+
+
+def _nf4_layer():
+    from fastpeft.nn import NF4Linear
+    layer = NF4Linear.from_linear(nn.Linear(IN, OUT), blocksize=64)
+    return layer, ()
+
+
+@pytest.mark.parametrize("make", [_dora_layer, _nf4_layer], ids=["dora", "nf4"])
+def test_once_differentiable_ops_raise_instead_of_none(make):
+    """Ops without second derivatives (DoRA, NF4) raise under allow_unused instead of returning None or zeros."""
+    layer, params = make()
+    dtype = torch.float64 if params else torch.float32
+    x = torch.randn(3, IN, dtype=dtype, requires_grad=True)
+    wrt = params[0] if params else x
+    g, = torch.autograd.grad((layer(x) ** 2).sum(), (wrt,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(g.sum(), (params[1] if params else x,), allow_unused=True)

@@ -82,13 +82,18 @@ def _double_backward(y, x):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_double_backward_raises_instead_of_returning_wrong_values(backend):
+    """NF4 has no second derivatives and raises; LoRA and QLoRA have them (values checked against PEFT in
+    tests/ops/test_lora_higher_order.py)."""
     n, k, r = 8, 64, 2
     x = torch.randn(3, k, requires_grad=True)
     a, b = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
     w = nf4_weight(n, k)
-    for y in (lora_linear(x, torch.randn(n, k), a, b, 2.0), nf4_linear(x, w), qlora_linear(x, w, a, b, 2.0)):
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            _double_backward(y, x)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        _double_backward(nf4_linear(x, w), x)
+    for y in (lora_linear(x, torch.randn(n, k), a, b, 2.0), qlora_linear(x, w, a, b, 2.0)):
+        x.grad = None
+        _double_backward(y, x)
+        assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
