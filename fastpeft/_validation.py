@@ -135,17 +135,21 @@ def check_scaling(name: str, scaling) -> float:
     return scaling
 
 
+_STRIDED = torch.strided
+
+
 def lora_adapter_ok(x: Tensor, lora_A, lora_B, bias, out_features: int, in_features: int) -> bool:
     """True when ``check_lora_adapter`` and x's own checks pass (see the module docstring).
 
-    x's checks: a tensor of a ``FLOAT_DTYPES`` dtype with at least one
-    dimension; the caller adds those of its base weight.
+    x's checks: a dense (strided) tensor of a ``FLOAT_DTYPES`` dtype with at
+    least one dimension; the caller adds those of its base weight.
     """
     try:
         dtype, device = x.dtype, x.device
         r, k = lora_A.shape  # a ValueError unless 2-D
         n, r_b = lora_B.shape
         if not (isinstance(x, Tensor) and isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)
+                and x.layout is _STRIDED and lora_A.layout is _STRIDED and lora_B.layout is _STRIDED
                 and dtype in FLOAT_DTYPES and x.shape[-1] == in_features and k == in_features
                 and n == out_features and r_b == r and r > 0
                 and lora_A.dtype is dtype and lora_B.dtype is dtype

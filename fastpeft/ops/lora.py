@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .._backend import Backend, select_backend
-from .._validation import (FLOAT_DTYPES, check_lora_adapter, check_probability, check_same_device, check_same_dtype,
-                           check_scaling, check_tensor, lora_adapter_ok)
+from .._validation import (FLOAT_DTYPES, check_device, check_lora_adapter, check_probability, check_same_device,
+                           check_same_dtype, check_scaling, check_tensor, lora_adapter_ok)
 from ..cpu import lora as lora_cpu
 from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outside_autocast
 from ._autograd import forward_ad_active, gradients, needs
@@ -256,7 +256,7 @@ def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     """The boolean keep-mask the selected backend applies for ``seed`` (for tests and debugging)."""
     dropout_p = check_probability("dropout_p", dropout_p)
     seed = check_seed("seed", seed)
-    device = torch.device(device)
+    device = check_device("device", device)
     if select_backend(device) is Backend.TRITON:
         from ..kernels import lora as triton_lora
 

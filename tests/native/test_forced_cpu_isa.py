@@ -29,6 +29,7 @@ CPU_NUMERICS_TESTS = (
     "tests/native/test_nf4_cpu_matmul.py",
     "tests/native/test_nf4_cpu_bf16.py",
     "tests/ops/test_prefix_attention_cpu.py",
+    "tests/ops/test_prefix_attention_nonfinite.py",  # the C++ kernel's NaN handling differs per instruction set
     "tests/ops/test_cpu_bf16_path.py",
     "tests/ops/test_lora_cpu_paths.py",
     "tests/nn/test_adapter_module.py",
@@ -85,6 +86,7 @@ def test_cpu_numerics_at_a_forced_level(level):
         pytest.skip(f"this CPU cannot run {level}")
     check = _run_forced(level, "-c", _CHECK_LEVEL, timeout=120)
     assert check.returncode == 0, check.stderr[-3000:]
-    run = _run_forced(level, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *CPU_NUMERICS_TESTS,
+    run = _run_forced(level, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", "not triton",
+                      *CPU_NUMERICS_TESTS,
                       timeout=1500)
     assert run.returncode == 0, f"{check.stdout.strip()}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
