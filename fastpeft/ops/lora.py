@@ -8,8 +8,10 @@ Layers (``docs/architecture.md``): ``lora_linear`` (functional API, validates) -
 
 Gradients are computed only for inputs that need them: no ``dW`` for a frozen
 weight, no ``dx`` when x needs none. A trainable weight or bias (full
-fine-tuning) gets a correct gradient from plain torch GEMMs. The backward is
-not itself differentiable: a double backward raises.
+fine-tuning) gets a correct gradient from plain torch GEMMs. LoRA is twice
+differentiable, as PEFT's layer is: a ``create_graph=True`` backward records
+the gradients as torch ops (``differentiable_grads``), and inside a
+forward-AD level the op runs as torch ops (``composite_lora``).
 
 Dropout follows HF PEFT: the mask is applied to x before ``A`` only, kept
 elements are scaled by ``1/(1-p)``. Each call draws an int64 seed from
