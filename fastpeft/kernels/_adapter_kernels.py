@@ -295,8 +295,11 @@ def _adapter_backward_rows_kernel(
 
     if NEED_DA:
         act_grad = activate_grad(pre, ACT)
-        # Exact 0 where act' is 0 (torch's relu backward selects, no 0 · inf) and in the padding lanes.
-        da = tl.where(in_b[None, :] & (act_grad != 0.0), dz * act_grad, 0.0)
+        if ACT == ACT_RELU or ACT == ACT_RELU6:
+            # Exact 0 where act' is 0 (torch's relu/hardtanh backward selects: no 0 · inf) and in the padding lanes.
+            da = tl.where(in_b[None, :] & (act_grad != 0.0), dz * act_grad, 0.0)
+        else:  # a smooth act' multiplies, as torch's backward does
+            da = dz * act_grad
         tl.store(da_ptr + rows[:, None].to(tl.int64) * B + offs_b[None, :], da,
                  mask=in_rows[:, None] & in_b[None, :])
         if NEED_DX:

@@ -58,13 +58,13 @@ _FWD = {
     (False, 64): LaunchConfig("fwd_d64", 128, 64, 0, num_warps=8, num_stages=3),
     (False, 128): LaunchConfig("fwd_d128", 64, 64, 0, num_warps=8, num_stages=3),
     (True, 64): LaunchConfig("fwd_fp32_d64", 32, 16, 0, num_warps=8, num_stages=1),
-    (True, 128): LaunchConfig("fwd_fp32_d128", 32, 16, 0, num_warps=8, num_stages=1),
+    (True, 128): LaunchConfig("fwd_fp32_d128", 16, 16, 0, num_warps=8, num_stages=1),
 }
 _FWD_DECODE = LaunchConfig("fwd_decode", 16, 32, 0, num_warps=4, num_stages=3)  # Sq <= 16, fp16/bf16
 _DKDV = {
     (False, 64): LaunchConfig("dkdv_d64", 32, 64, 0, num_warps=8, num_stages=2),
     (False, 128): LaunchConfig("dkdv_d128", 32, 64, 0, num_warps=8, num_stages=2),
-    (True, 64): LaunchConfig("dkdv_fp32_d64", 32, 16, 0, num_warps=8, num_stages=1),
+    (True, 64): LaunchConfig("dkdv_fp32_d64", 16, 16, 0, num_warps=4, num_stages=1),
     (True, 128): LaunchConfig("dkdv_fp32_d128", 32, 16, 0, num_warps=8, num_stages=1),
 }
 _DQ = {

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastpeft import kernels
-from fastpeft.kernels import adapter, lora, nf4, prefix_attention, qlora
+from fastpeft.kernels import adapter, dora, lora, nf4, prefix_attention, qlora
 from fastpeft.ops._contracts import contract_functions
 from fastpeft.quant.nf4 import NF4Weight
 from op_registry import op_names
@@ -110,8 +110,18 @@ def _prefix_attention_calls():
     }
 
 
+def _dora_calls():
+    x, w, b, a, bb, dy = _lora_args()
+    scale, norm = torch.rand(N) + 0.5, torch.rand(N) + 0.5
+    return x, {
+        "dora_forward": lambda: dora.dora_forward(x, w, b, a, bb, scale, 1.0, 0.1, 1, True),
+        "dora_backward": lambda: dora.dora_backward(dy, x, w, a, bb, torch.zeros(M, R), torch.randn(M, N), scale, norm,
+                                                    1.0, 0.1, 1, True, True, True, True),
+    }
+
+
 CALLS = {"lora": _lora_calls, "nf4": _nf4_calls, "qlora": _qlora_calls, "adapter": _adapter_calls,
-         "prefix_attention": _prefix_attention_calls}
+         "prefix_attention": _prefix_attention_calls, "dora": _dora_calls}
 
 
 def _cases():
