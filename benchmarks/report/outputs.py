@@ -103,8 +103,9 @@ def _why(row: dict) -> str:
     return ", ".join(reasons)
 
 
-def headline_sections(ops: list, rows: list) -> list:
-    """``[(title, markdown table)]``: one headline table per op with headline providers and per input dtype."""
+def headline_sections(ops: list, rows: list, render=render_markdown) -> list:
+    """``[(title, table)]``: one headline table per op with headline providers and per input dtype, drawn by
+    ``render(header, body)`` (markdown for files, ``render_text`` for the terminal)."""
     out = []
     for op in ops:
         if not op.headline:
@@ -112,7 +113,7 @@ def headline_sections(ops: list, rows: list) -> list:
         for dtype in dtypes_in(rows, op.name):
             header, body = headline_table(op, rows, dtype)
             if body:
-                out.append((headline_title(op, dtype), render_markdown(header, body)))
+                out.append((headline_title(op, dtype), render(header, body)))
     return out
 
 

@@ -27,8 +27,7 @@ from ..report import train_step as train_step_report
 from ..report.outputs import (flag_lines, headline_sections, summary_markdown, train_step_sections, write_csv,
                               write_json, write_kernel_report_csv)
 from ..report.plots import plot_all
-from ..report.tables import (LEGEND, dtypes_in, headline_table, headline_title, kernel_report_line, op_mode_table,
-                             render_text)
+from ..report.tables import LEGEND, dtypes_in, kernel_report_line, op_mode_table, render_text
 from . import machine
 from .ceilings import matmul_text, measure_ceilings
 from .harness import POLICIES
@@ -270,16 +269,10 @@ def _print_train_step(rows) -> None:
 
 
 def _print_headlines(ops, rows) -> None:
-    printed = False
-    for op in ops:
-        if not op.headline:
-            continue
-        for dtype in dtypes_in(rows, op.name):
-            header, body = headline_table(op, rows, dtype)
-            if body:
-                print(f"\nHeadline: {headline_title(op, dtype)}\n" + render_text(header, body), flush=True)
-                printed = True
-    if printed:
+    sections = headline_sections(ops, rows, render_text)
+    for title, table in sections:
+        print(f"\nHeadline: {title}\n" + table, flush=True)
+    if sections:
         print(f"\n{LEGEND}", flush=True)
 
 

@@ -31,6 +31,7 @@ from ._autocast import any_autocast_enabled, autocast_inputs, autocast_off, outs
 from ._autograd import forward_ad_active, gradients, needs, once_differentiable
 from ._dispatch import custom_op_with_eager_path, implementation, not_computed
 from ._dropout_seed import draw_seed, seed_value
+from .lora import lora_input_grads
 from .lora import _arguments_ok as _lora_arguments_ok
 from .lora import _validate as _validate_lora
 from .lora import lora_dropout_mask
@@ -150,12 +151,7 @@ class DoRALinearFunction(torch.autograd.Function):
         if need["x"] or need["lora_A"] or need["lora_B"] or need["magnitude"]:
             dx, dA, dB, dm = _backward(dy2d, x2d, weight, lora_A, lora_B, h, z, scale, norm, scaling, dropout_p,
                                        seed, need["x"], need["lora_A"], need["lora_B"], need["magnitude"])
-            if need["x"]:
-                grads["x"] = dx if x_shape is None else dx.view(x_shape)
-            if need["lora_A"]:
-                grads["lora_A"] = dA
-            if need["lora_B"]:
-                grads["lora_B"] = dB
+            grads = lora_input_grads(need, x_shape, dx, dA, dB)
             if need["magnitude"]:
                 grads["magnitude"] = dm.to(magnitude_dtype)
         if need["weight"]:
